@@ -1,0 +1,113 @@
+"""The export format: the query encoder f_q without its projection head, plus everything a server
+needs to reproduce its features exactly. One format, one loader, shared by training and serving."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .backbones import build_backbone, build_resnet, feature_dim
+from .fileio import atomic_torch_save
+from .transforms import Preprocessing
+
+EXPORT_FORMAT = "moco-retrieval.encoder"
+EXPORT_VERSION = 1
+OFFICIAL_PREFIX = "module.encoder_q."
+
+
+class ExportError(ValueError):
+    """The file is not a valid export (or official MoCo checkpoint) or does not match its fingerprint."""
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    arch: str
+    cifar_stem: bool
+    feature_dim: int
+    preprocessing: Preprocessing
+    fingerprint: str
+    train_args: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch, "cifar_stem": self.cifar_stem, "feature_dim": self.feature_dim,
+            "preprocessing": self.preprocessing.to_dict(), "fingerprint": self.fingerprint,
+            "train_args": self.train_args, "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExportMeta":
+        return cls(arch=d["arch"], cifar_stem=bool(d["cifar_stem"]), feature_dim=int(d["feature_dim"]),
+                   preprocessing=Preprocessing.from_dict(d["preprocessing"]), fingerprint=d["fingerprint"],
+                   train_args=dict(d.get("train_args", {})), source=d.get("source", ""))
+
+
+def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every tensor, in sorted key order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def backbone_state_dict(encoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ResNet state dict without its classifier/projection head (fc.*), on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in encoder_state.items() if not k.startswith("fc.")}
+
+
+def save_export(path: str | Path, backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
+                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "") -> ExportMeta:
+    """Write an export atomically; validates the weights by building the backbone first."""
+    state = backbone_state_dict(backbone_state)
+    model = build_backbone(arch, cifar_stem)
+    model.load_state_dict(state, strict=True)
+    meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=feature_dim(build_resnet(arch)),
+                      preprocessing=preprocessing, fingerprint=fingerprint_state_dict(state),
+                      train_args=dict(train_args or {}), source=source)
+    atomic_torch_save({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(),
+                       "state_dict": state}, path)
+    return meta
+
+
+def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:
+    """Load an export as an eval-mode backbone on `device`, verifying its fingerprint."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ExportError(f"{path}: not a readable export ({exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path}: not a {EXPORT_FORMAT} file (use `moco-train export` to make one)")
+    if blob.get("version") != EXPORT_VERSION:
+        raise ExportError(f"{path}: export version {blob.get('version')} is not supported (expected {EXPORT_VERSION})")
+    meta = ExportMeta.from_dict(blob["meta"])
+    state = blob["state_dict"]
+    if fingerprint_state_dict(state) != meta.fingerprint:
+        raise ExportError(f"{path}: weights do not match the recorded fingerprint (file corrupted?)")
+    model = build_backbone(meta.arch, meta.cifar_stem)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta
+
+
+def is_official_moco_checkpoint(blob: Any) -> bool:
+    return (isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
+            and any(k.startswith(OFFICIAL_PREFIX) for k in blob["state_dict"]))
+
+
+def official_moco_backbone(blob: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(arch, backbone state) from a checkpoint of facebookresearch/moco (main_moco.py)."""
+    state = {k[len(OFFICIAL_PREFIX):]: v for k, v in blob["state_dict"].items() if k.startswith(OFFICIAL_PREFIX)}
+    return blob.get("arch", "resnet50"), backbone_state_dict(state)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised float32 features of a preprocessed batch, computed on the model's device."""
+    device = next(model.parameters()).device
+    return nn.functional.normalize(model(images.to(device, non_blocking=True)).float(), dim=1)

@@ -1,0 +1,71 @@
+"""Robust image decoding shared by training data, evaluation and the server."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Above this many pixels an image is refused before it is decoded (decompression bombs).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes or file are not a decodable image (corrupt, truncated, empty, too large)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image header announces more pixels than allowed."""
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to an RGB PIL image: EXIF orientation applied, first frame of animations,
+    transparency composited on white. Raises ImageDecodeError for anything unusable."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageDecodeError("empty image bytes")
+        fp: io.BytesIO | str = io.BytesIO(source)
+        name = "image bytes"
+    else:
+        fp = str(source)
+        name = str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we apply our own limit
+            with Image.open(fp) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+                if width == 0 or height == 0:
+                    raise ImageDecodeError(f"{name}: image has zero size")
+                img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, TypeError) as exc:
+        raise ImageDecodeError(f"{name}: cannot decode image ({exc})") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")

@@ -1,0 +1,91 @@
+"""Image transforms: the evaluation preprocessing shared with the server, and MoCo's augmentations."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Images no larger than this get the CIFAR stem and are trained/served at their own size.
+SMALL_IMAGE_MAX = 64
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the encoder's input; stored in every export so serving matches training."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def for_input_size(cls, input_size: int) -> "Preprocessing":
+        """Resize the short side to input/0.875 then center-crop (ImageNet convention); small
+        images are used at their own size."""
+        resize = input_size if input_size <= SMALL_IMAGE_MAX else int(round(input_size / 0.875))
+        return cls(input_size=input_size, resize_size=resize)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(input_size=int(d["input_size"]), resize_size=int(d["resize_size"]),
+                   mean=tuple(float(x) for x in d["mean"]), std=tuple(float(x) for x in d["std"]))
+
+
+def eval_transform(p: Preprocessing) -> T.Compose:
+    """PIL RGB image -> normalised float tensor (3, input_size, input_size)."""
+    return T.Compose([
+        T.Resize(p.resize_size, interpolation=T.InterpolationMode.BILINEAR),
+        T.CenterCrop(p.input_size),
+        T.ToTensor(),
+        T.Normalize(p.mean, p.std),
+    ])
+
+
+class GaussianBlur:
+    """Gaussian blur with sigma drawn from [sigma_min, sigma_max], as in SimCLR / MoCo v2."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def train_augmentation(p: Preprocessing, aug_plus: bool) -> T.Compose:
+    """MoCo v1 augmentation, or MoCo v2's (`aug_plus`): stronger colour jitter, grayscale, blur."""
+    normalize = T.Normalize(p.mean, p.std)
+    if aug_plus:
+        ops = [
+            T.RandomResizedCrop(p.input_size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        ops = [
+            T.RandomResizedCrop(p.input_size, scale=(0.2, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+        ]
+    return T.Compose(ops + [T.ToTensor(), normalize])
+
+
+class TwoCropsTransform:
+    """Two independent augmentations of one image: the query and its positive key."""
+
+    def __init__(self, base: T.Compose) -> None:
+        self.base = base
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        return [self.base(img), self.base(img)]
