@@ -9,6 +9,7 @@ demo:
 	@venv="$(VENV)"; "$$venv/bin/python" -m scripts.demo $(DEMO_ARGS)
 
 test:
+	@scripts/ensure_system_deps.sh
 	@venv="$(VENV)"; PATH="$$venv/bin:$$PATH" "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
 
 # Regenerate the Python gRPC code from proto/ (tests fail when it is stale).
