@@ -1,0 +1,6 @@
+"""Client library and CLI for the retrieval service (retrieval.v1)."""
+from .client import (Classification, ItemFailure, Neighbor, Proposal, RetrievalClient, RetrievalError,
+                     ServerInfo, StoredItem, UpsertItem, UpsertResult)
+
+__all__ = ["Classification", "ItemFailure", "Neighbor", "Proposal", "RetrievalClient", "RetrievalError",
+           "ServerInfo", "StoredItem", "UpsertItem", "UpsertResult"]

@@ -1,0 +1,4 @@
+"""`python -m clients` is `retrieval-client`."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,418 @@
+"""`retrieval-client`: index folders, search, classify, label and evaluate against a retrieval server.
+
+Errors are one line on stderr with exit status 1 (2 for usage errors); connection settings come
+from flags or RETRIEVAL_ADDRESS / RETRIEVAL_TOKEN / RETRIEVAL_TLS_CA.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import random
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from moco_train.images import is_image_path
+
+from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError,
+                     UpsertItem)
+from .sheet import Tile, load_thumbnail, write_sheet
+
+PROG = "retrieval-client"
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+# ---- shared helpers ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path
+    rel: str      # path relative to the walked folder, POSIX separators
+    label: str    # name of the parent folder ("" for files at the top)
+
+
+def walk_images(root: Path) -> list[ImageFile]:
+    """Every image file under `root`, recursively, in a stable (sorted) order."""
+    if not root.is_dir():
+        raise CommandError(f"{root}: not a directory")
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_path(p)):
+        rel = path.relative_to(root).as_posix()
+        files.append(ImageFile(path, rel, path.parent.name if "/" in rel else ""))
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_image(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{path}: {exc.strerror or exc}") from None
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]], out=sys.stdout) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def shown_label(label: str, predicted: str) -> str:
+    """The human label, or the predicted one marked as such."""
+    return label or (f"{predicted} (predicted)" if predicted else "")
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
+    files = walk_images(Path(args.dir))
+    failed: list[tuple[str, str]] = []
+    by_id: dict[str, tuple[ImageFile, str]] = {}
+    duplicates = 0
+    for f in tqdm(files, desc="hashing", unit="img", file=sys.stderr, disable=None, leave=False):
+        try:
+            digest = sha256_file(f.path)
+        except OSError as exc:
+            failed.append((f.rel, f"cannot read: {exc.strerror or exc}"))
+            continue
+        item_id = digest if args.id_from == "hash" else f.rel
+        if item_id in by_id:
+            duplicates += 1
+            continue
+        by_id[item_id] = (f, digest)
+    stored = {s.id: s for s in client.get(list(by_id), ignore_missing=True)}
+    todo = [(i, f) for i, (f, digest) in by_id.items()
+            if not ((s := stored.get(i)) is not None and s.metadata.get("sha256") == digest
+                    and (not args.labels_from_folders or s.label == f.label))]
+    skipped = len(by_id) - len(todo)
+
+    read_errors: list[tuple[str, str]] = []
+
+    def items() -> Iterator[UpsertItem]:
+        for item_id, f in todo:
+            try:
+                data = f.path.read_bytes()
+            except OSError as exc:
+                read_errors.append((f.rel, f"cannot read: {exc.strerror or exc}"))
+                continue
+            yield UpsertItem(id=item_id, image=data, label=f.label if args.labels_from_folders else "",
+                             metadata={"uri": f.path.resolve().as_uri(), "sha256": hashlib.sha256(data).hexdigest()})
+
+    rel_of = {item_id: f.rel for item_id, f in todo}
+    upload_failures: list[ItemFailure] = []
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", file=sys.stderr, disable=None)
+    indexed = 0
+
+    def on_ack(stored_now: int, failures: list[ItemFailure]) -> None:
+        nonlocal indexed
+        indexed += stored_now
+        upload_failures.extend(failures)
+        bar.update(stored_now + len(failures))
+        if failures:
+            bar.set_postfix(failed=len(upload_failures))
+
+    try:
+        client.upsert_many(items(), batch_size=args.batch_size, on_ack=on_ack)
+    except RetrievalError as exc:
+        raise CommandError(f"{exc}; {indexed} images were indexed before the error, "
+                           "run the same command again to resume") from None
+    finally:
+        bar.close()
+    failed += read_errors + [(rel_of.get(x.id, x.id), f"{x.code.name}: {x.message}") for x in upload_failures]
+    summary = f"indexed {indexed}, skipped {skipped} (already stored unchanged)"
+    if duplicates:
+        summary += f", {duplicates} duplicate files"
+    print(f"{summary}, failed {len(failed)}")
+    for rel, reason in failed:
+        print(f"  failed {rel}: {reason}")
+    return 1 if failed else 0
+
+
+def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
+    image = read_image(args.image) if args.image else None
+    neighbors = client.search(image=image, id=args.id, k=args.k, labels=args.label or (),
+                              min_score=args.min_score)
+    print_table(["rank", "id", "score", "label", "uri"],
+                [(r, n.id, f"{n.score:.4f}", shown_label(n.label, n.predicted_label), n.metadata.get("uri", ""))
+                 for r, n in enumerate(neighbors, 1)])
+    if args.sheet:
+        if image is not None:
+            query = Tile(load_thumbnail(image), "query", Path(args.image).name)
+        else:
+            item = client.get([args.id])[0]
+            query = Tile(load_thumbnail(item.metadata.get("uri")), "query",
+                         f"{item.id} {shown_label(item.label, item.predicted_label)}")
+        tiles = [query] + [Tile(load_thumbnail(n.metadata.get("uri")), n.id,
+                                f"{n.score:.3f} {shown_label(n.label, n.predicted_label)}") for n in neighbors]
+        try:
+            path = write_sheet(args.sheet, tiles, title=f"Neighbours of {args.image or args.id}")
+        except (ValueError, OSError) as exc:
+            raise CommandError(str(exc)) from None
+        print(f"contact sheet: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_classify(client: RetrievalClient, args: argparse.Namespace) -> int:
+    images = [read_image(p) for p in args.images]
+    results = client.classify_many([{"image": b} for b in images], k=args.k, tau=args.tau, workers=args.workers)
+    if args.json:
+        json.dump([{"image": p, "label": r.label, "confidence": r.confidence, "scores": dict(r.scores)}
+                   for p, r in zip(args.images, results)], sys.stdout, indent=2)
+        print()
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["image", "label", "confidence"])
+        writer.writerows([p, r.label, f"{r.confidence:.6f}"] for p, r in zip(args.images, results))
+    else:
+        print_table(["image", "label", "confidence", "runner-up"],
+                    [(p, r.label, f"{r.confidence:.4f}",
+                      f"{r.scores[1][0]} {r.scores[1][1]:.4f}" if len(r.scores) > 1 else "")
+                     for p, r in zip(args.images, results)])
+    return 0
+
+
+def cmd_label(client: RetrievalClient, args: argparse.Namespace) -> int:
+    client.set_labels({args.id: args.label})
+    print(f"{args.id}: labelled {args.label}")
+    return 0
+
+
+def cmd_unlabel(client: RetrievalClient, args: argparse.Namespace) -> int:
+    client.set_labels({args.id: ""})
+    print(f"{args.id}: label cleared")
+    return 0
+
+
+def cmd_delete(client: RetrievalClient, args: argparse.Namespace) -> int:
+    print(f"deleted {client.delete(args.ids, ignore_missing=args.ignore_missing)}")
+    return 0
+
+
+def cmd_info(client: RetrievalClient, args: argparse.Namespace) -> int:
+    info = client.info()
+    for name, value in vars(info).items():
+        if name != "label_counts":
+            print(f"{name}: {value}")
+    print("label_counts:" + ("" if info.label_counts else " none"))
+    for label, count in sorted(info.label_counts.items()):
+        print(f"  {label}: {count}")
+    return 0
+
+
+def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
+    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
+    count = 0
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["id", "label", "confidence"])
+        for p in client.label_corpus(k=args.k, tau=args.tau, min_confidence=args.min_confidence, apply=args.apply):
+            writer.writerow([p.id, p.label, f"{p.confidence:.6f}"])
+            count += 1
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    applied = " and applied as predicted labels" if args.apply else " (not applied; add --apply to store them)"
+    print(f"{count} proposals with confidence >= {args.min_confidence}{applied}"
+          + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def parse_shots(text: str) -> list[int | None]:
+    """"1,5,all" -> [1, 5, None]; None means every labelled example."""
+    shots: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "all":
+            shots.append(None)
+        elif part.isdigit() and int(part) > 0:
+            shots.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"invalid shot count {part!r} (positive integers or 'all')")
+    return shots
+
+
+def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
+    labelled = [f for f in walk_images(Path(args.labelled)) if f.label]
+    queries = [f for f in walk_images(Path(args.queries)) if f.label]
+    if not labelled or not queries:
+        raise CommandError("--labelled and --queries must hold images in one folder per class")
+    info = client.info()
+    if info.labelled_count:
+        print(f"warning: the store already holds {info.labelled_count} human-labelled items; they vote too",
+              file=sys.stderr)
+    run = f"evaluate-{secrets.token_hex(4)}"
+    ids = {f"{run}/{f.rel}": f for f in labelled}
+    try:
+        with tqdm(total=len(ids), desc="uploading", unit="img", file=sys.stderr, disable=None) as bar:
+            result = client.upsert_many(
+                (UpsertItem(id=i, image=read_image(f.path), metadata={"uri": f.path.resolve().as_uri()})
+                 for i, f in ids.items()),
+                on_ack=lambda n, failures: bar.update(n + len(failures)))
+        failed = {x.id for x in result.failures}
+        for x in result.failures:
+            print(f"warning: {ids[x.id].rel} not uploaded: {x.code.name}: {x.message}", file=sys.stderr)
+        pool: dict[str, list[str]] = {}
+        for i, f in ids.items():
+            if i not in failed:
+                pool.setdefault(f.label, []).append(i)
+        vectors = client.embed([read_image(q.path) for q in queries])
+        rows = []
+        current: set[str] = set()
+        for n in args.shots:
+            rng = random.Random(args.seed * 1_000_003 + (n or 0))
+            chosen = {i: label for label, members in sorted(pool.items())
+                      for i in (members if n is None or n >= len(members) else rng.sample(members, n))}
+            client.set_labels({**{i: "" for i in current - chosen.keys()}, **chosen})
+            current = set(chosen)
+            preds = client.classify_many([{"vector": v} for v in vectors], k=args.k, tau=args.tau)
+            correct = sum(p.label == q.label for p, q in zip(preds, queries))
+            rows.append(("all" if n is None else n, len(chosen), f"{100.0 * correct / len(queries):.2f}"))
+    finally:
+        try:
+            client.delete(list(ids), ignore_missing=True)
+        except RetrievalError as exc:
+            print(f"warning: could not remove the evaluation items ({run}/...): {exc}", file=sys.stderr)
+    print(f"{len(pool)} classes, {len(queries)} queries, chance {100.0 / len(pool):.2f}%")
+    print_table(["shots", "labelled", "top-1 %"], rows)
+    return 0
+
+
+# ---- argument parsing -------------------------------------------------------------------------
+
+def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The global options; on subcommands they default to SUPPRESS so they can follow the command."""
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+    g = parser.add_argument_group("connection")
+    g.add_argument("--address", default=d(os.environ.get("RETRIEVAL_ADDRESS", DEFAULT_ADDRESS)),
+                   help=f"server host:port (env RETRIEVAL_ADDRESS, default {DEFAULT_ADDRESS})")
+    g.add_argument("--token", default=d(os.environ.get("RETRIEVAL_TOKEN")),
+                   help="bearer token (env RETRIEVAL_TOKEN)")
+    g.add_argument("--token-file", default=d(None), help="read the bearer token from this file")
+    g.add_argument("--tls-ca", default=d(os.environ.get("RETRIEVAL_TLS_CA")),
+                   help="use TLS, trusting this PEM root certificate (env RETRIEVAL_TLS_CA)")
+    g.add_argument("--tls", action="store_true", default=d(False), help="use TLS with the system roots")
+    g.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT),
+                   help="seconds per call; also how long an unreachable server is retried during index "
+                        f"(default {DEFAULT_TIMEOUT:g})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    _connection_options(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _connection_options(p, defaults=False)
+        p.set_defaults(func=func, parser=p)
+        return p
+
+    def knn_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--k", type=int, help="neighbours that vote (server default if unset)")
+        p.add_argument("--tau", type=float, help="vote temperature (server default if unset)")
+
+    p = command("index", cmd_index, "upload every image under DIR (resumable: unchanged files are skipped)")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--labels-from-folders", action="store_true", help="use each image's folder name as its label")
+    p.add_argument("--id-from", choices=("path", "hash"), default="path",
+                   help="item id: path relative to DIR, or sha256 of the file (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per upsert batch (default %(default)s)")
+
+    p = command("search", cmd_search, "the most similar stored items to an image or a stored id")
+    p.add_argument("image", metavar="IMAGE", nargs="?", help="query image file")
+    p.add_argument("--id", help="query by stored id instead of an image")
+    p.add_argument("-k", type=int, default=10, help="number of results (default %(default)s)")
+    p.add_argument("--label", action="append", help="only items with this human label (repeatable)")
+    p.add_argument("--min-score", type=float, help="only results with at least this cosine similarity")
+    p.add_argument("--sheet", metavar="OUT", help="write a contact sheet (.png or .html)")
+
+    p = command("classify", cmd_classify, "predicted label and confidence per image (kNN vote)")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    knn_options(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    p.add_argument("--workers", type=int, default=8, help="concurrent requests (default %(default)s)")
+
+    p = command("label", cmd_label, "set the human label of a stored item")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("label", metavar="LABEL")
+
+    p = command("unlabel", cmd_unlabel, "clear the human label of a stored item")
+    p.add_argument("id", metavar="ID")
+
+    p = command("delete", cmd_delete, "remove stored items")
+    p.add_argument("ids", metavar="ID", nargs="+")
+    p.add_argument("--ignore-missing", action="store_true", help="do not fail on unknown ids")
+
+    command("info", cmd_info, "what the server serves: model, index, counts, limits")
+
+    p = command("label-corpus", cmd_label_corpus, "kNN label proposals for every item without a human label")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="only proposals at least this confident")
+    p.add_argument("--apply", action="store_true", help="store the proposals as predicted labels")
+    p.add_argument("--out", help="write the proposals CSV here instead of stdout")
+    knn_options(p)
+
+    p = command("evaluate", cmd_evaluate, "few-shot labelling benchmark: top-1 accuracy of Classify per shot count")
+    p.add_argument("--labelled", required=True, metavar="DIR", help="labelled pool, one folder per class")
+    p.add_argument("--queries", required=True, metavar="DIR", help="queries, one folder per class")
+    p.add_argument("--shots", type=parse_shots, default=parse_shots("1,5,10,all"),
+                   help="labelled examples per class, comma separated (default 1,5,10,all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example sampling (default %(default)s)")
+    knn_options(p)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot express: exit status 2 with the command's usage."""
+    if args.command == "search" and (args.image is None) == (args.id is None):
+        args.parser.error("give either IMAGE or --id")
+    for name in ("k", "batch_size", "workers", "timeout"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            args.parser.error(f"{'-k' if name == 'k' else '--' + name.replace('_', '-')} must be positive")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"{args.token_file}: {exc.strerror or exc}") from None
+    return args.token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(args)
+    try:
+        tls = args.tls_ca or args.tls
+        with RetrievalClient(args.address, token=_token(args), tls=tls, timeout=args.timeout) as client:
+            return args.func(client, args)
+    except (CommandError, RetrievalError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 1

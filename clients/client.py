@@ -1,0 +1,517 @@
+"""RetrievalClient: typed access to every RPC of retrieval.v1, results as dataclasses and numpy.
+
+One channel per client, reused by every call. Every gRPC failure surfaces as RetrievalError
+carrying the status code and message. Bulk ingestion (`upsert_many`) streams batches over the
+bidirectional Upsert RPC, keeps at most `max_in_flight` unacknowledged batches, reports per-item
+failures without stopping, and on UNAVAILABLE reconnects with exponential backoff and resends only
+the batches the server has not acknowledged.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0
+# Bytes reserved for the UpsertRequest framing around the items when packing a batch.
+_MESSAGE_OVERHEAD = 1024
+_GET_CHUNK = 500
+
+
+class RetrievalError(Exception):
+    """A failed call: the gRPC status code and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, address: str = ""):
+        self.code = code
+        self.message = message
+        self.address = address
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            return f"cannot reach server at {self.address} ({self.message})"
+        if self.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"server at {self.address} did not answer in time ({self.message})"
+        return f"{self.code.name}: {self.message}"
+
+    @classmethod
+    def from_rpc(cls, err: grpc.RpcError, address: str) -> "RetrievalError":
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", address)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    id: str
+    score: float
+    label: str
+    predicted_label: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    id: str
+    label: str
+    predicted_label: str
+    predicted_confidence: float
+    metadata: dict[str, str]
+    embedding: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    confidence: float
+    scores: list[tuple[str, float]]
+    neighbors: list[Neighbor]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    id: str
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    model_fingerprint: str
+    arch: str
+    dim: int
+    input_size: int
+    index_type: str
+    index_device: str
+    index_gpus: int
+    item_count: int
+    labelled_count: int
+    label_counts: dict[str, int]
+    max_k: int
+    default_k: int
+    default_tau: float
+    max_batch_size: int
+    max_message_bytes: int
+    server_version: str
+    model_device: str
+
+
+@dataclass
+class UpsertItem:
+    """One item to store: exactly one of `image` (encoded bytes) or `embedding`."""
+
+    id: str
+    image: bytes | None = None
+    embedding: np.ndarray | Sequence[float] | None = None
+    label: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """An item that was not stored; `index` is its position in the input of upsert_many."""
+
+    index: int
+    id: str
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass
+class UpsertResult:
+    upserted: int = 0
+    failures: list[ItemFailure] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Batch:
+    indices: list[int]
+    request: pb.UpsertRequest
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _vector(values: np.ndarray | Sequence[float]) -> pb.Vector:
+    arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return pb.Vector(values=arr.tolist())
+
+
+def _array(vec: pb.Vector) -> np.ndarray:
+    return np.asarray(vec.values, dtype=np.float32)
+
+
+def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[float] | None) -> pb.Query:
+    given = [x is not None for x in (image, id, vector)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of image, id or vector as the query")
+    if image is not None:
+        return pb.Query(image=bytes(image))
+    if id is not None:
+        return pb.Query(id=id)
+    return pb.Query(vector=_vector(vector))
+
+
+def _neighbor(n: pb.Neighbor) -> Neighbor:
+    return Neighbor(id=n.id, score=float(n.score), label=n.label, predicted_label=n.predicted_label,
+                    metadata=dict(n.metadata))
+
+
+def _stored(item: pb.StoredItem) -> StoredItem:
+    return StoredItem(id=item.id, label=item.label, predicted_label=item.predicted_label,
+                      predicted_confidence=float(item.predicted_confidence), metadata=dict(item.metadata),
+                      embedding=_array(item.embedding) if item.HasField("embedding") else None)
+
+
+def _item_proto(item: UpsertItem) -> pb.Item:
+    if (item.image is None) == (item.embedding is None):
+        raise ValueError(f"item {item.id!r}: give exactly one of image or embedding")
+    msg = pb.Item(id=item.id, label=item.label, metadata=item.metadata)
+    if item.image is not None:
+        msg.image = bytes(item.image)
+    else:
+        msg.embedding.CopyFrom(_vector(item.embedding))
+    return msg
+
+
+def _credentials(tls: bool | str | Path) -> grpc.ChannelCredentials | None:
+    if tls is False or tls is None:
+        return None
+    if tls is True:
+        return grpc.ssl_channel_credentials()
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
+
+
+class RetrievalClient:
+    """A connection to a retrieval server.
+
+    tls: False (plaintext), True (system roots) or the path of a PEM root certificate.
+    timeout: deadline in seconds of each unary call; for upsert_many, how long to keep retrying
+    a server that is unreachable before giving up.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
+                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        creds = _credentials(tls)
+        self._channel = (grpc.secure_channel(address, creds, options) if creds is not None
+                         else grpc.insecure_channel(address, options))
+        self._stub = pb_grpc.RetrievalStub(self._channel)
+        self._info: ServerInfo | None = None
+
+    def __enter__(self) -> "RetrievalClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    # ---- unary RPCs -------------------------------------------------------------------------
+
+    def info(self) -> ServerInfo:
+        r = self._call("Info", pb.InfoRequest())
+        self._info = ServerInfo(
+            model_fingerprint=r.model_fingerprint, arch=r.arch, dim=r.dim, input_size=r.input_size,
+            index_type=r.index_type, index_device=r.index_device, index_gpus=r.index_gpus,
+            item_count=r.item_count, labelled_count=r.labelled_count, label_counts=dict(r.label_counts),
+            max_k=r.max_k, default_k=r.default_k, default_tau=float(r.default_tau),
+            max_batch_size=r.max_batch_size, max_message_bytes=r.max_message_bytes,
+            server_version=r.server_version, model_device=r.model_device)
+        return self._info
+
+    def _limits(self) -> ServerInfo:
+        return self._info if self._info is not None else self.info()
+
+    def _max_payload(self) -> int:
+        """Largest item payload that fits one message; unlimited when the server reports 0."""
+        limit = self._limits().max_message_bytes
+        return limit - _MESSAGE_OVERHEAD if limit else 1 << 62
+
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        """(N, dim) float32 L2-normalised embeddings, in input order; split into requests that
+        respect the server's batch and message limits."""
+        info = self._limits()
+        max_items = info.max_batch_size or len(images) or 1
+        out: list[np.ndarray] = []
+        for chunk in _chunks(list(images), max_items, self._max_payload(), len):
+            r = self._call("Embed", pb.EmbedRequest(images=[bytes(b) for b in chunk]))
+            out.extend(_array(v) for v in r.embeddings)
+        return np.stack(out).astype(np.float32, copy=False) if out else np.zeros((0, info.dim), np.float32)
+
+    def delete(self, ids: Sequence[str], ignore_missing: bool = False) -> int:
+        return self._call("Delete", pb.DeleteRequest(ids=list(ids), ignore_missing=ignore_missing)).deleted
+
+    def set_labels(self, labels: dict[str, str] | Sequence[tuple[str, str]], predicted: bool = False,
+                   confidences: dict[str, float] | None = None) -> int:
+        """Set (or clear, with "") human labels, or predicted ones when `predicted`."""
+        pairs = labels.items() if isinstance(labels, dict) else labels
+        conf = confidences or {}
+        request = pb.SetLabelsRequest(
+            assignments=[pb.LabelAssignment(id=i, label=lab, confidence=conf.get(i, 0.0)) for i, lab in pairs],
+            source=pb.PREDICTED if predicted else pb.HUMAN)
+        return self._call("SetLabels", request).updated
+
+    def get(self, ids: Sequence[str], include_embedding: bool = False,
+            ignore_missing: bool = False) -> list[StoredItem]:
+        """Items in request order (unknown ids left out when `ignore_missing`)."""
+        out: list[StoredItem] = []
+        ids = list(ids)
+        for start in range(0, len(ids), _GET_CHUNK):
+            r = self._call("Get", pb.GetRequest(ids=ids[start:start + _GET_CHUNK],
+                                                include_embedding=include_embedding,
+                                                ignore_missing=ignore_missing))
+            out.extend(_stored(i) for i in r.items)
+        return out
+
+    def search(self, *, image: bytes | None = None, id: str | None = None,
+               vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
+               labels: Sequence[str] = (), min_score: float | None = None) -> list[Neighbor]:
+        """Most similar first. Query by exactly one of image bytes, stored id or vector."""
+        request = pb.SearchRequest(query=_query(image, id, vector), labels=list(labels))
+        if k is not None:
+            request.k = k
+        if min_score is not None:
+            request.min_score = min_score
+        return [_neighbor(n) for n in self._call("Search", request).neighbors]
+
+    def classify(self, *, image: bytes | None = None, id: str | None = None,
+                 vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
+                 tau: float | None = None) -> Classification:
+        request = pb.ClassifyRequest(query=_query(image, id, vector))
+        if k is not None:
+            request.k = k
+        if tau is not None:
+            request.tau = tau
+        r = self._call("Classify", request)
+        return Classification(label=r.label, confidence=float(r.confidence),
+                              scores=[(s.label, float(s.score)) for s in r.scores],
+                              neighbors=[_neighbor(n) for n in r.neighbors])
+
+    def classify_many(self, queries: Sequence[dict], k: int | None = None, tau: float | None = None,
+                      workers: int = 8) -> list[Classification]:
+        """Concurrent classify calls; `queries` are dicts like {"image": b"..."} or {"vector": v};
+        results in input order."""
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(lambda q: self.classify(k=k, tau=tau, **q), queries))
+
+    def label_corpus(self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0,
+                     apply: bool = False) -> Iterator[Proposal]:
+        """Proposals for every item without a human label, ordered by id, streamed as they come."""
+        request = pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply)
+        if k is not None:
+            request.k = k
+        if tau is not None:
+            request.tau = tau
+        try:
+            for p in self._stub.LabelCorpus(request, metadata=self._metadata):
+                yield Proposal(id=p.id, label=p.label, confidence=float(p.confidence))
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    # ---- bulk ingestion ---------------------------------------------------------------------
+
+    def upsert_many(self, items: Iterable[UpsertItem], batch_size: int = 64, max_in_flight: int = 4,
+                    on_ack: Callable[[int, list[ItemFailure]], None] | None = None) -> UpsertResult:
+        """Store `items` (read lazily) over one Upsert stream.
+
+        Items larger than the server's message limit, or malformed, are reported as failures and
+        not sent. `on_ack(stored, failures)` is called once per acknowledged batch (and for items
+        refused before sending). An exception raised by `items` is re-raised once the batches sent
+        before it are acknowledged. Raises RetrievalError for a stream-level error other than
+        UNAVAILABLE, or when the server stays unreachable for `timeout` seconds; every batch
+        acknowledged before that is stored.
+        """
+        result = UpsertResult()
+        batches = _BatchSource(items, batch_size, self._max_payload(), result, on_ack)
+        unacked: deque[_Batch] = deque()
+        attempt = 0
+        last_progress = time.monotonic()
+        while True:
+            try:
+                self._upsert_stream(batches, unacked, max_in_flight, result, on_ack)
+                batches.report_refused()
+                result.failures.sort(key=lambda f: f.index)
+                return result
+            except grpc.RpcError as err:
+                batches.report_refused()
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise RetrievalError.from_rpc(err, self.address) from None
+                now = time.monotonic()
+                if getattr(err, "progressed", False):
+                    attempt, last_progress = 0, now
+                delay = min(0.1 * 2 ** attempt, 5.0) * (0.5 + random.random() / 2)
+                if now + delay - last_progress > self.timeout:
+                    raise RetrievalError.from_rpc(err, self.address) from None
+                attempt += 1
+                time.sleep(delay)
+
+    def _upsert_stream(self, batches: "_BatchSource", unacked: deque[_Batch], max_in_flight: int,
+                       result: UpsertResult, on_ack) -> None:
+        """One stream: resend `unacked` first, then new batches; returns when all are acknowledged.
+        On an RpcError, `unacked` holds exactly the batches still to send."""
+        resend = list(unacked)
+        slots = threading.Semaphore(max(1, max_in_flight))
+        stop = threading.Event()
+        sent: list[_Batch] = []  # index = sequence number in this stream
+        source_error: list[Exception] = []  # raised by the caller's item iterator
+        lock = threading.Lock()
+
+        def requests() -> Iterator[pb.UpsertRequest]:
+            pending = iter(resend)
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    batch = next(pending, None) or batches.next()
+                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                    source_error.append(exc)
+                    return
+                if batch is None:
+                    return
+                with lock:
+                    if batch not in resend:
+                        unacked.append(batch)
+                    sent.append(batch)
+                yield batch.request
+
+        progressed = False
+        call = self._stub.Upsert(requests(), metadata=self._metadata)
+        try:
+            for ack in call:
+                batches.report_refused()
+                with lock:
+                    batch = sent[ack.sequence]
+                    unacked.remove(batch)
+                slots.release()
+                progressed = True
+                failures = [ItemFailure(index=batch.indices[e.index], id=e.id,
+                                        code=_CODES.get(e.code, grpc.StatusCode.UNKNOWN), message=e.message)
+                            for e in ack.errors]
+                result.upserted += ack.upserted
+                result.failures.extend(failures)
+                if on_ack is not None:
+                    on_ack(ack.upserted, failures)
+        except grpc.RpcError as err:
+            err.progressed = progressed  # type: ignore[attr-defined]
+            raise
+        finally:
+            stop.set()
+            call.cancel()  # no-op once the stream has ended; frees it if we leave early
+        if source_error:
+            raise source_error[0]
+        if unacked:  # the server closed the stream without acknowledging everything
+            closed = _StreamClosed(f"stream closed with {len(unacked)} batches unacknowledged")
+            closed.progressed = progressed  # type: ignore[attr-defined]
+            raise closed
+
+
+class _StreamClosed(grpc.RpcError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
+
+
+class _BatchSource:
+    """Packs items into UpsertRequests of at most `batch_size` items and `max_payload` bytes;
+    items that cannot be sent are kept as failures, reported from the caller's thread."""
+
+    def __init__(self, items: Iterable[UpsertItem], batch_size: int, max_payload: int,
+                 result: UpsertResult, on_ack):
+        self._items = enumerate(items)
+        self._batch_size = max(1, batch_size)
+        self._max_payload = max_payload
+        self._result = result
+        self._on_ack = on_ack
+        self._carry: tuple[int, pb.Item] | None = None
+        self._refused: list[ItemFailure] = []
+        self._lock = threading.Lock()
+
+    def _refuse(self, index: int, item_id: str, code: grpc.StatusCode, message: str) -> None:
+        self._refused.append(ItemFailure(index=index, id=item_id, code=code, message=message))
+
+    def report_refused(self) -> None:
+        with self._lock:
+            refused, self._refused = self._refused, []
+        if refused:
+            self._result.failures.extend(refused)
+            if self._on_ack is not None:
+                self._on_ack(0, refused)
+
+    def next(self) -> _Batch | None:
+        with self._lock:
+            indices: list[int] = []
+            request = pb.UpsertRequest()
+            size = 0
+            while len(indices) < self._batch_size:
+                if self._carry is not None:
+                    (index, msg), self._carry = self._carry, None
+                else:
+                    nxt = next(self._items, None)
+                    if nxt is None:
+                        break
+                    index, item = nxt
+                    try:
+                        msg = _item_proto(item)
+                    except (ValueError, TypeError) as exc:
+                        self._refuse(index, item.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                        continue
+                    if msg.ByteSize() > self._max_payload:
+                        self._refuse(index, item.id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"item is {msg.ByteSize()} bytes, above the server's message limit "
+                                     f"of {self._max_payload + _MESSAGE_OVERHEAD} bytes")
+                        continue
+                item_size = msg.ByteSize() + 16
+                if indices and size + item_size > self._max_payload:
+                    self._carry = (index, msg)
+                    break
+                indices.append(index)
+                request.items.append(msg)
+                size += item_size
+            return _Batch(indices, request) if indices else None
+
+
+def _chunks(values: list, max_items: int, max_bytes: int, size: Callable) -> Iterator[list]:
+    chunk: list = []
+    total = 0
+    for v in values:
+        s = size(v) + 16
+        if chunk and (len(chunk) >= max_items or total + s > max_bytes):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(v)
+        total += s
+    if chunk:
+        yield chunk
+
