@@ -3,7 +3,7 @@
 #   docker build -t moco-retrieval .
 #   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" moco-retrieval \
 #       moco-train train /data/train --run-dir /runs/r1
-#   docker run --gpus all -p 50051:50051 -p 9108:9108 -v "$PWD/runs:/runs" -v store:/store \
+#   docker run --gpus all -p 50051:50051 -p 9100:9100 -v "$PWD/runs:/runs" -v store:/store \
 #       -e RETRIEVAL_MODEL=/runs/r1/encoder.pt moco-retrieval          # serves (the default CMD)
 #
 # torch/torchvision come from requirements.txt unchanged: their PyPI wheels for Linux x86_64 are
@@ -54,10 +54,10 @@ VOLUME ["/data", "/runs", "/store"]
 # gRPC and Prometheus metrics. Every server flag can also be set as RETRIEVAL_<FLAG>.
 ENV RETRIEVAL_HOST=0.0.0.0 \
     RETRIEVAL_PORT=50051 \
-    RETRIEVAL_METRICS_PORT=9108 \
+    RETRIEVAL_METRICS_PORT=9100 \
     RETRIEVAL_STORE=/store \
     RETRIEVAL_MODEL=/runs/encoder.pt
-EXPOSE 50051 9108
+EXPOSE 50051 9100
 
 # grpc.health.v1 on the serving port: healthy once the model and the index are loaded.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
