@@ -1,0 +1,169 @@
+"""Wiring: bind gRPC (health NOT_SERVING) and /metrics first, then load model, store and index,
+then serve; SIGTERM drains (health NOT_SERVING, no new calls, grace for in-flight ones), writes an
+index snapshot, closes the store and returns 0."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moco_train.export import ExportError
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+from . import __version__
+from .auth import AuthInterceptor
+from .batcher import DynamicBatcher
+from .config import ServerConfig
+from .encoder import Encoder
+from .index import ItemIndex, resolve_gpus
+from .metrics import MetricsInterceptor, ServerMetrics
+from .service import RetrievalService
+from .store import Store
+
+log = logging.getLogger("retrieval_server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
+
+
+class StartupError(Exception):
+    """A configuration or data problem that stops the server before it serves (one line to stderr)."""
+
+
+class _Pending(pb_grpc.RetrievalServicer):
+    """Registered before loading (gRPC cannot add services later): UNAVAILABLE until `target` is set."""
+
+    target: RetrievalService | None = None
+
+
+def _forward(name: str) -> Callable:
+    def method(self: _Pending, request: Any, context: grpc.ServicerContext) -> Any:
+        if self.target is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its model and index")
+        return getattr(self.target, name)(request, context)
+    method.__name__ = name
+    return method
+
+
+for _name in pb.DESCRIPTOR.services_by_name["Retrieval"].methods_by_name:
+    setattr(_Pending, _name, _forward(_name))
+
+
+def _write_ready_file(path: Path, port: int, metrics_port: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
+    address = f"{cfg.host}:{cfg.port}"
+    try:
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except (OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}")
+    return port
+
+
+def _load(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
+    try:
+        encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels)
+    except (ExportError, FileNotFoundError, RuntimeError) as exc:
+        raise StartupError(str(exc)) from exc
+    meta = encoder.meta
+    try:
+        store = Store(cfg.store)
+        other = store.bind_model(meta.fingerprint, meta.feature_dim, reset=cfg.reset_store)
+    except (sqlite3.Error, OSError) as exc:
+        raise StartupError(f"store {cfg.store}: {exc}") from exc
+    if other is not None:
+        raise StartupError(
+            f"FAILED_PRECONDITION: store {cfg.store} holds embeddings of model {other}, not of the served model "
+            f"{meta.fingerprint}; use another --store or --reset-store to drop its items")
+    try:
+        gpus = resolve_gpus(cfg.index_gpus)
+        index = ItemIndex(meta.feature_dim, cfg.index_factory, gpus)
+    except RuntimeError as exc:
+        raise StartupError(f"index: {exc}") from exc
+    how = index.load(store, cfg.store)
+    log.info("index %s (%s) on %s: %d items, %s", cfg.index_factory, how, index.device, index.items.ntotal,
+             f"{len(index.labels)} labelled")
+    batcher = DynamicBatcher(encoder, metrics, max_batch_size=cfg.max_batch_size,
+                             max_delay_s=cfg.max_queue_delay_ms / 1000.0, capacity=cfg.max_queue,
+                             decode_threads=cfg.decode_threads)
+    metrics.model_info.labels(meta.arch, meta.fingerprint, str(meta.feature_dim), encoder.device, index.device,
+                              cfg.index_factory, __version__).set(1)
+    return RetrievalService(cfg, encoder, batcher, store, index, metrics)
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    metrics = ServerMetrics()
+    metrics.build_info.labels(__version__, torch.__version__, faiss.__version__, grpc.__version__).set(1)
+    try:
+        http_server, metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if cfg.auth_token:
+        interceptors.append(AuthInterceptor(cfg.auth_token, cfg.read_only_token))
+    size = cfg.max_message_bytes
+    server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"), interceptors=interceptors,
+                         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    pending = _Pending()
+    pb_grpc.add_RetrievalServicer_to_server(pending, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = _bind(server, cfg)
+    server.start()
+    service = None
+    try:
+        service = _load(cfg, metrics)
+    except BaseException:
+        server.stop(0)
+        http_server.shutdown()
+        raise
+    pending.target = service
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if cfg.ready_file:
+        _write_ready_file(cfg.ready_file, port, metrics_port)
+    log.info("serving %s on %s:%d (%s), metrics on :%d", SERVICE_NAME, cfg.host, port,
+             "TLS" if cfg.tls_cert else "plaintext", metrics_port)
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(cfg.grace_s).wait()
+    service.batcher.close()
+    version = service.snapshot()
+    service.store.close()
+    http_server.shutdown()
+    log.info("stopped cleanly (index snapshot at store version %d)", version)
+    return 0

@@ -1,0 +1,408 @@
+"""The Retrieval servicer: validate -> embed (batcher) -> store (commit) -> index -> reply. Status
+codes are API (see proto/retrieval/v1/retrieval.proto); a failed call changes nothing."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+import torch
+
+from moco_train.images import ImageDecodeError, ImageTooLargeError
+from moco_train.knn import knn_vote
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+from . import __version__
+from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from .config import ServerConfig
+from .encoder import Encoder
+from .index import ItemIndex
+from .metrics import ServerMetrics
+from .store import NewItem, Store, UnknownIds
+
+log = logging.getLogger(__name__)
+Code = grpc.StatusCode
+MAX_ID_BYTES = 512
+DEFAULT_SEARCH_K = 10
+LABEL_CORPUS_CHUNK = 1024
+
+
+class RpcError(Exception):
+    """A request error with its gRPC status; turned into context.abort by the handlers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _unary(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except RpcError as exc:
+            context.abort(exc.code, exc.message)
+    return wrapped
+
+
+def _streaming(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except RpcError as exc:
+            context.abort(exc.code, exc.message)
+    return wrapped
+
+
+def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
+    return Code.RESOURCE_EXHAUSTED if isinstance(exc, ImageTooLargeError) else Code.INVALID_ARGUMENT
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:
+        return None
+    if remaining <= 0:
+        raise RpcError(Code.DEADLINE_EXCEEDED, "deadline passed before the call was run")
+    return time.monotonic() + remaining
+
+
+class RetrievalService(pb_grpc.RetrievalServicer):
+    def __init__(self, cfg: ServerConfig, encoder: Encoder, batcher: DynamicBatcher, store: Store,
+                 index: ItemIndex, metrics: ServerMetrics) -> None:
+        self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = cfg, encoder, batcher, store, index, metrics
+        self.dim = encoder.dim
+        self.max_k = min(cfg.max_k, 2048) if index.gpus else cfg.max_k
+        self._writes = threading.Lock()  # store commit + index update, in version order
+        self._changed_since_snapshot = 0
+        self._snapshot_lock = threading.Lock()
+        self._update_gauges()
+
+    # -- validation -------------------------------------------------------------------------------
+    def _vector(self, v: pb.Vector, what: str = "vector") -> np.ndarray:
+        x = np.asarray(v.values, dtype=np.float32)
+        if x.shape != (self.dim,):
+            raise RpcError(Code.INVALID_ARGUMENT, f"{what} has dimension {x.size}, the model's is {self.dim}")
+        if not np.isfinite(x).all():
+            raise RpcError(Code.INVALID_ARGUMENT, f"{what} contains NaN or Inf")
+        norm = float(np.linalg.norm(x.astype(np.float64)))
+        if norm == 0.0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"{what} is all zeros (cannot be normalised)")
+        return (x / norm).astype(np.float32)
+
+    def _k(self, request: Any, default: int) -> int:
+        if not request.HasField("k"):
+            return default
+        if request.k <= 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"k must be positive, got {request.k}")
+        if request.k > self.max_k:
+            raise RpcError(Code.OUT_OF_RANGE, f"k={request.k} is above the server's max_k={self.max_k}")
+        return request.k
+
+    def _tau(self, request: Any) -> float:
+        if not request.HasField("tau"):
+            return self.cfg.default_tau
+        if not math.isfinite(request.tau) or request.tau <= 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"tau must be a positive number, got {request.tau}")
+        return float(request.tau)
+
+    @staticmethod
+    def _check_id(item_id: str) -> None:
+        if not 1 <= len(item_id.encode()) <= MAX_ID_BYTES:
+            raise RpcError(Code.INVALID_ARGUMENT, f"id must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got "
+                           f"{len(item_id.encode())}")
+
+    def _embed(self, images: list[bytes], context: grpc.ServicerContext) -> list[np.ndarray | ImageDecodeError]:
+        try:
+            return self.batcher.embed(images, _deadline(context))
+        except QueueFull as exc:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except DeadlineExceeded as exc:
+            raise RpcError(Code.DEADLINE_EXCEEDED, str(exc)) from exc
+
+    def _query(self, query: pb.Query, context: grpc.ServicerContext) -> tuple[np.ndarray, int | None]:
+        """(normalised query vector, store row to leave out of the results or None)."""
+        kind = query.WhichOneof("kind")
+        if kind == "image":
+            (result,) = self._embed([query.image], context)
+            if isinstance(result, ImageDecodeError):
+                raise RpcError(image_status(result), f"query image: {result}")
+            return result, None
+        if kind == "id":
+            row = self.store.get([query.id], with_embedding=True).get(query.id)
+            if row is None:
+                raise RpcError(Code.NOT_FOUND, f"unknown id: {query.id!r}")
+            return np.asarray(row.embedding, dtype=np.float32), row.row
+        if kind == "vector":
+            return self._vector(query.vector, "query vector"), None
+        raise RpcError(Code.INVALID_ARGUMENT, "empty query: set image, id or vector")
+
+    # -- Embed ------------------------------------------------------------------------------------
+    @_unary
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        if not request.images:
+            raise RpcError(Code.INVALID_ARGUMENT, "no images")
+        results = self._embed(list(request.images), context)
+        for i, r in enumerate(results):
+            if isinstance(r, ImageDecodeError):
+                raise RpcError(image_status(r), f"image {i}: {r}")
+        return pb.EmbedResponse(embeddings=[pb.Vector(values=r.tolist()) for r in results], dim=self.dim)
+
+    # -- writes -----------------------------------------------------------------------------------
+    @_streaming
+    def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext
+               ) -> Iterator[pb.UpsertAck]:
+        for sequence, request in enumerate(request_iterator):
+            yield self._upsert_batch(sequence, request, context)
+
+    def _upsert_batch(self, sequence: int, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertAck:
+        errors: list[pb.ItemError] = []
+        vectors: dict[int, np.ndarray] = {}
+        image_positions: list[int] = []
+        seen: set[str] = set()
+
+        def fail(i: int, code: grpc.StatusCode, message: str) -> None:
+            errors.append(pb.ItemError(id=request.items[i].id, index=i, code=code.value[0], message=message))
+
+        for i, item in enumerate(request.items):
+            try:
+                self._check_id(item.id)
+                if item.id in seen:
+                    raise RpcError(Code.INVALID_ARGUMENT, f"duplicate id {item.id!r} in this batch")
+                seen.add(item.id)
+                content = item.WhichOneof("content")
+                if content == "embedding":
+                    vectors[i] = self._vector(item.embedding, "embedding")
+                elif content == "image":
+                    image_positions.append(i)
+                else:
+                    raise RpcError(Code.INVALID_ARGUMENT, "item has neither image nor embedding")
+            except RpcError as exc:
+                fail(i, exc.code, exc.message)
+        if image_positions:
+            try:
+                embedded = self._embed([request.items[i].image for i in image_positions], context)
+            except RpcError as exc:
+                if exc.code == Code.DEADLINE_EXCEEDED:
+                    raise
+                embedded = [exc] * len(image_positions)  # queue full: these items fail, the rest goes in
+            for i, result in zip(image_positions, embedded):
+                if isinstance(result, RpcError):
+                    fail(i, result.code, result.message)
+                elif isinstance(result, ImageDecodeError):
+                    fail(i, image_status(result), str(result))
+                else:
+                    vectors[i] = result
+        positions = sorted(vectors)
+        items = [NewItem(id=request.items[i].id, embedding=vectors[i], label=request.items[i].label or None,
+                         metadata=dict(request.items[i].metadata)) for i in positions]
+        if items:
+            with self._writes:
+                version, written = self.store.upsert(items)
+                rows = np.array([w[0] for w in written], dtype=np.int64)
+                with self.index.lock.write():
+                    self.index.upsert(version, rows, np.stack([it.embedding for it in items]),
+                                      [w[1] for w in written], np.array([w[2] for w in written], dtype=bool))
+            self._after_write(len(items))
+        errors.sort(key=lambda e: e.index)
+        return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
+
+    @_unary
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        with self._writes:
+            try:
+                version, rows = self.store.delete(list(request.ids), request.ignore_missing)
+            except UnknownIds as exc:
+                raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
+            with self.index.lock.write():
+                self.index.remove(version, np.array(rows, dtype=np.int64))
+        self._after_write(len(rows))
+        return pb.DeleteResponse(deleted=len(rows))
+
+    @_unary
+    def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
+        predicted = request.source == pb.PREDICTED
+        ids = [a.id for a in request.assignments]
+        if len(set(ids)) != len(ids):
+            raise RpcError(Code.INVALID_ARGUMENT, "an id appears twice in assignments")
+        for a in request.assignments:
+            if predicted and not math.isfinite(a.confidence):
+                raise RpcError(Code.INVALID_ARGUMENT, f"confidence of {a.id!r} is not a number")
+        assignments = [(a.id, a.label or None, float(a.confidence)) for a in request.assignments]
+        with self._writes:
+            try:
+                changed = self.store.set_labels(assignments, predicted)
+            except UnknownIds as exc:
+                raise RpcError(Code.NOT_FOUND, f"{exc}; no label changed") from exc
+            if not predicted:
+                with self.index.lock.write():
+                    self.index.relabel(np.array([c[0] for c in changed], dtype=np.int64), [c[1] for c in changed],
+                                       self.store)
+        self._update_gauges()
+        return pb.SetLabelsResponse(updated=len(changed))
+
+    def _after_write(self, changed: int) -> None:
+        self._update_gauges()
+        self._changed_since_snapshot += changed
+        if self.cfg.snapshot_every and self._changed_since_snapshot >= self.cfg.snapshot_every:
+            if self._snapshot_lock.acquire(blocking=False):  # one at a time, in the background
+                self._changed_since_snapshot = 0
+                threading.Thread(target=self._snapshot_locked, name="snapshot", daemon=True).start()
+
+    def snapshot(self) -> int:
+        """Write the index snapshot now (shutdown) and drop the tombstones it covers."""
+        with self._snapshot_lock:
+            return self._snapshot()
+
+    def _snapshot_locked(self) -> None:
+        try:
+            self._snapshot()
+        except Exception:  # noqa: BLE001 - a failed snapshot only costs start-up time
+            log.exception("index snapshot failed")
+        finally:
+            self._snapshot_lock.release()
+
+    def _snapshot(self) -> int:
+        with self.index.lock.read():
+            version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
+        self.store.prune_tombstones(version)
+        return version
+
+    def _update_gauges(self) -> None:
+        self.m.index_items.set(self.index.items.ntotal)
+        self.m.labelled_items.set(len(self.index.labels))
+
+    # -- reads ------------------------------------------------------------------------------------
+    @_unary
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        found = self.store.get(list(request.ids), with_embedding=request.include_embedding)
+        missing = [i for i in request.ids if i not in found]
+        if missing and not request.ignore_missing:
+            raise RpcError(Code.NOT_FOUND, str(UnknownIds(missing)))
+        items = []
+        for item_id in request.ids:
+            row = found.get(item_id)
+            if row is None:
+                continue
+            item = pb.StoredItem(id=row.id, label=row.label or "", predicted_label=row.predicted_label or "",
+                                 predicted_confidence=row.predicted_confidence or 0.0, metadata=row.metadata)
+            if row.embedding is not None:
+                item.embedding.values.extend(row.embedding.tolist())
+            items.append(item)
+        return pb.GetResponse(items=items)
+
+    def _neighbors(self, scores: np.ndarray, rows: np.ndarray) -> list[pb.Neighbor]:
+        stored = self.store.by_rows(rows)
+        out = []
+        for score, row in zip(scores.tolist(), rows.tolist()):
+            r = stored.get(row)
+            if r is not None:  # deleted since the search
+                out.append(pb.Neighbor(id=r.id, score=score, label=r.label or "",
+                                       predicted_label=r.predicted_label or "", metadata=r.metadata))
+        return out
+
+    @staticmethod
+    def _top(scores: np.ndarray, rows: np.ndarray, k: int, exclude: int | None,
+             min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        keep = rows >= 0
+        if exclude is not None:
+            keep &= rows != exclude
+        if min_score is not None:
+            keep &= scores >= min_score
+        return scores[keep][:k], rows[keep][:k]
+
+    @_unary
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        k = self._k(request, DEFAULT_SEARCH_K)
+        if request.HasField("min_score") and math.isnan(request.min_score):
+            raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
+        vector, exclude = self._query(request.query, context)
+        k_search = min(k + (exclude is not None), self.max_k + 1 if not self.index.gpus else 2048)
+        start = time.perf_counter()
+        with self.index.search_lock():
+            if request.labels:
+                params = self.index.label_selector(set(request.labels))
+                scores, rows = self.index.labelled.search(vector[None], k_search, params)
+            else:
+                scores, rows = self.index.items.search(vector[None], k_search)
+        self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
+        scores, rows = self._top(scores[0], rows[0], k, exclude,
+                                 request.min_score if request.HasField("min_score") else None)
+        return pb.SearchResponse(neighbors=self._neighbors(scores, rows))
+
+    def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, exclude: int | None = None
+              ) -> tuple[list[str], torch.Tensor, np.ndarray, np.ndarray]:
+        """(class names, vote shares (Q, C), neighbour scores (Q, k), rows (Q, k)) among labelled items."""
+        start = time.perf_counter()
+        with self.index.search_lock():
+            names = self.index.class_names()
+            if not names:
+                raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
+            scores, rows = self.index.labelled.search(queries, k + (exclude is not None))
+            labels = self.index.labels
+            class_of = {name: c for c, name in enumerate(names)}
+            idx = np.array([[class_of[labels[r]] if r >= 0 else -1 for r in line] for line in rows.tolist()],
+                           dtype=np.int64)
+        self.m.index_search_seconds.labels(op).observe(time.perf_counter() - start)
+        if exclude is not None:  # a stored query leaves itself out (only one query then)
+            keep = rows[0] != exclude
+            scores, rows, idx = scores[0][keep][None, :k], rows[0][keep][None, :k], idx[0][keep][None, :k]
+        shares = knn_vote(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(idx), len(names), tau)
+        return names, shares, scores, rows
+
+    @_unary
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        k = self._k(request, self.cfg.default_k)
+        tau = self._tau(request)
+        vector, exclude = self._query(request.query, context)
+        names, shares, scores, rows = self._vote(vector[None], k, tau, "classify", exclude)
+        row_shares = shares[0]
+        best = int(torch.argmax(row_shares))  # first maximum: ties go to the first label in sorted order
+        voted = sorted((c for c in range(len(names)) if row_shares[c] > 0), key=lambda c: (-row_shares[c], c))
+        return pb.ClassifyResponse(
+            label=names[best], confidence=float(row_shares[best]),
+            scores=[pb.ClassScore(label=names[c], score=float(row_shares[c])) for c in voted],
+            neighbors=self._neighbors(*self._top(scores[0], rows[0], k, None)))
+
+    @_streaming
+    def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext
+                    ) -> Iterator[pb.LabelProposal]:
+        k = self._k(request, self.cfg.default_k)
+        tau = self._tau(request)
+        if not self.index.labels:
+            raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
+        last_id = None
+        while context.is_active():
+            rows, ids, vectors = self.store.unlabelled_after(last_id, LABEL_CORPUS_CHUNK)
+            if not ids:
+                return
+            last_id = ids[-1]
+            names, shares, _scores, _rows = self._vote(vectors, k, tau, "label_corpus")
+            best = shares.argmax(dim=1)  # first maximum: ties go to the first label in sorted order
+            confidence = shares.gather(1, best[:, None])[:, 0]
+            proposals = [(row, item_id, names[b], c) for row, item_id, b, c in
+                         zip(rows.tolist(), ids, best.tolist(), confidence.tolist()) if c >= request.min_confidence]
+            if request.apply and proposals:
+                self.store.set_predicted_rows([(row, lab, conf) for row, _i, lab, conf in proposals])
+            for _row, item_id, lab, conf in proposals:
+                yield pb.LabelProposal(id=item_id, label=lab, confidence=conf)
+
+    @_unary
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        total, label_counts = self.store.counts()
+        meta = self.encoder.meta
+        return pb.InfoResponse(
+            model_fingerprint=meta.fingerprint, arch=meta.arch, dim=self.dim, input_size=meta.preprocessing.input_size,
+            index_type=self.index.factory, index_device=self.index.device, index_gpus=self.index.gpus,
+            item_count=total, labelled_count=sum(label_counts.values()), label_counts=label_counts,
+            max_k=self.max_k, default_k=self.cfg.default_k, default_tau=self.cfg.default_tau,
+            max_batch_size=self.cfg.max_batch_size, max_message_bytes=self.cfg.max_message_bytes,
+            server_version=__version__, model_device=self.encoder.device)

@@ -1,0 +1,289 @@
+"""The system of record: SQLite in WAL mode holding every item (id, labels, metadata, float32
+embedding) and the fingerprint of the model that embedded them. FAISS is only a mirror of it.
+
+Durability: journal_mode=WAL with synchronous=FULL, so a commit is fsynced to the WAL before the
+call returns and an acknowledged upsert survives a process kill *and* a power loss (NORMAL would
+only survive a process kill). Every transaction that changes embeddings takes a new `version`;
+changed rows carry it and deleted rows leave a tombstone with it, so an index snapshot taken at
+version v is brought up to date with the rows and tombstones after v.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,       -- the FAISS id (int64), never reused
+    id TEXT NOT NULL UNIQUE,                     -- the user's id
+    label TEXT,                                  -- human label (votes in Classify), NULL if none
+    predicted_label TEXT,                        -- kNN proposal, never votes
+    predicted_confidence REAL,
+    metadata TEXT NOT NULL DEFAULT '{}',         -- JSON object of strings
+    embedding BLOB NOT NULL,                     -- float32 little-endian, L2-normalised
+    version INTEGER NOT NULL                     -- transaction that last wrote the embedding
+);
+CREATE INDEX IF NOT EXISTS items_version ON items(version);
+CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tombstones (row INTEGER PRIMARY KEY, version INTEGER NOT NULL);
+"""
+
+
+class UnknownIds(KeyError):
+    """Some ids are not stored."""
+
+    def __init__(self, ids: list[str]) -> None:
+        super().__init__(ids)
+        self.ids = ids
+
+    def __str__(self) -> str:
+        shown = ", ".join(repr(i) for i in self.ids[:5])
+        more = f" and {len(self.ids) - 5} more" if len(self.ids) > 5 else ""
+        return f"unknown id{'s' if len(self.ids) > 1 else ''}: {shown}{more}"
+
+
+@dataclass
+class NewItem:
+    id: str
+    embedding: np.ndarray            # (D,) float32, normalised
+    label: str | None                # None keeps the stored label
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Row:
+    row: int
+    id: str
+    label: str | None
+    predicted_label: str | None
+    predicted_confidence: float | None
+    metadata: dict[str, str]
+    embedding: np.ndarray | None = None
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _row(r: tuple, with_embedding: bool) -> Row:
+    return Row(row=r[0], id=r[1], label=r[2], predicted_label=r[3], predicted_confidence=r[4],
+               metadata=json.loads(r[5]), embedding=np.frombuffer(r[6], dtype="<f4") if with_embedding else None)
+
+
+class Store:
+    FILENAME = "items.sqlite3"
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / self.FILENAME
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        # Identifies this store's history for index snapshots; replaced when the store is reset.
+        self._writer.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        """One read connection per thread: WAL readers see the last commit and never block the writer."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+
+    # -- meta -------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        r = self._reader.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return r[0] if r else None
+
+    @property
+    def store_id(self) -> str:
+        return self.get_meta("store_id") or ""
+
+    @property
+    def version(self) -> int:
+        return int(self.get_meta("version") or 0)
+
+    def bind_model(self, fingerprint: str, dim: int, reset: bool) -> str | None:
+        """Record the model of an empty store. Returns the other fingerprint if the store belongs to
+        another model (and reset is false); with reset, drops every item first."""
+        with self._write_lock, _transaction(self._writer) as c:
+            stored = c.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+            if stored and stored[0] != fingerprint:
+                if not reset:
+                    return stored[0]
+                c.execute("DELETE FROM items")
+                c.execute("DELETE FROM tombstones")
+                c.execute("UPDATE meta SET value = ? WHERE key = 'store_id'", (uuid.uuid4().hex,))
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('fingerprint', ?), ('dim', ?)",
+                      (fingerprint, str(dim)))
+        return None
+
+    @staticmethod
+    def _bump(c: sqlite3.Connection) -> int:
+        r = c.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        version = int(r[0]) + 1 if r else 1
+        c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('version', ?)", (str(version),))
+        return version
+
+    # -- writes (each one transaction; the caller serialises them with the index) -----------------
+    def upsert(self, items: list[NewItem]) -> tuple[int, list[tuple[int, str | None, bool]]]:
+        """Insert or overwrite items in one transaction.
+        Returns (version, [(row, label after, whether the id existed)])."""
+        out = []
+        with self._write_lock, _transaction(self._writer) as c:
+            version = self._bump(c)
+            existing = self._rows_of(c, [item.id for item in items])
+            for item in items:
+                r = c.execute(
+                    "INSERT INTO items(id, label, metadata, embedding, version) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET embedding = excluded.embedding, metadata = excluded.metadata, "
+                    "version = excluded.version, label = COALESCE(excluded.label, items.label) "
+                    "RETURNING row, label",
+                    (item.id, item.label, json.dumps(item.metadata, sort_keys=True), _blob(item.embedding), version),
+                ).fetchone()
+                out.append((r[0], r[1], item.id in existing))
+        return version, out
+
+    def delete(self, ids: list[str], ignore_missing: bool) -> tuple[int, list[int]]:
+        """Delete items (all-or-nothing unless ignore_missing). Returns (version, deleted rows)."""
+        with self._write_lock, _transaction(self._writer) as c:
+            found = self._rows_of(c, ids)
+            missing = [i for i in ids if i not in found]
+            if missing and not ignore_missing:
+                raise UnknownIds(missing)
+            rows = sorted(set(found.values()))
+            version = self._bump(c)
+            c.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in rows])
+            c.executemany("INSERT OR REPLACE INTO tombstones(row, version) VALUES (?, ?)", [(r, version) for r in rows])
+        return version, rows
+
+    def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> list[tuple[int, str | None]]:
+        """Set (or clear, with None) human or predicted labels, all-or-nothing. Returns [(row, label)]."""
+        with self._write_lock, _transaction(self._writer) as c:
+            found = self._rows_of(c, [a[0] for a in assignments])
+            missing = [a[0] for a in assignments if a[0] not in found]
+            if missing:
+                raise UnknownIds(missing)
+            if predicted:
+                c.executemany("UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
+                              [(lab, conf if lab is not None else None, found[i]) for i, lab, conf in assignments])
+            else:
+                c.executemany("UPDATE items SET label = ? WHERE row = ?",
+                              [(lab, found[i]) for i, lab, _ in assignments])
+        return [(found[i], lab) for i, lab, _ in assignments]
+
+    def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
+        """Store LabelCorpus proposals by row (rows deleted meanwhile are skipped)."""
+        with self._write_lock, _transaction(self._writer) as c:
+            c.executemany("UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
+                          [(lab, conf, row) for row, lab, conf in proposals])
+
+    def prune_tombstones(self, up_to_version: int) -> None:
+        with self._write_lock, _transaction(self._writer) as c:
+            c.execute("DELETE FROM tombstones WHERE version <= ?", (up_to_version,))
+
+    @staticmethod
+    def _rows_of(c: sqlite3.Connection, ids: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            q = f"SELECT id, row FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update(c.execute(q, chunk).fetchall())
+        return found
+
+    # -- reads ------------------------------------------------------------------------------------
+    _COLUMNS = "row, id, label, predicted_label, predicted_confidence, metadata"
+
+    def get(self, ids: list[str], with_embedding: bool = False) -> dict[str, Row]:
+        cols = self._COLUMNS + (", embedding" if with_embedding else "")
+        out: dict[str, Row] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            q = f"SELECT {cols} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            for r in self._reader.execute(q, chunk):
+                out[r[1]] = _row(r, with_embedding)
+        return out
+
+    def by_rows(self, rows: Iterable[int]) -> dict[int, Row]:
+        rows = [int(r) for r in rows]
+        out: dict[int, Row] = {}
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            q = f"SELECT {self._COLUMNS} FROM items WHERE row IN ({','.join('?' * len(chunk))})"
+            for r in self._reader.execute(q, chunk):
+                out[r[0]] = _row(r, False)
+        return out
+
+    def embeddings(self, where: str = "1", params: tuple = (), chunk: int = 8192,
+                   order: str = "row", extra: tuple = ()) -> Iterator[tuple[np.ndarray, list[str], list[str | None], np.ndarray]]:
+        """(rows int64, ids, labels, embeddings float32 (n, D)) in chunks, for rebuilding and LabelCorpus."""
+        cur = self._reader.execute(f"SELECT row, id, label, embedding FROM items WHERE {where} ORDER BY {order}",
+                                   params + extra)
+        while batch := cur.fetchmany(chunk):
+            rows = np.fromiter((b[0] for b in batch), dtype=np.int64, count=len(batch))
+            vectors = np.frombuffer(b"".join(b[3] for b in batch), dtype="<f4").reshape(len(batch), -1)
+            yield rows, [b[1] for b in batch], [b[2] for b in batch], np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def unlabelled_after(self, last_id: str | None, limit: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """The next `limit` items without a human label, by id (keyset paging: no cursor kept open)."""
+        got = next(self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit,
+                                   order="id LIMIT ?", extra=(limit,)), None)
+        if got is None:
+            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32)
+        return got[0], got[1], got[3]
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """Embeddings (n, D) float32 of stored rows, in the given order."""
+        found: dict[int, np.ndarray] = {}
+        for start in range(0, len(rows), 500):
+            chunk = tuple(int(r) for r in rows[start:start + 500])
+            for got, _ids, _labels, vectors in self.embeddings(f"row IN ({','.join('?' * len(chunk))})", chunk):
+                found.update(zip(got.tolist(), vectors))
+        dim = int(self.get_meta("dim") or 0)
+        return np.array([found[int(r)] for r in rows], dtype=np.float32).reshape(len(rows), dim)
+
+    def tombstones_after(self, version: int) -> np.ndarray:
+        rows = self._reader.execute("SELECT row FROM tombstones WHERE version > ?", (version,)).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        total = self._reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        labels = dict(self._reader.execute(
+            "SELECT label, COUNT(*) FROM items WHERE label IS NOT NULL GROUP BY label").fetchall())
+        return total, labels
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error): a batch is all in or all out."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
