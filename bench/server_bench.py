@@ -1,0 +1,497 @@
+"""Retrieval server benchmark: Search/Classify over gRPC against the same FAISS search in-process
+(the limit) and Milvus Lite (a peer), at growing collection sizes and client concurrencies; server
+memory and start-up time; Embed images/s with dynamic batching against a direct batched forward.
+
+    BVENV=$(scripts/ensure_bench_venv.sh)
+    $BVENV/bin/python bench/server_bench.py            # 10k, 100k, 1M vectors
+    $BVENV/bin/python bench/server_bench.py --quick    # smoke run: 10k only, short cases
+
+Every system is measured one after the other on the same vectors and queries, in one run, so the
+ratios are comparable even on a noisy shared machine; absolute numbers are not. Results go to
+bench/results/server_bench.json (rewritten after every stage) and a markdown summary is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
+from moco_train.backbones import build_backbone
+from moco_train.export import embed, load_export, save_export
+from moco_train.images import decode_image
+from moco_train.knn import knn_vote
+from moco_train.transforms import Preprocessing, eval_transform
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+CHUNK = 10_000                       # vectors are generated (and ingested) 10k at a time
+NUM_CLASSES = 10
+MAX_MESSAGE = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+SYSTEMS = ("server", "faiss", "milvus")
+MILVUS_COLLECTION = "bench"
+
+
+# ---------------------------------------------------------------- data
+def chunk_vectors(seed: int, chunk: int, dim: int) -> np.ndarray:
+    """Stored vectors [chunk*CHUNK, (chunk+1)*CHUNK): random, L2-normalised, reproducible per chunk."""
+    x = np.random.default_rng([seed, chunk]).standard_normal((CHUNK, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def label_of(i: int, label_every: int) -> str:
+    """Every label_every-th vector carries one of NUM_CLASSES labels; the others none ("")."""
+    return f"class{(i // label_every) % NUM_CLASSES}" if i % label_every == 0 else ""
+
+
+def item_id(i: int) -> str:
+    return f"v{i:07d}"
+
+
+# ---------------------------------------------------------------- the systems
+class ServerProcess:
+    """`retrieval-server serve` in a child process; start-up = spawn to ready file + health SERVING."""
+
+    def __init__(self, model: Path, store: Path, work: Path, extra: list[str]) -> None:
+        self.model, self.store, self.work, self.extra = model, store, work, extra
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, timeout_s: float = 1800.0) -> float:
+        ready = self.work / "server.ready.json"
+        ready.unlink(missing_ok=True)
+        log = open(self.work / "server.log", "ab")
+        cmd = [sys.executable, "-m", "retrieval_server", "serve", "--model", str(self.model), "--store", str(self.store), "--port", "0",
+               "--metrics-port", "0", "--ready-file", str(ready), *self.extra]
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.work / 'server.log'}")
+            if time.perf_counter() - start > timeout_s:
+                raise RuntimeError("server did not become ready in time")
+            time.sleep(0.02)
+        self.port = int(json.loads(ready.read_text())["port"])
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{self.port}"))
+        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status != \
+                health_pb2.HealthCheckResponse.SERVING:
+            time.sleep(0.02)
+        return time.perf_counter() - start
+
+    def stop(self) -> tuple[float, int]:
+        """SIGTERM (graceful: flush + snapshot); returns (seconds to exit, exit code)."""
+        assert self.proc is not None
+        start = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=600)
+        return time.perf_counter() - start, code
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        return rss_bytes(self.proc.pid)
+
+
+class ServerTarget:
+    """Our server over gRPC with the raw generated stubs (no client-library overhead)."""
+
+    def __init__(self, port: int, upsert_batch: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.upsert_batch = upsert_batch
+
+    def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
+        def requests():
+            for s in range(0, len(x), self.upsert_batch):
+                yield pb.UpsertRequest(items=[
+                    pb.Item(id=item_id(start + j), embedding=pb.Vector(values=x[j].tolist()), label=labels[j])
+                    for j in range(s, min(s + self.upsert_batch, len(x)))])
+        failed = sum(ack.failed for ack in self.stub.Upsert(requests()))
+        if failed:
+            raise RuntimeError(f"server rejected {failed} items")
+
+    def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
+        reqs = [pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k) for q in queries]
+        return lambda i: [int(n.id[1:]) for n in self.stub.Search(reqs[i % len(reqs)], timeout=600).neighbors]
+
+    def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
+        reqs = [pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k, tau=tau)
+                for q in queries]
+        return lambda i: self.stub.Classify(reqs[i % len(reqs)], timeout=600).label
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class FaissTarget:
+    """The same exact inner-product search in-process: the floor any server can reach. Classify is
+    the labelled-only search plus the shared InstDisc vote (moco_train.knn)."""
+
+    def __init__(self, dim: int) -> None:
+        self.all = faiss.IndexFlatIP(dim)
+        self.labelled = faiss.IndexFlatIP(dim)
+        self.classes = np.zeros(0, dtype=np.int64)
+
+    def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
+        self.all.add(x)
+        mask = np.array([bool(lab) for lab in labels])
+        self.labelled.add(np.ascontiguousarray(x[mask]))
+        self.classes = np.concatenate([self.classes, [int(lab[5:]) for lab in np.asarray(labels)[mask]]])
+
+    def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
+        def call(i: int) -> list[int]:
+            j = i % len(queries)
+            return self.all.search(queries[j:j + 1], k)[1][0].tolist()
+        return call
+
+    def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
+        def call(i: int) -> str:
+            j = i % len(queries)
+            sims, idx = self.labelled.search(queries[j:j + 1], k)
+            votes = knn_vote(torch.from_numpy(sims), torch.from_numpy(self.classes[idx]), NUM_CLASSES, tau)
+            return f"class{int(votes.argmax())}"
+        return call
+
+
+class MilvusTarget:
+    """Milvus Lite (`python -m milvus_lite server`, its own process like ours) through pymilvus;
+    FLAT index with IP metric; Classify = labelled-only filtered search + the same vote."""
+
+    def __init__(self, work: Path, dim: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(work / "milvus"), "--port", str(port)],
+            stdout=open(work / "milvus.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.perf_counter() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError(f"Milvus Lite did not start; see {work / 'milvus.log'}")
+                time.sleep(0.1)
+        self.client = MilvusClient(uri=f"http://127.0.0.1:{port}")
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("label", DataType.VARCHAR, max_length=64)
+        index = self.client.prepare_index_params()
+        index.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+        if self.client.has_collection(MILVUS_COLLECTION):
+            self.client.drop_collection(MILVUS_COLLECTION)
+        self.client.create_collection(MILVUS_COLLECTION, schema=schema, index_params=index)
+        self.client.load_collection(MILVUS_COLLECTION)
+
+    def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
+        for s in range(0, len(x), 2000):
+            rows = [{"pk": start + j, "vec": x[j], "label": labels[j]} for j in range(s, min(s + 2000, len(x)))]
+            self.client.insert(MILVUS_COLLECTION, rows)
+        self.client.flush(MILVUS_COLLECTION)
+
+    def _search(self, q: list[list[float]], k: int, flt: str = "") -> list:
+        return self.client.search(MILVUS_COLLECTION, data=q, limit=k, filter=flt, output_fields=["label"],
+                                  search_params={"metric_type": "IP"})[0]
+
+    def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
+        data = [[q.tolist()] for q in queries]
+        return lambda i: [int(hit["pk"]) for hit in self._search(data[i % len(data)], k)]
+
+    def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
+        data = [[q.tolist()] for q in queries]
+
+        def call(i: int) -> str:
+            hits = self._search(data[i % len(data)], k, 'label != ""')
+            sims = torch.tensor([[hit["distance"] for hit in hits]])
+            classes = torch.tensor([[int(hit["entity"]["label"][5:]) for hit in hits]])
+            return f"class{int(knn_vote(sims, classes, NUM_CLASSES, tau).argmax())}"
+        return call
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=120)
+
+
+# ---------------------------------------------------------------- stages
+def make_model(path: Path) -> Path:
+    """A resnet18 export with the CIFAR stem and random weights: speed does not depend on the weights."""
+    save_export(path, build_backbone("resnet18", cifar_stem=True).state_dict(), arch="resnet18", cifar_stem=True,
+                preprocessing=Preprocessing.for_input_size(32), source="bench/server_bench.py (random weights)")
+    return path
+
+
+def demo_images(n: int) -> list[bytes]:
+    paths = sorted((REPO / "data" / "demo").glob("*/*/*.jpg"))
+    if not paths:
+        raise SystemExit("error: data/demo is missing: run scripts/make_demo_sample.py")
+    return [paths[i % len(paths)].read_bytes() for i in range(n)]
+
+
+def bench_embed(server: ServerTarget, model: Path, images: list[bytes], concurrencies: list[int],
+                batch_size: int, case_s: float) -> dict:
+    """Single-image Embed calls from N threads (dynamic batching on the server) vs the same model
+    in-process: decode + eval preprocessing + batched forward, and the batched forward alone."""
+    out: dict = {"images": len(images), "direct_batch_size": batch_size, "server": []}
+    for c in concurrencies:
+        reqs = [pb.EmbedRequest(images=[b]) for b in images]
+        res = run_load(lambda i: server.stub.Embed(reqs[i % len(reqs)], timeout=600), c, len(images), case_s)
+        out["server"].append(res.to_dict() | {"images_per_s": round(res.qps, 2)})
+        print(f"  embed server c={c}: {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms", flush=True)
+    net, meta = load_export(model)
+    transform = eval_transform(meta.preprocessing)
+    embed(net, torch.stack([transform(decode_image(images[0]))]))   # warm-up
+    forward_s = 0.0
+    start = time.perf_counter()
+    for s in range(0, len(images), batch_size):
+        batch = torch.stack([transform(decode_image(b)) for b in images[s:s + batch_size]])
+        t = time.perf_counter()
+        embed(net, batch)
+        forward_s += time.perf_counter() - t
+    total_s = time.perf_counter() - start
+    out["direct_end_to_end_images_per_s"] = round(len(images) / total_s, 2)
+    out["direct_forward_only_images_per_s"] = round(len(images) / forward_s, 2)
+    best = max(r["images_per_s"] for r in out["server"])
+    out["server_best_over_direct_end_to_end"] = ratio(best, out["direct_end_to_end_images_per_s"])
+    out["server_best_over_direct_forward_only"] = ratio(best, out["direct_forward_only_images_per_s"])
+    print(f"  embed direct: {out['direct_end_to_end_images_per_s']} img/s end-to-end, "
+          f"{out['direct_forward_only_images_per_s']} img/s forward only", flush=True)
+    return out
+
+
+def agreement(calls: dict[str, Callable[[int], list[int]]], n: int) -> dict:
+    """Share of the in-process top-k ids each system returns (1.0 for exact search), and whether a
+    stored vector finds itself first, on n queries."""
+    ref = calls["faiss"]
+    out = {}
+    for name, call in calls.items():
+        overlap = [len(set(call(i)) & set(ref(i))) / len(ref(i)) for i in range(n)]
+        out[name] = round(float(np.mean(overlap)), 4)
+    return out
+
+
+def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Namespace) -> dict:
+    """Search and Classify at every concurrency, the systems interleaved case by case."""
+    out: dict = {"size": size, "loadavg_before": [round(x, 2) for x in os.getloadavg()], "search": [], "classify": []}
+    for op in ("search", "classify"):
+        for c in args.concurrency:
+            row: dict = {"concurrency": c}
+            for name, target in targets.items():
+                call = (target.search_call(queries, args.k) if op == "search"
+                        else target.classify_call(queries, args.classify_k, args.tau))
+                res: LoadResult = run_load(call, c, args.max_calls, args.case_seconds, warmup=2)
+                row[name] = res.to_dict()
+                print(f"  {size:>8} {op:8} c={c:<3} {name:7} {res.qps:9.1f} qps  p50 {res.p50_ms:8.2f} ms  "
+                      f"p99 {res.p99_ms:8.2f} ms  ({res.calls} calls)", flush=True)
+            if "faiss" in row:
+                row["overhead_p50_server_over_faiss"] = ratio(row["server"]["p50_ms"], row["faiss"]["p50_ms"])
+                row["qps_faiss_over_server"] = ratio(row["faiss"]["qps"], row["server"]["qps"])
+            if "milvus" in row:
+                row["qps_server_over_milvus"] = ratio(row["server"]["qps"], row["milvus"]["qps"])
+                row["p50_milvus_over_server"] = ratio(row["milvus"]["p50_ms"], row["server"]["p50_ms"])
+            out[op].append(row)
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+# ---------------------------------------------------------------- report
+def markdown(results: dict) -> str:
+    systems = [s for s in SYSTEMS if s in results["settings"]["systems"]]
+    lines = [f"Machine: {results['machine']['nproc']} CPUs, shared; dimension {results['settings']['dim']}; "
+             f"Search k={results['settings']['k']}, Classify k={results['settings']['classify_k']}. "
+             "Ratios are the result; absolute numbers are noisy.", ""]
+    for op in ("search", "classify"):
+        head = "| vectors | clients | " + " | ".join(f"{s} QPS | {s} p50/p99 ms" for s in systems)
+        head += " | server p50 / FAISS p50 | server QPS / Milvus QPS |"
+        lines += [f"**{op.capitalize()}** (over gRPC vs in-process FAISS vs Milvus Lite)", "", head,
+                  "|" + "---|" * (head.count("|") - 1)]
+        for size in results["sizes"]:
+            for row in size[op]:
+                cells = [f"{row[s]['qps']:.1f} | {row[s]['p50_ms']:.2f} / {row[s]['p99_ms']:.2f}" for s in systems]
+                lines.append(f"| {size['size']:,} | {row['concurrency']} | " + " | ".join(cells) +
+                             f" | {row.get('overhead_p50_server_over_faiss', '-')} | "
+                             f"{row.get('qps_server_over_milvus', '-')} |")
+        lines.append("")
+    lines += ["**Memory and ingest**", "", "| vectors | server RSS MB | RSS over empty / raw vectors | "
+              "store on disk MB | server ingest items/s | Milvus ingest items/s | Milvus RSS MB |",
+              "|---|---|---|---|---|---|---|"]
+    for size in results["sizes"]:
+        m = size["memory"]
+        lines.append(f"| {size['size']:,} | {m['server_rss_mb']} | {m['server_rss_over_empty_per_raw']} | "
+                     f"{m['store_disk_mb']} | {size['ingest_items_per_s'].get('server', '-')} | "
+                     f"{size['ingest_items_per_s'].get('milvus', '-')} | {m.get('milvus_rss_mb', '-')} |")
+    lines.append("")
+    if "restart" in results:
+        r = results["restart"]
+        lines.append(f"Start-up on a store of {r['items']:,} items: {r['startup_s']} s to SERVING "
+                     f"(empty store: {results['startup_empty_s']} s); RSS after restart {r['rss_mb']} MB.")
+    if "embed" in results:
+        e = results["embed"]
+        per_c = ", ".join(f"{r['concurrency']} clients {r['images_per_s']}" for r in e["server"])
+        lines.append(f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process "
+                     f"batched: {e['direct_end_to_end_images_per_s']} with decoding, "
+                     f"{e['direct_forward_only_images_per_s']} forward only (best server / direct: "
+                     f"{e['server_best_over_direct_end_to_end']} / {e['server_best_over_direct_forward_only']}).")
+    return "\n".join(lines)
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 10k vectors, short cases, fewer images")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="stored vector counts (multiples of 10k)")
+    p.add_argument("--concurrency", default="1,4,16", help="client threads for Search/Classify")
+    p.add_argument("--embed-concurrency", default="1,16,64", help="client threads for single-image Embed")
+    p.add_argument("--embed-images", type=int, default=512, help="images per Embed case")
+    p.add_argument("--k", type=int, default=10, help="Search k")
+    p.add_argument("--classify-k", type=int, default=200, help="Classify k (InstDisc default)")
+    p.add_argument("--tau", type=float, default=0.07, help="Classify temperature (InstDisc default)")
+    p.add_argument("--label-share", type=float, default=0.1, help="share of stored vectors with a label")
+    p.add_argument("--case-seconds", type=float, default=12.0, help="time budget per measured case")
+    p.add_argument("--max-calls", type=int, default=2000, help="calls per measured case at most")
+    p.add_argument("--queries", type=int, default=500, help="distinct random query vectors")
+    p.add_argument("--upsert-batch", type=int, default=1000, help="items per Upsert stream message")
+    p.add_argument("--max-batch-size", type=int, default=64, help="server --max-batch-size (dynamic batching)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="server --max-queue-delay-ms")
+    p.add_argument("--model", type=Path, help="export to serve (default: a random-weight resnet18, CIFAR stem)")
+    p.add_argument("--no-milvus", action="store_true", help="leave Milvus Lite out")
+    p.add_argument("--work-dir", type=Path, help="store, Milvus data and logs (default: a temporary directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "server_bench.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.concurrency, args.embed_concurrency = "10000", "1,4", "1,16"
+        args.embed_images, args.case_seconds, args.max_calls, args.queries = 128, 2.0, 300, 100
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    if any(s <= 0 or s % CHUNK for s in args.sizes) or args.sizes != sorted(args.sizes):
+        p.error(f"--sizes must be increasing multiples of {CHUNK}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.embed_concurrency = [int(c) for c in args.embed_concurrency.split(",")]
+    if not 0 < args.label_share <= 1:
+        p.error("--label-share must be in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="server_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model or make_model(work / "model.pt")
+    label_every = round(1 / args.label_share)
+    server = ServerProcess(model, work / "store", work, ["--index-factory", "Flat",
+                           "--max-batch-size", str(args.max_batch_size),
+                           "--max-queue-delay-ms", str(args.max_queue_delay_ms)])
+    results: dict = {"machine": machine_info(), "sizes": []}
+    results["startup_empty_s"] = round(server.start(), 3)
+    results["server_rss_empty_mb"] = round(server.rss() / 2**20, 1)
+    srv = ServerTarget(server.port, args.upsert_batch)
+    info = srv.stub.Info(pb.InfoRequest())
+    dim = info.dim
+    results["settings"] = {
+        "quick": args.quick, "dim": dim, "k": args.k, "classify_k": args.classify_k, "tau": args.tau,
+        "label_share": 1 / label_every, "num_classes": NUM_CLASSES, "concurrency": args.concurrency,
+        "case_seconds": args.case_seconds, "max_calls": args.max_calls, "queries": args.queries,
+        "upsert_batch": args.upsert_batch, "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms, "server_index": f"{info.index_type} on {info.index_device}",
+        "model": f"{info.arch}, input {info.input_size}px, encoder on {info.model_device}",
+        "systems": ["server", "faiss"] + ([] if args.no_milvus else ["milvus"]),
+        "dim_note": (f"The served vectors have the model's feature dimension ({dim} for {info.arch}); the server "
+                     "refuses any other, and no torchvision ResNet has 128-d features, so every system uses "
+                     f"{dim}-d vectors (4x the bytes of 128-d). Memory is reported relative to the raw vectors."),
+        "milvus_note": "Milvus Lite 3.x: pure-Python gRPC server (own process here), FLAT = numpy brute force.",
+        "faiss_note": "in-process IndexFlatIP, one query per call from the same client threads; Classify adds "
+                      "the labelled-only search and the shared InstDisc vote",
+        "client": "raw generated gRPC stubs, one channel shared by the client threads",
+    }
+    print(f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True)
+
+    results["embed"] = bench_embed(srv, model, demo_images(args.embed_images), args.embed_concurrency,
+                                   args.max_batch_size, max(args.case_seconds, 10.0))
+    write(results, args.out)
+
+    targets: dict = {"server": srv, "faiss": FaissTarget(dim)}
+    if not args.no_milvus:
+        targets["milvus"] = MilvusTarget(work, dim)
+    queries = chunk_vectors(args.seed + 1, 0, dim)[:args.queries]
+    stored = 0
+    for size in args.sizes:
+        ingest = {name: 0.0 for name in targets}
+        for chunk in range(stored // CHUNK, size // CHUNK):
+            x = chunk_vectors(args.seed, chunk, dim)
+            labels = [label_of(chunk * CHUNK + j, label_every) for j in range(CHUNK)]
+            for name, target in targets.items():
+                t = time.perf_counter()
+                target.add(chunk * CHUNK, x, labels)
+                ingest[name] += time.perf_counter() - t
+        delta = size - stored
+        stored = size
+        pids = [server.proc.pid] + ([targets["milvus"].proc.pid] if "milvus" in targets else [])
+        settled_s = settle(pids)
+        count = srv.stub.Info(pb.InfoRequest()).item_count
+        if count != size:
+            raise RuntimeError(f"server holds {count} items, expected {size}")
+        print(f"{size} vectors stored; ingest s: " + ", ".join(f"{n} {s:.1f}" for n, s in ingest.items()), flush=True)
+        row = {"ingest_items_per_s": {n: round(delta / s) for n, s in ingest.items()}, "settle_s": round(settled_s, 1)}
+        row["top_k_agreement_with_faiss"] = agreement({n: t.search_call(queries, args.k) for n, t in targets.items()},
+                                                      min(20, len(queries)))
+        row |= bench_size(targets, size, queries, args)
+        raw = size * dim * 4
+        row["memory"] = {
+            "raw_vectors_mb": round(raw / 2**20, 1), "server_rss_mb": round(server.rss() / 2**20, 1),
+            "server_rss_over_empty_per_raw": round((server.rss() / 2**20 - results["server_rss_empty_mb"]) /
+                                                   (raw / 2**20), 3),
+            "store_disk_mb": round(sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file()) / 2**20, 1),
+        }
+        if "milvus" in targets:
+            row["memory"]["milvus_rss_mb"] = round(targets["milvus"].rss() / 2**20, 1)
+        results["sizes"].append(row)
+        write(results, args.out)
+
+    srv.close()
+    stop_s, code = server.stop()
+    startup = server.start()
+    srv = ServerTarget(server.port, args.upsert_batch)
+    count = srv.stub.Info(pb.InfoRequest()).item_count
+    results["restart"] = {"items": int(count), "shutdown_s": round(stop_s, 3), "shutdown_exit_code": code,
+                          "startup_s": round(startup, 3), "rss_mb": round(server.rss() / 2**20, 1)}
+    srv.close()
+    server.stop()
+    if "milvus" in targets:
+        targets["milvus"].close()
+    results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write(results, args.out)
+    print("\n" + markdown(results))
+    print(f"\nwritten {args.out}; work dir {work}")
+
+
+if __name__ == "__main__":
+    main()
