@@ -209,7 +209,7 @@ def cmd_info(client: RetrievalClient, args: argparse.Namespace) -> int:
     info = client.info()
     for name, value in vars(info).items():
         if name != "label_counts":
-            print(f"{name}: {value}")
+            print(f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}")
     print("label_counts:" + ("" if info.label_counts else " none"))
     for label, count in sorted(info.label_counts.items()):
         print(f"  {label}: {count}")
