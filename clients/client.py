@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -175,6 +175,26 @@ def _stored(item: pb.StoredItem) -> StoredItem:
                       embedding=_array(item.embedding) if item.HasField("embedding") else None)
 
 
+def _classification(r: pb.ClassifyResponse) -> Classification:
+    return Classification(label=r.label, confidence=float(r.confidence),
+                          scores=[(x.label, float(x.score)) for x in r.scores],
+                          neighbors=[_neighbor(n) for n in r.neighbors])
+
+
+def _proposal(p: pb.LabelProposal) -> Proposal:
+    return Proposal(id=p.id, label=p.label, confidence=float(p.confidence))
+
+
+def _server_info(r: pb.InfoResponse) -> ServerInfo:
+    return ServerInfo(
+        model_fingerprint=r.model_fingerprint, arch=r.arch, dim=r.dim, input_size=r.input_size,
+        index_type=r.index_type, index_device=r.index_device, index_gpus=r.index_gpus,
+        item_count=r.item_count, labelled_count=r.labelled_count, label_counts=dict(r.label_counts),
+        max_k=r.max_k, default_k=r.default_k, default_tau=float(r.default_tau),
+        max_batch_size=r.max_batch_size, max_message_bytes=r.max_message_bytes,
+        server_version=r.server_version, model_device=r.model_device)
+
+
 def _item_proto(item: UpsertItem) -> pb.Item:
     if (item.image is None) == (item.embedding is None):
         raise ValueError(f"item {item.id!r}: give exactly one of image or embedding")
@@ -194,75 +214,61 @@ def _credentials(tls: bool | str | Path) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=Path(tls).read_bytes())
 
 
-class RetrievalClient:
-    """A connection to a retrieval server.
+Op = Generator[tuple[str, Any], Any, Any]  # yields (RPC name, request), receives the response
 
-    tls: False (plaintext), True (system roots) or the path of a PEM root certificate.
-    timeout: deadline in seconds of each unary call; for upsert_many, how long to keep retrying
-    a server that is unreachable before giving up.
-    """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
-                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+class _ClientBase:
+    """What the blocking and the asyncio clients share: the channel settings and every unary
+    method, written once as an Op generator that `_run` drives (blocking here, awaited in aio)."""
+
+    _stub: Any
+
+    def __init__(self, address: str, token: str | None, tls: bool | str | Path, timeout: float):
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        creds = _credentials(tls)
-        self._channel = (grpc.secure_channel(address, creds, options) if creds is not None
-                         else grpc.insecure_channel(address, options))
-        self._stub = pb_grpc.RetrievalStub(self._channel)
+        self._options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        self._credentials = _credentials(tls)
         self._info: ServerInfo | None = None
 
-    def __enter__(self) -> "RetrievalClient":
-        return self
+    def _run(self, op: Op):
+        raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: str, request):
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise RetrievalError.from_rpc(err, self.address) from None
-
-    # ---- unary RPCs -------------------------------------------------------------------------
-
-    def info(self) -> ServerInfo:
-        r = self._call("Info", pb.InfoRequest())
-        self._info = ServerInfo(
-            model_fingerprint=r.model_fingerprint, arch=r.arch, dim=r.dim, input_size=r.input_size,
-            index_type=r.index_type, index_device=r.index_device, index_gpus=r.index_gpus,
-            item_count=r.item_count, labelled_count=r.labelled_count, label_counts=dict(r.label_counts),
-            max_k=r.max_k, default_k=r.default_k, default_tau=float(r.default_tau),
-            max_batch_size=r.max_batch_size, max_message_bytes=r.max_message_bytes,
-            server_version=r.server_version, model_device=r.model_device)
+    def _info_op(self) -> Op:
+        self._info = _server_info((yield "Info", pb.InfoRequest()))
         return self._info
 
-    def _limits(self) -> ServerInfo:
-        return self._info if self._info is not None else self.info()
+    def _limits(self) -> Op:
+        """Info (batch and message limits), fetched on first use and kept."""
+        return self._info if self._info is not None else (yield from self._info_op())
 
-    def _max_payload(self) -> int:
+    @staticmethod
+    def _max_payload(info: ServerInfo) -> int:
         """Largest item payload that fits one message; unlimited when the server reports 0."""
-        limit = self._limits().max_message_bytes
-        return limit - _MESSAGE_OVERHEAD if limit else 1 << 62
+        return info.max_message_bytes - _MESSAGE_OVERHEAD if info.max_message_bytes else 1 << 62
+
+    def info(self) -> ServerInfo:
+        return self._run(self._info_op())
+
+    def _embed_op(self, images: Sequence[bytes]) -> Op:
+        info = yield from self._limits()
+        out: list[np.ndarray] = []
+        for chunk in _chunks(list(images), info.max_batch_size or 1 << 30, self._max_payload(info), len):
+            r = yield "Embed", pb.EmbedRequest(images=[bytes(b) for b in chunk])
+            out.extend(_array(v) for v in r.embeddings)
+        return np.stack(out).astype(np.float32, copy=False) if out else np.zeros((0, info.dim), np.float32)
 
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
         """(N, dim) float32 L2-normalised embeddings, in input order; split into requests that
         respect the server's batch and message limits."""
-        info = self._limits()
-        max_items = info.max_batch_size or len(images) or 1
-        out: list[np.ndarray] = []
-        for chunk in _chunks(list(images), max_items, self._max_payload(), len):
-            r = self._call("Embed", pb.EmbedRequest(images=[bytes(b) for b in chunk]))
-            out.extend(_array(v) for v in r.embeddings)
-        return np.stack(out).astype(np.float32, copy=False) if out else np.zeros((0, info.dim), np.float32)
+        return self._run(self._embed_op(images))
+
+    def _one(self, method: str, request, convert: Callable) -> Op:
+        return convert((yield method, request))
 
     def delete(self, ids: Sequence[str], ignore_missing: bool = False) -> int:
-        return self._call("Delete", pb.DeleteRequest(ids=list(ids), ignore_missing=ignore_missing)).deleted
+        return self._run(self._one("Delete", pb.DeleteRequest(ids=list(ids), ignore_missing=ignore_missing),
+                                   lambda r: r.deleted))
 
     def set_labels(self, labels: dict[str, str] | Sequence[tuple[str, str]], predicted: bool = False,
                    confidences: dict[str, float] | None = None) -> int:
@@ -272,19 +278,20 @@ class RetrievalClient:
         request = pb.SetLabelsRequest(
             assignments=[pb.LabelAssignment(id=i, label=lab, confidence=conf.get(i, 0.0)) for i, lab in pairs],
             source=pb.PREDICTED if predicted else pb.HUMAN)
-        return self._call("SetLabels", request).updated
+        return self._run(self._one("SetLabels", request, lambda r: r.updated))
+
+    def _get_op(self, ids: list[str], include_embedding: bool, ignore_missing: bool) -> Op:
+        out: list[StoredItem] = []
+        for start in range(0, len(ids), _GET_CHUNK):
+            r = yield "Get", pb.GetRequest(ids=ids[start:start + _GET_CHUNK], include_embedding=include_embedding,
+                                           ignore_missing=ignore_missing)
+            out.extend(_stored(i) for i in r.items)
+        return out
 
     def get(self, ids: Sequence[str], include_embedding: bool = False,
             ignore_missing: bool = False) -> list[StoredItem]:
         """Items in request order (unknown ids left out when `ignore_missing`)."""
-        out: list[StoredItem] = []
-        ids = list(ids)
-        for start in range(0, len(ids), _GET_CHUNK):
-            r = self._call("Get", pb.GetRequest(ids=ids[start:start + _GET_CHUNK],
-                                                include_embedding=include_embedding,
-                                                ignore_missing=ignore_missing))
-            out.extend(_stored(i) for i in r.items)
-        return out
+        return self._run(self._get_op(list(ids), include_embedding, ignore_missing))
 
     def search(self, *, image: bytes | None = None, id: str | None = None,
                vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
@@ -295,20 +302,63 @@ class RetrievalClient:
             request.k = k
         if min_score is not None:
             request.min_score = min_score
-        return [_neighbor(n) for n in self._call("Search", request).neighbors]
+        return self._run(self._one("Search", request, lambda r: [_neighbor(n) for n in r.neighbors]))
 
     def classify(self, *, image: bytes | None = None, id: str | None = None,
                  vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
                  tau: float | None = None) -> Classification:
+        """InstDisc kNN vote among the human-labelled items. Query by image, stored id or vector."""
         request = pb.ClassifyRequest(query=_query(image, id, vector))
         if k is not None:
             request.k = k
         if tau is not None:
             request.tau = tau
-        r = self._call("Classify", request)
-        return Classification(label=r.label, confidence=float(r.confidence),
-                              scores=[(s.label, float(s.score)) for s in r.scores],
-                              neighbors=[_neighbor(n) for n in r.neighbors])
+        return self._run(self._one("Classify", request, _classification))
+
+    def _label_corpus_request(self, k: int | None, tau: float | None, min_confidence: float,
+                              apply: bool) -> pb.LabelCorpusRequest:
+        request = pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply)
+        if k is not None:
+            request.k = k
+        if tau is not None:
+            request.tau = tau
+        return request
+
+
+class RetrievalClient(_ClientBase):
+    """A blocking connection to a retrieval server (thread-safe; one channel, reused).
+
+    tls: False (plaintext), True (system roots) or the path of a PEM root certificate.
+    timeout: deadline in seconds of each unary call; for upsert_many, how long to keep retrying
+    a server that is unreachable before giving up.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
+                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+        super().__init__(address, token, tls, timeout)
+        self._channel = (grpc.secure_channel(address, self._credentials, self._options)
+                         if self._credentials is not None else grpc.insecure_channel(address, self._options))
+        self._stub = pb_grpc.RetrievalStub(self._channel)
+
+    def __enter__(self) -> "RetrievalClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _run(self, op: Op):
+        try:
+            method, request = next(op)
+            while True:
+                response = getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+                method, request = op.send(response)
+        except StopIteration as done:
+            return done.value
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
 
     def classify_many(self, queries: Sequence[dict], k: int | None = None, tau: float | None = None,
                       workers: int = 8) -> list[Classification]:
@@ -320,22 +370,16 @@ class RetrievalClient:
     def label_corpus(self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0,
                      apply: bool = False) -> Iterator[Proposal]:
         """Proposals for every item without a human label, ordered by id, streamed as they come."""
-        request = pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply)
-        if k is not None:
-            request.k = k
-        if tau is not None:
-            request.tau = tau
+        request = self._label_corpus_request(k, tau, min_confidence, apply)
         try:
             for p in self._stub.LabelCorpus(request, metadata=self._metadata):
-                yield Proposal(id=p.id, label=p.label, confidence=float(p.confidence))
+                yield _proposal(p)
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    # ---- bulk ingestion ---------------------------------------------------------------------
-
     def upsert_many(self, items: Iterable[UpsertItem], batch_size: int = 64, max_in_flight: int = 4,
                     on_ack: Callable[[int, list[ItemFailure]], None] | None = None) -> UpsertResult:
-        """Store `items` (read lazily) over one Upsert stream.
+        """Store `items` (read lazily) over the Upsert stream; failures sorted by input position.
 
         Items larger than the server's message limit, or malformed, are reported as failures and
         not sent. `on_ack(stored, failures)` is called once per acknowledged batch (and for items
@@ -344,43 +388,103 @@ class RetrievalClient:
         UNAVAILABLE, or when the server stays unreachable for `timeout` seconds; every batch
         acknowledged before that is stored.
         """
-        result = UpsertResult()
-        batches = _BatchSource(items, batch_size, self._max_payload(), result, on_ack)
-        unacked: deque[_Batch] = deque()
-        attempt = 0
-        last_progress = time.monotonic()
+        info = self._run(self._limits())
+        session = _UpsertSession(_BatchSource(items, batch_size, self._max_payload(info)), on_ack, self)
         while True:
             try:
-                self._upsert_stream(batches, unacked, max_in_flight, result, on_ack)
-                batches.report_refused()
-                result.failures.sort(key=lambda f: f.index)
-                return result
+                session.stream(self._stub, self._metadata, max_in_flight)
+                return session.finish()
             except grpc.RpcError as err:
-                batches.report_refused()
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise RetrievalError.from_rpc(err, self.address) from None
-                now = time.monotonic()
-                if getattr(err, "progressed", False):
-                    attempt, last_progress = 0, now
-                delay = min(0.1 * 2 ** attempt, 5.0) * (0.5 + random.random() / 2)
-                if now + delay - last_progress > self.timeout:
-                    raise RetrievalError.from_rpc(err, self.address) from None
-                attempt += 1
-                time.sleep(delay)
+                time.sleep(session.retry_delay(err))
 
-    def _upsert_stream(self, batches: "_BatchSource", unacked: deque[_Batch], max_in_flight: int,
-                       result: UpsertResult, on_ack) -> None:
-        """One stream: resend `unacked` first, then new batches; returns when all are acknowledged.
-        On an RpcError, `unacked` holds exactly the batches still to send."""
-        resend = list(unacked)
+
+class _UpsertSession:
+    """The state of one upsert_many across reconnects, shared by the blocking and asyncio streams.
+
+    Batches taken from the source and not yet acknowledged (`unacked`, oldest first) are what
+    every new stream sends before new ones; the retry policy is exponential backoff while the
+    server is UNAVAILABLE, giving up after `timeout` seconds without an acknowledgement.
+    """
+
+    def __init__(self, source: "_BatchSource", on_ack: Callable[[int, list[ItemFailure]], None] | None,
+                 client: _ClientBase):
+        self.source = source
+        self.on_ack = on_ack
+        self.client = client
+        self.result = UpsertResult()
+        self.unacked: deque[_Batch] = deque()
+        self.lock = threading.Lock()
+        self._attempt = 0
+        self._last_progress = time.monotonic()
+
+    def report_refused(self) -> None:
+        refused = self.source.take_refused()
+        if refused:
+            self.result.failures.extend(refused)
+            if self.on_ack is not None:
+                self.on_ack(0, refused)
+
+    def next_batch(self, in_stream: set[int]) -> _Batch | None:
+        """The oldest unacknowledged batch this stream has not sent, else a new one (None at the end)."""
+        with self.lock:
+            for batch in self.unacked:
+                if id(batch) not in in_stream:
+                    in_stream.add(id(batch))
+                    return batch
+        batch = self.source.next()
+        if batch is not None:
+            with self.lock:
+                self.unacked.append(batch)
+            in_stream.add(id(batch))
+        return batch
+
+    def acknowledge(self, batch: _Batch, ack: pb.UpsertAck) -> None:
+        self.report_refused()
+        with self.lock:
+            self.unacked.remove(batch)
+        self._attempt, self._last_progress = 0, time.monotonic()
+        failures = [ItemFailure(index=batch.indices[e.index], id=e.id,
+                                code=_CODES.get(e.code, grpc.StatusCode.UNKNOWN), message=e.message)
+                    for e in ack.errors]
+        self.result.upserted += ack.upserted
+        self.result.failures.extend(failures)
+        if self.on_ack is not None:
+            self.on_ack(ack.upserted, failures)
+
+    def end_of_stream(self, source_error: list[Exception]) -> None:
+        """After the server ended a stream cleanly: re-raise the source's error, or demand a retry
+        when something is still unacknowledged."""
+        self.report_refused()
+        if source_error:
+            raise source_error[0]
+        if self.unacked:
+            raise _StreamClosed(f"the server ended the stream with {len(self.unacked)} batches unacknowledged")
+
+    def finish(self) -> UpsertResult:
+        self.result.failures.sort(key=lambda f: f.index)
+        return self.result
+
+    def retry_delay(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before the next stream, or RetrievalError when giving up."""
+        self.report_refused()
+        if err.code() != grpc.StatusCode.UNAVAILABLE:
+            raise RetrievalError.from_rpc(err, self.client.address) from None
+        delay = min(0.1 * 2 ** self._attempt, 5.0) * (0.5 + random.random() / 2)
+        if time.monotonic() + delay - self._last_progress > self.client.timeout:
+            raise RetrievalError.from_rpc(err, self.client.address) from None
+        self._attempt += 1
+        return delay
+
+    def stream(self, stub: pb_grpc.RetrievalStub, metadata, max_in_flight: int) -> None:
+        """One blocking Upsert stream with at most `max_in_flight` unacknowledged batches; returns
+        when the source is exhausted and everything is acknowledged, raises grpc.RpcError otherwise."""
         slots = threading.Semaphore(max(1, max_in_flight))
         stop = threading.Event()
-        sent: list[_Batch] = []  # index = sequence number in this stream
+        sent: list[_Batch] = []  # position = sequence number in this stream
+        in_stream: set[int] = set()
         source_error: list[Exception] = []  # raised by the caller's item iterator
-        lock = threading.Lock()
 
         def requests() -> Iterator[pb.UpsertRequest]:
-            pending = iter(resend)
             while True:
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
@@ -388,47 +492,24 @@ class RetrievalClient:
                 if stop.is_set():
                     return
                 try:
-                    batch = next(pending, None) or batches.next()
-                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                    batch = self.next_batch(in_stream)
+                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                     source_error.append(exc)
                     return
                 if batch is None:
                     return
-                with lock:
-                    if batch not in resend:
-                        unacked.append(batch)
-                    sent.append(batch)
+                sent.append(batch)
                 yield batch.request
 
-        progressed = False
-        call = self._stub.Upsert(requests(), metadata=self._metadata)
+        call = stub.Upsert(requests(), metadata=metadata)
         try:
             for ack in call:
-                batches.report_refused()
-                with lock:
-                    batch = sent[ack.sequence]
-                    unacked.remove(batch)
+                self.acknowledge(sent[ack.sequence], ack)
                 slots.release()
-                progressed = True
-                failures = [ItemFailure(index=batch.indices[e.index], id=e.id,
-                                        code=_CODES.get(e.code, grpc.StatusCode.UNKNOWN), message=e.message)
-                            for e in ack.errors]
-                result.upserted += ack.upserted
-                result.failures.extend(failures)
-                if on_ack is not None:
-                    on_ack(ack.upserted, failures)
-        except grpc.RpcError as err:
-            err.progressed = progressed  # type: ignore[attr-defined]
-            raise
         finally:
             stop.set()
             call.cancel()  # no-op once the stream has ended; frees it if we leave early
-        if source_error:
-            raise source_error[0]
-        if unacked:  # the server closed the stream without acknowledging everything
-            closed = _StreamClosed(f"stream closed with {len(unacked)} batches unacknowledged")
-            closed.progressed = progressed  # type: ignore[attr-defined]
-            raise closed
+        self.end_of_stream(source_error)
 
 
 class _StreamClosed(grpc.RpcError):
@@ -447,13 +528,10 @@ class _BatchSource:
     """Packs items into UpsertRequests of at most `batch_size` items and `max_payload` bytes;
     items that cannot be sent are kept as failures, reported from the caller's thread."""
 
-    def __init__(self, items: Iterable[UpsertItem], batch_size: int, max_payload: int,
-                 result: UpsertResult, on_ack):
+    def __init__(self, items: Iterable[UpsertItem], batch_size: int, max_payload: int):
         self._items = enumerate(items)
         self._batch_size = max(1, batch_size)
         self._max_payload = max_payload
-        self._result = result
-        self._on_ack = on_ack
         self._carry: tuple[int, pb.Item] | None = None
         self._refused: list[ItemFailure] = []
         self._lock = threading.Lock()
@@ -461,13 +539,10 @@ class _BatchSource:
     def _refuse(self, index: int, item_id: str, code: grpc.StatusCode, message: str) -> None:
         self._refused.append(ItemFailure(index=index, id=item_id, code=code, message=message))
 
-    def report_refused(self) -> None:
+    def take_refused(self) -> list[ItemFailure]:
         with self._lock:
             refused, self._refused = self._refused, []
-        if refused:
-            self._result.failures.extend(refused)
-            if self._on_ack is not None:
-                self._on_ack(0, refused)
+        return refused
 
     def next(self) -> _Batch | None:
         with self._lock:

@@ -3,6 +3,7 @@ order, per-item failures, the message-size check, the in-flight bound, errors as
 and an Upsert stream that survives a server killed and restarted mid-stream."""
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
 import socket
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import RetrievalClient, RetrievalError, UpsertItem
+from clients import AsyncRetrievalClient, RetrievalClient, RetrievalError, UpsertItem
 from server_harness import ServerProcess, make_export
 
 MAX_MESSAGE_MB = 1
@@ -225,3 +226,33 @@ def test_upsert_many_survives_a_server_killed_mid_stream(export, tmp_path, demo_
             stored = c.get([f"kill/{n:03d}" for n in range(len(images))])
             assert [s.metadata["n"] for s in stored] == [str(n) for n in range(len(images))]
             assert c.info().item_count == len(images)
+
+
+def test_async_client_has_the_same_api(server, client, demo_data):
+    images = demo_images(demo_data, ("automobile", "truck"), 6)
+
+    async def session():
+        async with AsyncRetrievalClient(server.address, timeout=60) as c:
+            emb = await c.embed([data for _, data in images])
+            items = [UpsertItem(f"aio/{n}", image=data, label=cls if n % 6 < 3 else "")
+                     for n, (cls, data) in enumerate(images)]
+            items.insert(2, UpsertItem("aio/corrupt", image=b"not an image"))
+            result = await c.upsert_many(items, batch_size=2, max_in_flight=2)
+            hits = await c.search(vector=emb[4], k=3)
+            votes = await c.classify_many([{"vector": e} for e in emb], k=3, tau=0.001)
+            proposals = [p async for p in c.label_corpus(k=3) if p.id.startswith("aio/")]
+            with pytest.raises(RetrievalError) as err:
+                await c.get(["no-such-id"])
+            deleted = await c.delete([f"aio/{n}" for n in range(len(images))])
+            return emb, result, hits, votes, proposals, err.value, deleted
+
+    emb, result, hits, votes, proposals, err, deleted = asyncio.run(session())
+    np.testing.assert_allclose(emb, client.embed([data for _, data in images]), atol=1e-4)
+    assert result.upserted == len(images)
+    assert [(f.index, f.id, f.code) for f in result.failures] == [(2, "aio/corrupt", grpc.StatusCode.INVALID_ARGUMENT)]
+    assert hits[0].id == "aio/4" and hits[0].score == pytest.approx(1.0, abs=1e-3)
+    labelled = [n for n in range(len(images)) if n % 6 < 3]
+    assert [votes[n].label for n in labelled] == [images[n][0] for n in labelled]
+    assert [p.id for p in proposals] == sorted(f"aio/{n}" for n in range(len(images)) if n not in labelled)
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert deleted == len(images)

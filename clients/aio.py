@@ -1,0 +1,119 @@
+"""AsyncRetrievalClient: RetrievalClient's API for asyncio (grpc.aio).
+
+The unary methods are the very ones of the blocking client (the shared Op generators of
+clients.client, awaited here), and upsert_many drives the same _UpsertSession (batching, the
+message-size check, acknowledgements, resending, backoff); only the transport differs.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable, Sequence
+
+import grpc
+from grpc import aio
+
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+
+from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Classification, ItemFailure, Op, Proposal,
+                     RetrievalError, UpsertItem, UpsertResult, _BatchSource, _Batch, _ClientBase, _proposal,
+                     _UpsertSession)
+
+
+class AsyncRetrievalClient(_ClientBase):
+    """`await client.info()`, `await client.search(...)`, ... with the arguments of RetrievalClient.
+
+    `items` of upsert_many is an ordinary iterable, read in a worker thread (it may read files).
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
+                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+        super().__init__(address, token, tls, timeout)
+        self._channel = (aio.secure_channel(address, self._credentials, self._options)
+                         if self._credentials is not None else aio.insecure_channel(address, self._options))
+        self._stub = pb_grpc.RetrievalStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncRetrievalClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _run(self, op: Op):
+        try:
+            method, request = next(op)
+            while True:
+                response = await getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+                method, request = op.send(response)
+        except StopIteration as done:
+            return done.value
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    async def classify_many(self, queries: Sequence[dict], k: int | None = None, tau: float | None = None,
+                            workers: int = 8) -> list[Classification]:
+        """At most `workers` concurrent classify calls; results in input order."""
+        slots = asyncio.Semaphore(max(1, workers))
+
+        async def one(query: dict) -> Classification:
+            async with slots:
+                return await self.classify(k=k, tau=tau, **query)
+
+        return list(await asyncio.gather(*(one(q) for q in queries)))
+
+    async def label_corpus(self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0,
+                           apply: bool = False) -> AsyncIterator[Proposal]:
+        request = self._label_corpus_request(k, tau, min_confidence, apply)
+        try:
+            async for p in self._stub.LabelCorpus(request, metadata=self._metadata):
+                yield _proposal(p)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    async def upsert_many(self, items: Iterable[UpsertItem], batch_size: int = 64, max_in_flight: int = 4,
+                          on_ack: Callable[[int, list[ItemFailure]], None] | None = None) -> UpsertResult:
+        """See RetrievalClient.upsert_many."""
+        info = await self._run(self._limits())
+        session = _UpsertSession(_BatchSource(items, batch_size, self._max_payload(info)), on_ack, self)
+        while True:
+            try:
+                await self._stream(session, max_in_flight)
+                return session.finish()
+            except grpc.RpcError as err:
+                await asyncio.sleep(session.retry_delay(err))
+
+    async def _stream(self, session: _UpsertSession, max_in_flight: int) -> None:
+        call = self._stub.Upsert(metadata=self._metadata)
+        slots = asyncio.Semaphore(max(1, max_in_flight))
+        sent: list[_Batch] = []  # position = sequence number in this stream
+        in_stream: set[int] = set()
+        source_error: list[Exception] = []
+
+        async def write() -> None:
+            while True:
+                await slots.acquire()
+                try:
+                    batch = await asyncio.to_thread(session.next_batch, in_stream)
+                except Exception as exc:  # noqa: BLE001 - re-raised by end_of_stream
+                    source_error.append(exc)
+                    batch = None
+                if batch is None:
+                    await call.done_writing()
+                    return
+                sent.append(batch)
+                await call.write(batch.request)
+
+        writer = asyncio.create_task(write())
+        try:
+            while (ack := await call.read()) is not aio.EOF:
+                session.acknowledge(sent[ack.sequence], ack)
+                slots.release()
+            await writer
+        finally:
+            writer.cancel()
+            call.cancel()
+            await asyncio.gather(writer, return_exceptions=True)  # the stream's error is the one raised
+        session.end_of_stream(source_error)
