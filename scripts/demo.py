@@ -141,23 +141,28 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Dataset:
     return Dataset(root, None, labelled=False)
 
 
-def train_list(corpus: Path, limit: int | None, out: Path) -> Path:
-    """The training input: the folder itself, or a list file of `limit` images taken across classes."""
+def train_list(corpus: Path, limit: int | None, out: Path) -> tuple[Path, int]:
+    """The training input (the folder itself, or a list file of `limit` images taken across classes)
+    and its number of images."""
     if not limit:
-        return corpus
+        return corpus, len(images_in(corpus))
     groups = [images_in(c) for c in class_folders(corpus)] or [images_in(corpus)]
     chosen = [p for row in zip(*groups) for p in row][:limit] if len(groups) > 1 else groups[0][:limit]
     listing = out / "train_images.txt"
     listing.write_text("".join(f"{p.resolve()}\n" for p in chosen))
-    return listing
+    return listing, len(chosen)
 
 
 def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path:
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     banner("1/8 train a MoCo encoder (moco-train train)")
-    cmd = [tool("moco-train"), "train", train_list(data.corpus, args.train_limit, out), "--run-dir", run_dir,
-           "--arch", args.arch, "--epochs", args.epochs, "--batch-size", args.batch_size, "--lr", args.lr,
+    images, count = train_list(data.corpus, args.train_limit, out)
+    batch_size = min(args.batch_size, 1 << (count.bit_length() - 1))  # a small folder still trains
+    if batch_size != args.batch_size:
+        print(f"{count} training images: batch size {batch_size} instead of {args.batch_size}")
+    cmd = [tool("moco-train"), "train", images, "--run-dir", run_dir,
+           "--arch", args.arch, "--epochs", args.epochs, "--batch-size", batch_size, "--lr", args.lr,
            "--cos", "--workers", args.workers, "--keep", 1]
     if args.max_steps:
         cmd += ["--max-steps", args.max_steps]

@@ -1,0 +1,60 @@
+"""`make demo` on a reduced budget: the whole flow through the real CLIs (train, export, serve, index,
+label, search, classify, label-corpus, SIGTERM), checked by its outputs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET = ["--epochs", "1", "--max-steps", "2", "--train-limit", "64", "--batch-size", "32"]
+
+
+def run_demo(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the machine is shared
+    result = subprocess.run([sys.executable, "-m", "scripts.demo", "--out", str(out), *BUDGET, *args],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, json.loads((out / "summary.json").read_text())
+
+
+def assert_contact_sheet(path: Path) -> None:
+    with Image.open(path) as sheet:
+        sheet.verify()
+    with Image.open(path) as sheet:
+        assert sheet.format == "PNG"
+        assert sheet.width >= 4 * 32 and sheet.height >= 32
+
+
+def test_demo_on_the_sample(demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result, summary = run_demo(out, "--data", str(demo_data), "--per-class", "20", "--queries-per-class", "20")
+    assert summary["labelled"] is True
+    assert summary["queries"] == 200 and summary["labelled_items"] == 50
+    assert summary["chance"] == 0.1
+    assert summary["accuracy"] > summary["chance"], summary
+    assert f"few-shot accuracy: {100 * summary['accuracy']:.1f}%" in result.stdout
+    assert_contact_sheet(Path(summary["contact_sheet"]))
+    proposals = (out / "proposals.csv").read_text().splitlines()
+    assert proposals[0] == "id,label,confidence" and len(proposals) == 1 + 200 - 50
+    assert summary["metrics_url"] in result.stdout
+    assert summary["server_exit_code"] == 0
+    assert "server exited with status 0" in result.stdout
+
+
+def test_demo_on_a_folder_without_labels(demo_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    for cls in sorted((demo_data / "train").iterdir())[:4]:
+        for image in sorted(cls.glob("*.jpg"))[:6]:
+            (folder / "nested").mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, folder / "nested" / f"{cls.name}-{image.name}")
+    result, summary = run_demo(tmp_path / "out", "--data", str(folder))
+    assert summary["labelled"] is False and "accuracy" not in summary
+    assert "running without labels" in result.stdout
+    assert_contact_sheet(Path(summary["contact_sheet"]))
+    assert summary["server_exit_code"] == 0
