@@ -1,8 +1,9 @@
 # GPU image: MoCo training (`moco-train`) and the retrieval server (`retrieval-server`).
 #
 #   docker build -t moco-retrieval .
-#   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" moco-retrieval \
-#       moco-train train /data/train --run-dir /runs/r1
+#   docker run --gpus all --ipc=host -v "$PWD/data:/data" -v "$PWD/runs:/runs" moco-retrieval \
+#       moco-train train /data/train --run-dir /runs/r1          # --ipc=host: data-loader shared memory
+#   docker run ... moco-retrieval torchrun --nproc_per_node 8 -m moco_train train ...   # 8 GPUs
 #   docker run --gpus all -p 50051:50051 -p 9100:9100 -v "$PWD/runs:/runs" -v store:/store \
 #       -e RETRIEVAL_MODEL=/runs/r1/encoder.pt moco-retrieval          # serves (the default CMD)
 #
