@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,7 @@ import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
 from moco_train.backbones import build_backbone
@@ -72,7 +74,7 @@ class ServerProcess:
     def __init__(self, model: Path, store: Path, work: Path, extra: list[str]) -> None:
         self.model, self.store, self.work, self.extra = model, store, work, extra
         self.proc: subprocess.Popen | None = None
-        self.port = 0
+        self.port = self.metrics_port = 0
 
     def start(self, timeout_s: float = 1800.0) -> float:
         ready = self.work / "server.ready.json"
@@ -88,7 +90,8 @@ class ServerProcess:
             if time.perf_counter() - start > timeout_s:
                 raise RuntimeError("server did not become ready in time")
             time.sleep(0.02)
-        self.port = int(json.loads(ready.read_text())["port"])
+        endpoints = json.loads(ready.read_text())
+        self.port, self.metrics_port = int(endpoints["port"]), int(endpoints["metrics_port"])
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status != \
@@ -107,6 +110,15 @@ class ServerProcess:
     def rss(self) -> int:
         assert self.proc is not None
         return rss_bytes(self.proc.pid)
+
+    def metrics(self) -> dict[str, float]:
+        """The server's Prometheus samples, summed over labels."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).read().decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+        return out
 
 
 class ServerTarget:
@@ -267,7 +279,7 @@ def direct_embed(net: torch.nn.Module, transform: Callable, images: list[bytes],
     return done / (time.perf_counter() - start), done / forward_s
 
 
-def bench_embed(server: ServerTarget, model: Path, images: list[bytes], concurrencies: list[int],
+def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, images: list[bytes], concurrencies: list[int],
                 batch_size: int, case_s: float, rounds: int) -> dict:
     """Single-image Embed calls from N threads (dynamic batching on the server) vs the same model
     in-process: decode + eval preprocessing + batched forward, and the batched forward alone.
@@ -279,21 +291,32 @@ def bench_embed(server: ServerTarget, model: Path, images: list[bytes], concurre
     reqs = [pb.EmbedRequest(images=[b]) for b in images]
     direct: list[tuple[float, float]] = []
     served: dict[int, list[LoadResult]] = {c: [] for c in concurrencies}
+    batching: dict[int, list[tuple[float, float]]] = {c: [] for c in concurrencies}
     for r in range(rounds):
         direct.append(direct_embed(net, transform, images, batch_size, case_s))
         print(f"  embed round {r}: direct {direct[-1][0]:.1f} img/s ({direct[-1][1]:.1f} forward only)", flush=True)
         for c in concurrencies:
+            before = process.metrics()
             res = run_load(lambda i: server.stub.Embed(reqs[i % len(reqs)], timeout=600), c, len(images), case_s)
+            after = process.metrics()
+            delta = {name: after[name] - before.get(name, 0.0) for name in
+                     ("retrieval_batch_size_sum", "retrieval_batch_size_count", "retrieval_inference_seconds_sum")}
+            # mean images per forward, and images/s of the server's forwards alone (its metrics)
+            batching[c].append((delta["retrieval_batch_size_sum"] / delta["retrieval_batch_size_count"],
+                                delta["retrieval_batch_size_sum"] / delta["retrieval_inference_seconds_sum"]))
             served[c].append(res)
-            print(f"  embed round {r}: server c={c} {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms", flush=True)
+            print(f"  embed round {r}: server c={c} {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms, "
+                  f"mean batch {batching[c][-1][0]:.1f}, forward {batching[c][-1][1]:.1f} img/s", flush=True)
     out: dict = {"images": len(images), "rounds": rounds, "direct_batch_size": batch_size,
                  "direct_end_to_end_images_per_s": round(float(np.median([d[0] for d in direct])), 2),
                  "direct_forward_only_images_per_s": round(float(np.median([d[1] for d in direct])), 2),
                  "direct_rounds": [[round(a, 2), round(b, 2)] for a, b in direct], "server": []}
     for c, runs in served.items():
         mid = sorted(runs, key=lambda res: res.qps)[len(runs) // 2]
-        out["server"].append(mid.to_dict() | {"images_per_s": round(mid.qps, 2),
-                                              "rounds_images_per_s": [round(res.qps, 2) for res in runs]})
+        out["server"].append(mid.to_dict() | {
+            "images_per_s": round(mid.qps, 2), "rounds_images_per_s": [round(res.qps, 2) for res in runs],
+            "mean_batch_size": round(float(np.median([b[0] for b in batching[c]])), 2),
+            "server_forward_only_images_per_s": round(float(np.median([b[1] for b in batching[c]])), 2)})
     best = max(r["images_per_s"] for r in out["server"])
     out["server_best_over_direct_end_to_end"] = ratio(best, out["direct_end_to_end_images_per_s"])
     out["server_best_over_direct_forward_only"] = ratio(best, out["direct_forward_only_images_per_s"])
@@ -368,9 +391,10 @@ def markdown(results: dict) -> str:
                      f"(empty store: {results['startup_empty_s']} s); RSS after restart {r['rss_mb']} MB.")
     if "embed" in results:
         e = results["embed"]
-        per_c = ", ".join(f"{r['concurrency']} clients {r['images_per_s']}" for r in e["server"])
+        per_c = ", ".join(f"{r['concurrency']} clients {r['images_per_s']} (mean batch {r['mean_batch_size']})"
+                          for r in e["server"])
         lines.append(f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process "
-                     f"batched: {e['direct_end_to_end_images_per_s']} with decoding, "
+                     f"batches of {e['direct_batch_size']}: {e['direct_end_to_end_images_per_s']} with decoding, "
                      f"{e['direct_forward_only_images_per_s']} forward only (best server / direct: "
                      f"{e['server_best_over_direct_end_to_end']} / {e['server_best_over_direct_forward_only']}).")
     return "\n".join(lines)
@@ -498,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
     results["settings"] = describe(args, info, label_every)
     print(f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True)
 
-    results["embed"] = bench_embed(srv, model, demo_images(args.embed_images), args.embed_concurrency,
+    results["embed"] = bench_embed(srv, server, model, demo_images(args.embed_images), args.embed_concurrency,
                                    args.max_batch_size, max(args.case_seconds, 5.0), args.embed_rounds)
     write(results, args.out)
 
