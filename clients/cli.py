@@ -6,6 +6,7 @@ from flags or RETRIEVAL_ADDRESS / RETRIEVAL_TOKEN / RETRIEVAL_TLS_CA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -13,9 +14,10 @@ import os
 import random
 import secrets
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TextIO
 
 from tqdm import tqdm
 
@@ -217,21 +219,34 @@ def cmd_info(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 
 def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
-    out = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
     count = 0
-    try:
+    with _output(args.out) as out:
         writer = csv.writer(out)
         writer.writerow(["id", "label", "confidence"])
         for p in client.label_corpus(k=args.k, tau=args.tau, min_confidence=args.min_confidence, apply=args.apply):
             writer.writerow([p.id, p.label, f"{p.confidence:.6f}"])
             count += 1
-    finally:
-        if out is not sys.stdout:
-            out.close()
     applied = " and applied as predicted labels" if args.apply else " (not applied; add --apply to store them)"
-    print(f"{count} proposals with confidence >= {args.min_confidence}{applied}"
+    print(f"{count} proposals with confidence >= {args.min_confidence:g}{applied}"
           + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    """stdout, or a file that appears (atomically) only when the command succeeds."""
+    if path is None:
+        yield sys.stdout
+        return
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def parse_shots(text: str) -> list[int | None]:
@@ -410,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(client, args)
     except (CommandError, RetrievalError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # e.g. piped into `head`: not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except OSError as exc:
         print(f"{PROG}: error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
     except KeyboardInterrupt:

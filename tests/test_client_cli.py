@@ -214,6 +214,8 @@ def test_label_corpus_writes_and_applies_proposals(indexed, demo_data, tmp_path,
     ours = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
     assert all(s.label == "" for s in lib.get(ours))
     out = tmp_path / "proposals.csv"
+    assert "INVALID_ARGUMENT" in one_error_line(run_cli("label-corpus", "--out", str(out), "--tau", "-1", env=env))
+    assert not out.exists() and not list(tmp_path.glob(".proposals.csv.*"))  # no partial file
     proc = run_cli("label-corpus", "--out", str(out), "--k", "5", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = {r["id"]: r for r in csv.DictReader(out.open())}
@@ -239,7 +241,7 @@ def test_evaluate_beats_chance(export, demo_data, tmp_path):
     queries = copy_demo(demo_data, tmp_path / "queries", "test", 20, classes)
     with ServerProcess(export, tmp_path / "store") as srv:
         proc = run_cli("evaluate", "--labelled", str(labelled), "--queries", str(queries),
-                       "--shots", "1,5,all", "--seed", "3", env={"RETRIEVAL_ADDRESS": srv.address})
+                       "--shots", "1,5,all", "--seed", "3", "--k", "20", env={"RETRIEVAL_ADDRESS": srv.address})
         assert proc.returncode == 0, proc.stderr
         with RetrievalClient(srv.address) as c:
             assert c.info().item_count == 0  # cleaned up
@@ -282,3 +284,17 @@ def test_index_survives_a_server_killed_mid_run(export, demo_data, tmp_path):
             stored = c.get(files)
     assert [s.id for s in stored] == files
     assert all(s.metadata["sha256"] == hashlib.sha256((folder / s.id).read_bytes()).hexdigest() for s in stored)
+
+
+def test_tls_with_a_root_certificate(export, tmp_path):
+    """A TLS server: the CA from RETRIEVAL_TLS_CA or --tls-ca works; plaintext gets one clear error."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with ServerProcess(export, tmp_path / "store", "--tls-cert", cert, "--tls-key", key) as srv:
+        by_env = run_cli("info", env={"RETRIEVAL_ADDRESS": srv.address, "RETRIEVAL_TLS_CA": str(cert)})
+        assert by_env.returncode == 0 and "item_count: 0" in by_env.stdout, by_env.stderr
+        by_flag = run_cli("info", "--address", srv.address, "--tls-ca", str(cert))
+        assert by_flag.returncode == 0, by_flag.stderr
+        one_error_line(run_cli("info", "--address", srv.address, "--timeout", "5"))
