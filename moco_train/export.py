@@ -62,18 +62,26 @@ def backbone_state_dict(encoder_state: dict[str, torch.Tensor]) -> dict[str, tor
     return {k: v.detach().cpu().clone() for k, v in encoder_state.items() if not k.startswith("fc.")}
 
 
-def save_export(path: str | Path, backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
-                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "") -> ExportMeta:
-    """Write an export atomically; validates the weights by building the backbone first."""
+def make_export(backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
+                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None,
+                source: str = "") -> dict[str, Any]:
+    """The export as an in-memory dict (what save_export writes); validates the weights by building the backbone."""
     state = backbone_state_dict(backbone_state)
     model = build_backbone(arch, cifar_stem)
     model.load_state_dict(state, strict=True)
     meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=feature_dim(build_resnet(arch)),
                       preprocessing=preprocessing, fingerprint=fingerprint_state_dict(state),
                       train_args=dict(train_args or {}), source=source)
-    atomic_torch_save({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(),
-                       "state_dict": state}, path)
-    return meta
+    return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(), "state_dict": state}
+
+
+def save_export(path: str | Path, backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
+                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "") -> ExportMeta:
+    """Write an export atomically; validates the weights by building the backbone first."""
+    blob = make_export(backbone_state, arch=arch, cifar_stem=cifar_stem, preprocessing=preprocessing,
+                       train_args=train_args, source=source)
+    atomic_torch_save(blob, path)
+    return ExportMeta.from_dict(blob["meta"])
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:
@@ -82,14 +90,19 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[n
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ExportError(f"{path}: not a readable export ({exc})") from exc
+    return export_model(blob, str(path), device)
+
+
+def export_model(blob: Any, name: str = "export", device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:
+    """The eval-mode backbone and metadata of an export dict (from a file or from make_export)."""
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path}: not a {EXPORT_FORMAT} file (use `moco-train export` to make one)")
+        raise ExportError(f"{name}: not a {EXPORT_FORMAT} file (use `moco-train export` to make one)")
     if blob.get("version") != EXPORT_VERSION:
-        raise ExportError(f"{path}: export version {blob.get('version')} is not supported (expected {EXPORT_VERSION})")
+        raise ExportError(f"{name}: export version {blob.get('version')} is not supported (expected {EXPORT_VERSION})")
     meta = ExportMeta.from_dict(blob["meta"])
     state = blob["state_dict"]
     if fingerprint_state_dict(state) != meta.fingerprint:
-        raise ExportError(f"{path}: weights do not match the recorded fingerprint (file corrupted?)")
+        raise ExportError(f"{name}: weights do not match the recorded fingerprint (file corrupted?)")
     model = build_backbone(meta.arch, meta.cifar_stem)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

@@ -1,0 +1,98 @@
+"""The MoCo model (He et al., CVPR 2020, Algorithm 1): query/key encoders, momentum update, queue, InfoNCE logits."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+from .backbones import build_resnet, feature_dim
+
+BN_MODES = ("split", "shuffle", "sync", "none")
+
+
+def build_encoder(arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1,
+                  sync_bn: bool = False) -> nn.Module:
+    """A ResNet whose fc is the projection head: Linear(dim), or MoCo v2's MLP (fc.0, ReLU, fc.2)."""
+    encoder = build_resnet(arch, num_classes=dim, cifar_stem=cifar_stem, bn_splits=bn_splits, sync_bn=sync_bn)
+    if mlp:
+        dim_mlp = feature_dim(encoder)
+        encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), encoder.fc)
+    return encoder
+
+
+class MoCo(nn.Module):
+    """f_q, f_k and the queue; forward(im_q, im_k) returns InfoNCE logits with the positive at index 0.
+
+    shuffle_keys: shuffle the key batch before f_k and unshuffle after (shuffle-BN); with one
+    process it is a local permutation, meaningful together with SplitBatchNorm2d.
+    symmetric: also contrast (im_k as query, im_q as key); logits/labels of both directions are
+    stacked, so the mean cross-entropy is the average of the two losses, and 2N keys are enqueued.
+    """
+
+    def __init__(self, encoder_q: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999,
+                 T: float = 0.07, symmetric: bool = False, shuffle_keys: bool = True) -> None:
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.symmetric, self.shuffle_keys = symmetric, shuffle_keys
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)  # f_k.params = f_q.params
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False  # not updated by gradient
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """θ_k ← m·θ_k + (1 − m)·θ_q."""
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest keys with this (global) batch, wrapping around the end of the queue."""
+        keys = distributed.concat_all_gather(keys)
+        n = keys.shape[0]
+        if n > self.K:
+            raise ValueError(f"{n} keys per step exceed the queue size K={self.K}")
+        ptr = int(self.queue_ptr)
+        idx = (ptr + torch.arange(n, device=keys.device)) % self.K
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    @torch.no_grad()
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        if self.shuffle_keys:
+            im_k, idx_unshuffle = distributed.batch_shuffle(im_k)
+        k = F.normalize(self.encoder_k(im_k).float(), dim=1)
+        if self.shuffle_keys:
+            k = distributed.batch_unshuffle(k, idx_unshuffle)
+        return k
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        """[l_pos, l_neg] / τ, in float32 even under autocast (bf16 would round logits of magnitude 1/τ)."""
+        with torch.autocast(q.device.type, enabled=False):
+            return self._logits_fp32(q.float(), k.float(), queue.float())
+
+    def _logits_fp32(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: Nx1
+        l_neg = torch.einsum("nc,ck->nk", q, queue)  # negative logits: NxK
+        return torch.cat([l_pos, l_neg], dim=1) / self.T
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queue = self.queue.clone().detach()
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = self._keys(im_k)
+            k2 = self._keys(im_q) if self.symmetric else None
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)
+        logits = self._logits(q, k, queue)
+        if self.symmetric:
+            q2 = F.normalize(self.encoder_q(im_k).float(), dim=1)
+            logits = torch.cat([logits, self._logits(q2, k2, queue)], dim=0)
+            k = torch.cat([k, k2], dim=0)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives at 0
+        self._dequeue_and_enqueue(k)
+        return logits, labels

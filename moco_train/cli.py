@@ -1,0 +1,175 @@
+"""`moco-train train | knn | export`: pretraining, kNN evaluation and encoder export from the command line."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .backbones import RESNET_ARCHS
+from .builder import BN_MODES
+from .checkpoint import CheckpointError, load_file, to_export
+from .config import TrainConfig
+from .data import DataError
+from .export import ExportError, export_model
+from .fileio import atomic_torch_save
+from .knn import DEFAULT_K, DEFAULT_TAU
+
+USER_ERRORS = (DataError, CheckpointError, ExportError, OSError)
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="MoCo pretraining on a folder (or list file) of unlabeled images")
+    p.add_argument("data", metavar="DATA", help="image folder (any depth) or text file listing image paths")
+    p.add_argument("--run-dir", required=True, help="checkpoints and log.jsonl go here")
+    p.add_argument("-a", "--arch", default="resnet18", choices=RESNET_ARCHS, metavar="ARCH",
+                   help="any torchvision ResNet (default resnet18)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="data-loading processes (default 2)")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train for this many steps instead of --epochs (the lr schedule follows it)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="global batch size (default 256)")
+    p.add_argument("--lr", "--learning-rate", type=float, default=0.03, dest="lr")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
+    p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="epochs at which lr drops ×0.1")
+    p.add_argument("--cos", action="store_true", help="cosine lr schedule")
+    p.add_argument("--moco-dim", type=int, default=128, help="feature dimension (default 128)")
+    p.add_argument("--moco-k", type=int, default=None,
+                   help="queue size (default: largest power of two <= 10%% of the images, at most 65536)")
+    p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum (default 0.999)")
+    p.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default 0.07, 0.2 with --v2)")
+    p.add_argument("--mlp", action="store_true", help="MLP projection head (MoCo v2)")
+    p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (blur, stronger jitter)")
+    p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos --moco-t 0.2")
+    p.add_argument("--symmetric", action="store_true", help="symmetric loss (both crops as queries)")
+    p.add_argument("--bn", choices=BN_MODES, default="split",
+                   help="split: shuffled keys + BatchNorm in --bn-splits groups per process (default); "
+                        "shuffle: shuffled keys, per-process BN; sync: SyncBatchNorm; none: plain BN")
+    p.add_argument("--bn-splits", type=int, default=8, help="groups for --bn split (default 8)")
+    p.add_argument("--cifar-stem", choices=("auto", "on", "off"), default="auto",
+                   help="3x3 stride-1 stem without max-pool; auto: on for images of 64 px or less")
+    p.add_argument("--crop-size", type=int, default=None, help="training crop (default: image size if small, else 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native bf16, else float32")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: newest valid checkpoint in --run-dir (fresh start if none), or a checkpoint path")
+    p.add_argument("--knn-bank", default=None, help="labelled folder: kNN monitor bank")
+    p.add_argument("--knn-queries", default=None, help="labelled folder: kNN monitor queries")
+    p.add_argument("--knn-every", type=int, default=1, help="run the kNN monitor every N epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _knn_parser(sub) -> None:
+    p = sub.add_parser("knn", help="InstDisc weighted kNN accuracy of a checkpoint or export")
+    p.add_argument("--bank", required=True, help="labelled folder <class>/<images> used as the memory bank")
+    p.add_argument("--queries", required=True, help="labelled folder of query images")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint, export, or official MoCo checkpoint")
+    p.add_argument("-k", type=int, default=DEFAULT_K, help=f"neighbours (default {DEFAULT_K})")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU, help=f"vote temperature (default {DEFAULT_TAU})")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--predictions", default=None, help="write path,true_class,predicted_class per query (CSV)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the query encoder backbone and its metadata for serving")
+    p.add_argument("checkpoint", metavar="CKPT", help="moco-train checkpoint or official MoCo checkpoint")
+    p.add_argument("out", metavar="OUT", help="export file to write")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moco-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _knn_parser(sub)
+    _export_parser(sub)
+    return parser
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(
+        data=args.data, run_dir=args.run_dir, arch=args.arch, workers=args.workers, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=list(args.schedule), cos=args.cos, moco_dim=args.moco_dim,
+        moco_k=args.moco_k, moco_m=args.moco_m, mlp=args.mlp, aug_plus=args.aug_plus,
+        symmetric=args.symmetric, bn=args.bn, bn_splits=args.bn_splits, cifar_stem=args.cifar_stem,
+        crop_size=args.crop_size, seed=args.seed, device=args.device, amp=args.amp,
+        channels_last=args.channels_last, save_every_steps=args.save_every_steps, keep=args.keep,
+        resume=args.resume, knn_bank=args.knn_bank, knn_queries=args.knn_queries, knn_every=args.knn_every,
+        progress=not args.no_progress)
+    if args.v2:
+        cfg.apply_v2()
+    if args.moco_t is not None:
+        cfg.moco_t = args.moco_t
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .trainer import train  # torch-heavy imports only for the command that needs them
+    summary = train(train_config(args))
+    print(json.dumps(summary))
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    from .evaluate import knn_evaluate
+    from .trainer import resolve_device
+    model, meta = export_model(to_export(load_file(args.checkpoint), args.checkpoint), args.checkpoint,
+                               resolve_device(args.device))
+    result = knn_evaluate(model, meta, args.bank, args.queries, k=args.k, tau=args.tau,
+                          batch_size=args.batch_size, workers=args.workers)
+    if args.predictions:
+        classes = result.queries.classes
+        with open(args.predictions, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "true_class", "predicted_class"])
+            for path, true, pred in zip(result.queries.paths, result.queries.labels.tolist(),
+                                        result.predictions.tolist()):
+                writer.writerow([str(path), classes[true], classes[pred]])
+    report = {"top1": result.top1, "top5": result.top5, "k": args.k, "tau": args.tau,
+              "bank_images": len(result.bank.paths), "query_images": len(result.queries.paths),
+              "fingerprint": meta.fingerprint}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"kNN (k={args.k}, tau={args.tau}): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+              f"(bank {report['bank_images']}, queries {report['query_images']})")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    blob = to_export(load_file(args.checkpoint), args.checkpoint)
+    _, meta = export_model(blob, args.checkpoint)
+    atomic_torch_save(blob, Path(args.out))
+    print(f"wrote {args.out}: {meta.arch} (cifar stem: {meta.cifar_stem}), {meta.feature_dim}-d features, "
+          f"input {meta.preprocessing.input_size}px, {meta.fingerprint}")
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
+    try:
+        {"train": cmd_train, "knn": cmd_knn, "export": cmd_export}[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"moco-train {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"moco-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Training options and their defaults in one place (flag names follow facebookresearch/moco's main_moco.py)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# The queue holds at most this share of the dataset (see auto_queue_size).
+QUEUE_SHARE = 0.1
+MAX_QUEUE = 65536
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    run_dir: str
+    arch: str = "resnet18"
+    workers: int = 2
+    epochs: int = 200
+    max_steps: int | None = None       # training length in steps; overrides --epochs and sets the schedule
+    batch_size: int = 256              # global batch (split evenly across processes)
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: list[int] = field(default_factory=lambda: [120, 160])
+    cos: bool = False
+    moco_dim: int = 128
+    moco_k: int | None = None          # None: auto_queue_size
+    moco_m: float = 0.999
+    moco_t: float = 0.07
+    mlp: bool = False
+    aug_plus: bool = False
+    symmetric: bool = False
+    bn: str = "split"                  # split | shuffle | sync | none
+    bn_splits: int = 8
+    cifar_stem: str = "auto"           # auto | on | off
+    crop_size: int | None = None       # None: image size for small images, else 224
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"                  # auto | off | bf16 | fp16
+    channels_last: bool = False
+    save_every_steps: int = 0
+    keep: int = 3
+    resume: str | None = None          # None | "auto" | path
+    knn_bank: str | None = None
+    knn_queries: str | None = None
+    knn_every: int = 1
+    knn_k: int = 200
+    knn_t: float = 0.07
+    progress: bool = True
+
+    def apply_v2(self) -> None:
+        """MoCo v2: MLP head, stronger augmentation, cosine schedule, τ = 0.2."""
+        self.mlp, self.aug_plus, self.cos, self.moco_t = True, True, True, 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def auto_queue_size(num_images: int, keys_per_step: int) -> int:
+    """Default K: the largest power of two <= 10% of the dataset, within [keys per step, 65536].
+
+    This gives 65536 on ImageNet (as in the paper) and 4096 on CIFAR-10 (as in the official CIFAR
+    demo). Capping K well below the dataset size means the random initial keys are all replaced
+    within the first tenth of an epoch and an image rarely meets its own stale key as a negative.
+    """
+    k = 1
+    while k * 2 <= num_images * QUEUE_SHARE:
+        k *= 2
+    return max(keys_per_step, min(k, MAX_QUEUE))

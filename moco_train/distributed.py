@@ -1,0 +1,65 @@
+"""Process-group helpers and MoCo's batch shuffle for shuffle-BN.
+
+In one process the key batch is permuted locally (SplitBatchNorm2d then normalises it in groups,
+as separate GPUs would); under torch.distributed the batch is gathered from all processes,
+permuted with a permutation broadcast from rank 0, and scattered back, exactly as in the official
+facebookresearch/moco code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' tensors concatenated along dim 0 (no gradient flows back); identity in one process."""
+    if not is_distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the (global) batch; returns this process's shuffled part and the inverse permutation."""
+    if not is_distributed():
+        idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+        return x[idx_shuffle], torch.argsort(idx_shuffle)
+    batch_size_this = x.shape[0]
+    x_gather = concat_all_gather(x)
+    num_procs = x_gather.shape[0] // batch_size_this
+    idx_shuffle = torch.randperm(x_gather.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    idx_this = idx_shuffle.view(num_procs, -1)[get_rank()]
+    return x_gather[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo batch_shuffle: this process gets back the keys of its own (unshuffled) samples."""
+    if not is_distributed():
+        return x[idx_unshuffle]
+    batch_size_this = x.shape[0]
+    x_gather = concat_all_gather(x)
+    num_procs = x_gather.shape[0] // batch_size_this
+    idx_this = idx_unshuffle.view(num_procs, -1)[get_rank()]
+    return x_gather[idx_this]
