@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(cfg)
     except StartupError as exc:
-        print(f"retrieval-server: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).split())  # e.g. torch.load's multi-line explanations
+        print(f"retrieval-server: error: {one_line}", file=sys.stderr)
         return 2
 
 

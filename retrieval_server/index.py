@@ -78,31 +78,45 @@ def resolve_gpus(index_gpus: str) -> int:
 
 
 def _train_size(inner: faiss.Index) -> int:
-    """Vectors needed before training: FAISS wants ~39 per IVF centroid / PQ code."""
-    try:
-        return 39 * faiss.extract_index_ivf(inner).nlist
-    except (RuntimeError, AttributeError):
-        return 39 * 256
+    """Vectors needed before training: FAISS wants ~39 per k-means centroid (IVF lists, PQ codes)."""
+    ivf = faiss.try_extract_index_ivf(inner)
+    centroids = ivf.nlist if ivf is not None else 1
+    pq = getattr(faiss.downcast_index(ivf if ivf is not None else inner), "pq", None)
+    if pq is not None:
+        centroids = max(centroids, pq.ksub)
+    return 39 * centroids
+
+
+def _with_ids(inner: faiss.Index) -> faiss.Index:
+    """An index addressed by store rows. IVF keeps arbitrary int64 ids itself (and IndexIDMap's
+    remove_ids assumes the inner index renumbers like IndexFlat, which IVF does not), so it gets a
+    hashtable direct map for reconstruction; everything else is wrapped in IndexIDMap2."""
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return inner
+    return faiss.IndexIDMap2(inner)
 
 
 class FaissIndex:
-    """One IndexIDMap2 (CPU, the truth) with an optional GPU replica and training fallback."""
+    """One CPU index (the truth) with an optional GPU replica and a training fallback."""
 
     def __init__(self, dim: int, factory: str, gpus: int, cpu: faiss.Index | None = None) -> None:
         self.dim, self.factory, self.gpus = dim, factory, gpus
-        self.cpu = cpu if cpu is not None else self._empty()
+        self._needs_training = not self._new_inner().is_trained
+        self.cpu = cpu if cpu is not None else self._rebuilt(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
         self._gpu: faiss.Index | None = None
         self._gpu_stale = True
 
-    def _empty(self) -> faiss.Index:
-        inner = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
-        if not inner.is_trained:
-            inner = faiss.IndexFlatIP(self.dim)  # exact until there is enough data to train
-        return faiss.IndexIDMap2(inner)
+    def _new_inner(self) -> faiss.Index:
+        return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
 
     @property
-    def trained_as_factory(self) -> bool:
-        return self.factory == "Flat" or not isinstance(faiss.downcast_index(self.cpu.index), faiss.IndexFlat)
+    def in_fallback(self) -> bool:
+        """Serving from the exact flat stand-in because the factory index is not trained yet."""
+        if not self._needs_training or not isinstance(self.cpu, faiss.IndexIDMap2):
+            return False
+        return isinstance(faiss.downcast_index(self.cpu.index), faiss.IndexFlat)
 
     @property
     def ntotal(self) -> int:
@@ -122,7 +136,7 @@ class FaissIndex:
             return
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         try:
-            self.cpu.remove_ids(faiss.IDSelectorBatch(rows))
+            self.cpu.remove_ids(rows)  # an array: the selector kind every index (IVF direct map too) accepts
         except RuntimeError:  # e.g. HNSW has no removal: rebuild from the remaining vectors
             keep_rows = faiss.vector_to_array(self.cpu.id_map)
             keep = ~np.isin(keep_rows, rows)
@@ -131,27 +145,26 @@ class FaissIndex:
         self._gpu_stale = True
 
     def _rebuilt(self, rows: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-        inner = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        """A fresh index holding these rows: the factory's (trained on them if it needs training
+        and they are enough), else the exact flat stand-in."""
+        inner = self._new_inner()
         if not inner.is_trained:
             if len(rows) < _train_size(inner):
                 inner = faiss.IndexFlatIP(self.dim)
             else:
+                log.info("training %s on %d vectors", self.factory, len(rows))
                 inner.train(vectors)
-        index = faiss.IndexIDMap2(inner)
+        index = _with_ids(inner)
         if len(rows):
             index.add_with_ids(vectors, rows)
         return index
 
     def _maybe_train(self) -> None:
-        if self.trained_as_factory:
-            return
-        probe = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
-        if self.cpu.ntotal < _train_size(probe):
+        if not self.in_fallback or self.cpu.ntotal < _train_size(self._new_inner()):
             return
         rows = faiss.vector_to_array(self.cpu.id_map).astype(np.int64)
-        vectors = self.cpu.reconstruct_batch(rows)
-        log.info("training %s on %d vectors", self.factory, len(rows))
-        self.cpu = self._rebuilt(rows, np.ascontiguousarray(vectors, dtype=np.float32))
+        vectors = np.ascontiguousarray(self.cpu.reconstruct_batch(rows), dtype=np.float32)
+        self.cpu = self._rebuilt(rows, vectors)
         self._gpu_stale = True
 
     def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None

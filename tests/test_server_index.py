@@ -1,0 +1,99 @@
+"""The FAISS mirror and the SQLite store in-process: every factory keeps ids straight through adds,
+overwrites and deletes (IVF trains once it has enough vectors, HNSW rebuilds on delete), and a
+restart from a snapshot plus later rows and tombstones equals the live index."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval_server.index import ItemIndex
+from retrieval_server.store import NewItem, Store, UnknownIds
+
+DIM = 16
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+class Mirror:
+    """A store and its index, written the way the service writes them."""
+
+    def __init__(self, directory: Path, factory: str) -> None:
+        self.store = Store(directory)
+        assert self.store.bind_model("sha256:test", DIM, reset=False) is None
+        self.index = ItemIndex(DIM, factory, gpus=0)
+        self.index.load(self.store, directory)
+
+    def upsert(self, ids: list[str], vectors: np.ndarray, labels: list[str | None]) -> None:
+        version, written = self.store.upsert([NewItem(i, v, lab) for i, v, lab in zip(ids, vectors, labels)])
+        rows = np.array([w[0] for w in written], dtype=np.int64)
+        self.index.upsert(version, rows, vectors, [w[1] for w in written], np.array([w[2] for w in written]))
+
+    def delete(self, ids: list[str]) -> None:
+        version, rows = self.store.delete(ids, ignore_missing=False)
+        self.index.remove(version, np.array(rows, dtype=np.int64))
+
+    def nearest_ids(self, queries: np.ndarray, labelled: bool = False) -> list[str]:
+        scores, rows = (self.index.labelled if labelled else self.index.items).search(queries, 1)
+        by_row = self.store.by_rows(rows[:, 0])
+        return [by_row[r].id if r >= 0 else "" for r in rows[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8", "IVF4,PQ4x4"])
+def test_ids_survive_adds_overwrites_deletes_and_restart(tmp_path: Path, factory: str) -> None:
+    m = Mirror(tmp_path, factory)
+    n = 700 if "PQ" in factory else 200  # trained at 39 vectors per centroid: 624 (16 PQ codes), 156 (IVF4)
+    ids = [f"i{j:05d}" for j in range(n)]
+    vectors = _vectors(n, 0)
+    labels = [("odd" if j % 2 else "even") if j % 10 == 0 else None for j in range(n)]
+    for start in range(0, n, 500):
+        m.upsert(ids[start:start + 500], vectors[start:start + 500], labels[start:start + 500])
+    assert not m.index.items.in_fallback  # trained, or never needed training
+    m.delete(ids[:20])
+    fresh = _vectors(10, 1)
+    m.upsert(ids[20:30], fresh, [None] * 10)  # overwrite: keeps labels (i00020 stays "even")
+    live = ids[20:]
+    expected = np.concatenate([fresh, vectors[30:]])
+    assert m.index.items.ntotal == len(live) and m.store.counts()[0] == len(live)
+    exact = "PQ" not in factory  # PQ codes are lossy
+    if exact:
+        assert m.nearest_ids(expected) == live
+    assert m.index.labels == {r.row: r.label for r in m.store.get(live).values() if r.label}
+    labelled = [i for i, lab in zip(ids, labels) if lab and i in live]
+    assert m.nearest_ids(expected[[live.index(i) for i in labelled]], labelled=True) == labelled
+
+    m.index.save_snapshot(tmp_path, m.store.store_id)
+    m.delete(ids[30:35])  # after the snapshot: replayed from rows and tombstones
+    m.upsert(["new"], _vectors(1, 2), ["odd"])
+    live = ids[20:30] + ids[35:] + ["new"]
+    restarted = ItemIndex(DIM, factory, gpus=0)
+    how = restarted.load(m.store, tmp_path)
+    assert how.startswith("snapshot"), how
+    assert restarted.items.ntotal == len(live) and restarted.labels == m.index.labels
+    probe = np.concatenate([fresh, vectors[35:], _vectors(1, 2)])
+    if exact:
+        m.index = restarted
+        assert m.nearest_ids(probe) == live
+    from_scratch = ItemIndex(DIM, factory, gpus=0)
+    assert from_scratch.load(m.store, tmp_path / "no-snapshot") == "rebuilt from the store"
+    assert from_scratch.items.ntotal == len(live)
+
+
+def test_store_is_all_or_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.bind_model("sha256:a", DIM, reset=False)
+    store.upsert([NewItem("a", _vectors(1, 0)[0], "x", {"uri": "u"})])
+    with pytest.raises(UnknownIds, match="'nope'"):
+        store.delete(["a", "nope"], ignore_missing=False)
+    with pytest.raises(UnknownIds):
+        store.set_labels([("a", "y", 0.0), ("nope", "y", 0.0)], predicted=False)
+    assert store.get(["a"])["a"].label == "x" and store.counts() == (1, {"x": 1})
+    assert store.bind_model("sha256:b", DIM, reset=False) == "sha256:a"  # refused: another model
+    assert store.counts()[0] == 1
+    old_id = store.store_id
+    assert store.bind_model("sha256:b", DIM, reset=True) is None
+    assert store.counts()[0] == 0 and store.store_id != old_id
