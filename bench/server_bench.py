@@ -279,22 +279,30 @@ def direct_embed(net: torch.nn.Module, transform: Callable, images: list[bytes],
     return done / (time.perf_counter() - start), done / forward_s
 
 
-def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, images: list[bytes], concurrencies: list[int],
-                batch_size: int, case_s: float, rounds: int) -> dict:
+def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, images: list[bytes],
+                concurrencies: list[int], batch_sizes: list[int], case_s: float, rounds: int) -> dict:
     """Single-image Embed calls from N threads (dynamic batching on the server) vs the same model
-    in-process: decode + eval preprocessing + batched forward, and the batched forward alone.
-    Direct and server cases alternate for `rounds` rounds; the medians are compared, so a burst of
-    load from elsewhere on the machine does not land on one side only."""
+    in-process: decode + eval preprocessing + batched forward, and the batched forward alone, at
+    several batch sizes and with 1 or all torch threads; the best is the baseline (on a busy CPU
+    neither a big batch nor more threads is always faster). Direct and server cases alternate for
+    `rounds` rounds and medians are compared, so a burst of load from elsewhere on the machine
+    does not land on one side only."""
     net, meta = load_export(model)
     transform = eval_transform(meta.preprocessing)
-    direct_embed(net, transform, images[:batch_size], batch_size, case_s)   # warm-up
+    default_threads = torch.get_num_threads()
+    configs = [(t, b) for t in sorted({1, default_threads}) for b in batch_sizes]
+    direct_embed(net, transform, images[:max(batch_sizes)], max(batch_sizes), case_s)   # warm-up
     reqs = [pb.EmbedRequest(images=[b]) for b in images]
-    direct: list[tuple[float, float]] = []
+    direct: dict[tuple[int, int], list[tuple[float, float]]] = {cfg: [] for cfg in configs}
     served: dict[int, list[LoadResult]] = {c: [] for c in concurrencies}
     batching: dict[int, list[tuple[float, float]]] = {c: [] for c in concurrencies}
     for r in range(rounds):
-        direct.append(direct_embed(net, transform, images, batch_size, case_s))
-        print(f"  embed round {r}: direct {direct[-1][0]:.1f} img/s ({direct[-1][1]:.1f} forward only)", flush=True)
+        for threads, b in configs:
+            torch.set_num_threads(threads)
+            direct[threads, b].append(direct_embed(net, transform, images, b, case_s))
+            print(f"  embed round {r}: direct {threads} thread(s) batch {b} {direct[threads, b][-1][0]:.1f} img/s "
+                  f"({direct[threads, b][-1][1]:.1f} forward only)", flush=True)
+        torch.set_num_threads(default_threads)
         for c in concurrencies:
             before = process.metrics()
             res = run_load(lambda i: server.stub.Embed(reqs[i % len(reqs)], timeout=600), c, len(images), case_s)
@@ -307,19 +315,23 @@ def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, image
             served[c].append(res)
             print(f"  embed round {r}: server c={c} {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms, "
                   f"mean batch {batching[c][-1][0]:.1f}, forward {batching[c][-1][1]:.1f} img/s", flush=True)
-    out: dict = {"images": len(images), "rounds": rounds, "direct_batch_size": batch_size,
-                 "direct_end_to_end_images_per_s": round(float(np.median([d[0] for d in direct])), 2),
-                 "direct_forward_only_images_per_s": round(float(np.median([d[1] for d in direct])), 2),
-                 "direct_rounds": [[round(a, 2), round(b, 2)] for a, b in direct], "server": []}
+    out: dict = {"images": len(images), "rounds": rounds, "direct": [], "server": []}
+    for (threads, b), runs in direct.items():
+        out["direct"].append({"torch_threads": threads, "batch_size": b,
+                              "end_to_end_images_per_s": round(float(np.median([d[0] for d in runs])), 2),
+                              "forward_only_images_per_s": round(float(np.median([d[1] for d in runs])), 2),
+                              "rounds": [[round(e2e, 2), round(fwd, 2)] for e2e, fwd in runs]})
     for c, runs in served.items():
         mid = sorted(runs, key=lambda res: res.qps)[len(runs) // 2]
         out["server"].append(mid.to_dict() | {
             "images_per_s": round(mid.qps, 2), "rounds_images_per_s": [round(res.qps, 2) for res in runs],
             "mean_batch_size": round(float(np.median([b[0] for b in batching[c]])), 2),
             "server_forward_only_images_per_s": round(float(np.median([b[1] for b in batching[c]])), 2)})
+    best_direct = max(out["direct"], key=lambda d: d["end_to_end_images_per_s"])
     best = max(r["images_per_s"] for r in out["server"])
-    out["server_best_over_direct_end_to_end"] = ratio(best, out["direct_end_to_end_images_per_s"])
-    out["server_best_over_direct_forward_only"] = ratio(best, out["direct_forward_only_images_per_s"])
+    out["direct_best"] = best_direct
+    out["server_best_over_direct_best_end_to_end"] = ratio(best, best_direct["end_to_end_images_per_s"])
+    out["server_best_over_direct_best_forward_only"] = ratio(best, best_direct["forward_only_images_per_s"])
     return out
 
 
@@ -393,10 +405,12 @@ def markdown(results: dict) -> str:
         e = results["embed"]
         per_c = ", ".join(f"{r['concurrency']} clients {r['images_per_s']} (mean batch {r['mean_batch_size']})"
                           for r in e["server"])
-        lines.append(f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process "
-                     f"batches of {e['direct_batch_size']}: {e['direct_end_to_end_images_per_s']} with decoding, "
-                     f"{e['direct_forward_only_images_per_s']} forward only (best server / direct: "
-                     f"{e['server_best_over_direct_end_to_end']} / {e['server_best_over_direct_forward_only']}).")
+        d = e["direct_best"]
+        lines.append(f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process, "
+                     f"best of batch sizes {'/'.join(str(b) for b in sorted({x['batch_size'] for x in e['direct']}))} x 1 or all "
+                     f"torch threads ({d['torch_threads']} thread(s), batch {d['batch_size']}): "
+                     f"{d['end_to_end_images_per_s']} with decoding, {d['forward_only_images_per_s']} forward only "
+                     f"(best server / best direct: {e['server_best_over_direct_best_end_to_end']}).")
     return "\n".join(lines)
 
 
@@ -414,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16", help="client threads for Search/Classify")
     p.add_argument("--embed-concurrency", default="1,16,64", help="client threads for single-image Embed")
     p.add_argument("--embed-images", type=int, default=512, help="images per Embed case")
+    p.add_argument("--direct-batch-sizes", default="8,64", help="in-process forward batch sizes (best wins)")
+    p.add_argument("--embed-seconds", type=float, default=8.0, help="time budget per Embed case")
     p.add_argument("--embed-rounds", type=int, default=3, help="alternating direct/server Embed rounds (median)")
     p.add_argument("--k", type=int, default=10, help="Search k")
     p.add_argument("--classify-k", type=int, default=200, help="Classify k (InstDisc default)")
@@ -434,12 +450,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.sizes, args.concurrency, args.embed_concurrency = "10000", "1,4", "1,16"
         args.embed_images, args.case_seconds, args.max_calls, args.queries = 128, 2.0, 300, 100
-        args.embed_rounds = 1
+        args.embed_rounds, args.embed_seconds = 1, 2.0
     args.sizes = [int(s) for s in args.sizes.split(",")]
     if any(s <= 0 or s % CHUNK for s in args.sizes) or args.sizes != sorted(args.sizes):
         p.error(f"--sizes must be increasing multiples of {CHUNK}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.embed_concurrency = [int(c) for c in args.embed_concurrency.split(",")]
+    args.direct_batch_sizes = [int(b) for b in args.direct_batch_sizes.split(",")]
     if not 0 < args.label_share <= 1:
         p.error("--label-share must be in (0, 1]")
     return args
@@ -523,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True)
 
     results["embed"] = bench_embed(srv, server, model, demo_images(args.embed_images), args.embed_concurrency,
-                                   args.max_batch_size, max(args.case_seconds, 5.0), args.embed_rounds)
+                                   args.direct_batch_sizes, args.embed_seconds, args.embed_rounds)
     write(results, args.out)
 
     targets: dict = {"server": srv, "faiss": FaissTarget(dim)}
