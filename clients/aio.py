@@ -16,7 +16,7 @@ from grpc import aio
 from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 
 from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Classification, ItemFailure, Op, Proposal,
-                     RetrievalError, UpsertItem, UpsertResult, _BatchSource, _Batch, _ClientBase, _proposal,
+                     RetrievalError, UpsertItem, UpsertResult, _BatchSource, _ClientBase, _proposal,
                      _UpsertSession)
 
 
@@ -86,34 +86,27 @@ class AsyncRetrievalClient(_ClientBase):
                 await asyncio.sleep(session.retry_delay(err))
 
     async def _stream(self, session: _UpsertSession, max_in_flight: int) -> None:
+        stream = session.open_stream()
         call = self._stub.Upsert(metadata=self._metadata)
         slots = asyncio.Semaphore(max(1, max_in_flight))
-        sent: list[_Batch] = []  # position = sequence number in this stream
-        in_stream: set[int] = set()
-        source_error: list[Exception] = []
 
         async def write() -> None:
             while True:
                 await slots.acquire()
-                try:
-                    batch = await asyncio.to_thread(session.next_batch, in_stream)
-                except Exception as exc:  # noqa: BLE001 - re-raised by end_of_stream
-                    source_error.append(exc)
-                    batch = None
-                if batch is None:
+                request = await asyncio.to_thread(session.next_request, stream)  # may read files
+                if request is None:
                     await call.done_writing()
                     return
-                sent.append(batch)
-                await call.write(batch.request)
+                await call.write(request)
 
         writer = asyncio.create_task(write())
         try:
             while (ack := await call.read()) is not aio.EOF:
-                session.acknowledge(sent[ack.sequence], ack)
+                session.acknowledge(stream, ack)
                 slots.release()
             await writer
         finally:
             writer.cancel()
             call.cancel()
             await asyncio.gather(writer, return_exceptions=True)  # the stream's error is the one raised
-        session.end_of_stream(source_error)
+        session.end_of_stream(stream)

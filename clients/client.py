@@ -137,8 +137,19 @@ class UpsertResult:
 
 @dataclass(eq=False)
 class _Batch:
-    indices: list[int]
+    indices: list[int]  # positions of its items in the input of upsert_many
     request: pb.UpsertRequest
+    stream: int = 0  # number of the last stream that sent it
+
+
+class _Stream:
+    """One Upsert stream: the batch each sequence number carries, until acknowledged."""
+
+    def __init__(self, number: int):
+        self.number = number
+        self.sent: dict[int, _Batch] = {}
+        self.next_sequence = 0
+        self.source_error: list[Exception] = []  # raised by the caller's item iterator
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
@@ -384,7 +395,7 @@ class RetrievalClient(_ClientBase):
         Items larger than the server's message limit, or malformed, are reported as failures and
         not sent. `on_ack(stored, failures)` is called once per acknowledged batch (and for items
         refused before sending). An exception raised by `items` is re-raised once the batches sent
-        before it are acknowledged. Raises RetrievalError for a stream-level error other than
+        before it are acknowledged (the items of the batch it interrupted are not sent). Raises RetrievalError for a stream-level error other than
         UNAVAILABLE, or when the server stays unreachable for `timeout` seconds; every batch
         acknowledged before that is stored.
         """
@@ -414,6 +425,7 @@ class _UpsertSession:
         self.result = UpsertResult()
         self.unacked: deque[_Batch] = deque()
         self.lock = threading.Lock()
+        self._streams = 0
         self._attempt = 0
         self._last_progress = time.monotonic()
 
@@ -424,22 +436,35 @@ class _UpsertSession:
             if self.on_ack is not None:
                 self.on_ack(0, refused)
 
-    def next_batch(self, in_stream: set[int]) -> _Batch | None:
-        """The oldest unacknowledged batch this stream has not sent, else a new one (None at the end)."""
+    def open_stream(self) -> _Stream:
+        self._streams += 1
+        return _Stream(self._streams)
+
+    def next_request(self, stream: _Stream) -> pb.UpsertRequest | None:
+        """The oldest unacknowledged batch this stream has not sent, else a new one; None when the
+        source is exhausted (or failed: its error is kept for end_of_stream)."""
         with self.lock:
-            for batch in self.unacked:
-                if id(batch) not in in_stream:
-                    in_stream.add(id(batch))
-                    return batch
-        batch = self.source.next()
-        if batch is not None:
+            batch = next((b for b in self.unacked if b.stream != stream.number), None)
+            if batch is not None:
+                batch.stream = stream.number
+        if batch is None:
+            try:
+                batch = self.source.next()
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by end_of_stream
+                stream.source_error.append(exc)
+                return None
+            if batch is None:
+                return None
+            batch.stream = stream.number
             with self.lock:
                 self.unacked.append(batch)
-            in_stream.add(id(batch))
-        return batch
+        stream.sent[stream.next_sequence] = batch
+        stream.next_sequence += 1
+        return batch.request
 
-    def acknowledge(self, batch: _Batch, ack: pb.UpsertAck) -> None:
+    def acknowledge(self, stream: _Stream, ack: pb.UpsertAck) -> None:
         self.report_refused()
+        batch = stream.sent.pop(ack.sequence)
         with self.lock:
             self.unacked.remove(batch)
         self._attempt, self._last_progress = 0, time.monotonic()
@@ -451,12 +476,12 @@ class _UpsertSession:
         if self.on_ack is not None:
             self.on_ack(ack.upserted, failures)
 
-    def end_of_stream(self, source_error: list[Exception]) -> None:
+    def end_of_stream(self, stream: _Stream) -> None:
         """After the server ended a stream cleanly: re-raise the source's error, or demand a retry
         when something is still unacknowledged."""
         self.report_refused()
-        if source_error:
-            raise source_error[0]
+        if stream.source_error:
+            raise stream.source_error[0]
         if self.unacked:
             raise _StreamClosed(f"the server ended the stream with {len(self.unacked)} batches unacknowledged")
 
@@ -478,38 +503,29 @@ class _UpsertSession:
     def stream(self, stub: pb_grpc.RetrievalStub, metadata, max_in_flight: int) -> None:
         """One blocking Upsert stream with at most `max_in_flight` unacknowledged batches; returns
         when the source is exhausted and everything is acknowledged, raises grpc.RpcError otherwise."""
+        stream = self.open_stream()
         slots = threading.Semaphore(max(1, max_in_flight))
         stop = threading.Event()
-        sent: list[_Batch] = []  # position = sequence number in this stream
-        in_stream: set[int] = set()
-        source_error: list[Exception] = []  # raised by the caller's item iterator
 
         def requests() -> Iterator[pb.UpsertRequest]:
             while True:
                 while not slots.acquire(timeout=0.1):
                     if stop.is_set():
                         return
-                if stop.is_set():
+                request = None if stop.is_set() else self.next_request(stream)
+                if request is None:
                     return
-                try:
-                    batch = self.next_batch(in_stream)
-                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                    source_error.append(exc)
-                    return
-                if batch is None:
-                    return
-                sent.append(batch)
-                yield batch.request
+                yield request
 
         call = stub.Upsert(requests(), metadata=metadata)
         try:
             for ack in call:
-                self.acknowledge(sent[ack.sequence], ack)
+                self.acknowledge(stream, ack)
                 slots.release()
         finally:
             stop.set()
             call.cancel()  # no-op once the stream has ended; frees it if we leave early
-        self.end_of_stream(source_error)
+        self.end_of_stream(stream)
 
 
 class _StreamClosed(grpc.RpcError):

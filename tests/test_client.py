@@ -140,6 +140,21 @@ def test_upsert_many_bounds_the_batches_in_flight(client, demo_data):
     assert 0 < worst <= (max_in_flight + 1) * batch_size
 
 
+def test_an_error_of_the_items_iterator_is_raised_after_the_sent_batches(client, demo_data):
+    images = demo_images(demo_data, ("deer",), 6)
+
+    def items():
+        for n, (_, data) in enumerate(images):
+            yield UpsertItem(f"source/{n}", image=data)
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError, match="disk on fire"):
+        client.upsert_many(items(), batch_size=4)
+    # the full batch was sent and acknowledged; the one being packed when the error came was not
+    stored = client.get([f"source/{n}" for n in range(len(images))], ignore_missing=True)
+    assert [s.id for s in stored] == [f"source/{n}" for n in range(4)]
+
+
 def test_search_classify_label_corpus(client, demo_data):
     train = demo_images(demo_data, ("airplane", "deer"), 10)
     items = [UpsertItem(f"knn/{cls}/{n}", image=data) for n, (cls, data) in enumerate(train)]
