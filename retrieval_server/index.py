@@ -67,6 +67,24 @@ class RWLock:
                 self._cond.notify_all()
 
 
+class ClassTable:
+    """Class index of each labelled row. Classes are the labels in sorted order, as the class
+    indices of `moco-train knn` (sorted folder names), so vote ties break the same way."""
+
+    def __init__(self, labels: dict[int, str]) -> None:
+        self.names = sorted(set(labels.values()))
+        index = {name: c for c, name in enumerate(self.names)}
+        self.rows = np.array(sorted(labels), dtype=np.int64)
+        self.class_of_row = np.array([index[labels[r]] for r in self.rows.tolist()], dtype=np.int64)
+
+    def lookup(self, rows: np.ndarray) -> np.ndarray:
+        """Class indices of labelled rows (same shape), -1 for FAISS padding (row -1)."""
+        if not len(self.rows):
+            return np.full(rows.shape, -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.rows, rows), 0, len(self.rows) - 1)
+        return np.where(rows >= 0, self.class_of_row[pos], -1)
+
+
 def resolve_gpus(index_gpus: str) -> int:
     available = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if index_gpus == "auto":
@@ -193,6 +211,7 @@ class ItemIndex:
         self.items = FaissIndex(dim, factory, gpus)
         self.labelled = FaissIndex(dim, "Flat", gpus)
         self.labels: dict[int, str] = {}
+        self._classes: ClassTable | None = None
         self.version = 0
         self.lock = RWLock()
         if gpus:  # GPU indexes are not thread-safe, even for searches
@@ -233,6 +252,7 @@ class ItemIndex:
         self._set_labels(rows, labels)
 
     def _set_labels(self, rows: np.ndarray, labels: list[str | None]) -> None:
+        self._classes = None
         for row, lab in zip(rows.tolist(), labels):
             if lab is None:
                 self.labels.pop(row, None)
@@ -240,9 +260,11 @@ class ItemIndex:
                 self.labels[row] = lab
 
     # -- searches: the caller holds self.search_lock() -------------------------------------------
-    def class_names(self) -> list[str]:
-        """Labels in sorted order: the class index of `moco-train knn` (sorted folder names)."""
-        return sorted(set(self.labels.values()))
+    def classes(self) -> ClassTable:
+        """The labelled rows' class indices, cached until a label changes."""
+        if self._classes is None:
+            self._classes = ClassTable(self.labels)
+        return self._classes
 
     def label_selector(self, allowed: set[str]) -> faiss.SearchParameters:
         rows = np.array([r for r, lab in self.labels.items() if lab in allowed], dtype=np.int64)

@@ -343,14 +343,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         """(class names, vote shares (Q, C), neighbour scores (Q, k), rows (Q, k)) among labelled items."""
         start = time.perf_counter()
         with self.index.search_lock():
-            names = self.index.class_names()
-            if not names:
+            table = self.index.classes()
+            if not table.names:
                 raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
             scores, rows = self.index.labelled.search(queries, k + (exclude is not None))
-            labels = self.index.labels
-            class_of = {name: c for c, name in enumerate(names)}
-            idx = np.array([[class_of[labels[r]] if r >= 0 else -1 for r in line] for line in rows.tolist()],
-                           dtype=np.int64)
+        names, idx = table.names, table.lookup(rows)
         self.m.index_search_seconds.labels(op).observe(time.perf_counter() - start)
         if exclude is not None:  # a stored query leaves itself out (only one query then)
             keep = rows[0] != exclude
