@@ -191,14 +191,20 @@ class FaissIndex:
         and no selector is needed (GPU indexes take no IDSelector)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if params is None and self.gpus > 0:
-            return self._replica().search(queries, k)
+            return self._replica().search(queries, k)  # the caller keeps k <= 2048 (GPU limit)
         if params is None:
             return self.cpu.search(queries, k)
         return self.cpu.search(queries, k, params=params)
 
     def _replica(self) -> faiss.Index:
         if self._gpu is None or self._gpu_stale:
-            self._gpu = faiss.index_cpu_to_all_gpus(self.cpu, ngpu=self.gpus)
+            self._gpu = None
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.cpu, ngpu=self.gpus)
+            except RuntimeError as exc:  # e.g. HNSW has no GPU version: serve this index from the CPU
+                log.warning("%s cannot run on GPU (%s); searching it on the CPU", self.factory, exc)
+                self.gpus = 0
+                return self.cpu
             self._gpu_stale = False
         return self._gpu
 
@@ -221,7 +227,7 @@ class ItemIndex:
 
     @property
     def device(self) -> str:
-        return "gpu" if self.gpus else "cpu"
+        return "gpu" if self.items.gpus else "cpu"
 
     # -- mutations: the caller holds self.lock.write() -------------------------------------------
     def upsert(self, version: int, rows: np.ndarray, vectors: np.ndarray, labels: list[str | None],

@@ -46,6 +46,7 @@ def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _deadline(context)
             return method(self, request, context)
         except RpcError as exc:
             context.abort(exc.code, exc.message)
@@ -56,6 +57,7 @@ def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
+            _deadline(context)
             yield from method(self, request, context)
         except RpcError as exc:
             context.abort(exc.code, exc.message)
@@ -67,6 +69,8 @@ def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
 
 
 def _deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic(), None without one; DEADLINE_EXCEEDED once passed
+    (a call whose deadline passed is not run)."""
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e8:
         return None
@@ -211,7 +215,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 with self.index.lock.write():
                     self.index.upsert(version, rows, np.stack([it.embedding for it in items]),
                                       [w[1] for w in written], np.array([w[2] for w in written], dtype=bool))
-            self._after_write(len(items))
+                self._after_write(len(items))
         errors.sort(key=lambda e: e.index)
         return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
 
@@ -224,7 +228,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
             with self.index.lock.write():
                 self.index.remove(version, np.array(rows, dtype=np.int64))
-        self._after_write(len(rows))
+            self._after_write(len(rows))
         return pb.DeleteResponse(deleted=len(rows))
 
     @_unary
@@ -250,6 +254,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return pb.SetLabelsResponse(updated=len(changed))
 
     def _after_write(self, changed: int) -> None:
+        """Gauges, and a background snapshot every --snapshot-every changes; under self._writes."""
         self._update_gauges()
         self._changed_since_snapshot += changed
         if self.cfg.snapshot_every and self._changed_since_snapshot >= self.cfg.snapshot_every:
