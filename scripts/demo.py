@@ -71,8 +71,8 @@ def tool(name: str) -> str:
 def run(cmd: Sequence[str], capture: bool = False, env: dict[str, str] | None = None) -> str:
     """Run a CLI like a user (its progress bars on this terminal); its stdout when capture is set."""
     shown = [Path(cmd[0]).name, *map(str, cmd[1:])]
-    if len(shown) > 12:
-        shown = shown[:10] + [f"... ({len(shown) - 10} more)"]
+    if len(shown) > 30:  # e.g. classify with every held-out image
+        shown = shown[:8] + [f"... ({len(shown) - 8} more)"]
     print("$ " + " ".join(shown), flush=True)
     result = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE if capture else None, text=True,
                             env={**os.environ, **(env or {})})
