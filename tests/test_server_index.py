@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
-from retrieval_server.index import ItemIndex
+from retrieval_server.index import ItemIndex, resolve_gpus
 from retrieval_server.store import NewItem, Store, UnknownIds
 
 DIM = 16
@@ -97,3 +98,46 @@ def test_store_is_all_or_nothing(tmp_path: Path) -> None:
     old_id = store.store_id
     assert store.bind_model("sha256:b", DIM, reset=True) is None
     assert store.counts()[0] == 0 and store.store_id != old_id
+
+
+class FakeGpus:
+    """Stands in for faiss GPU cloning (no GPU here): a CPU clone, counted, optionally refusing."""
+
+    def __init__(self, refuse: tuple[type, ...] = ()) -> None:
+        self.clones = 0
+        self.refuse = refuse
+
+    def __call__(self, index, ngpu: int = -1):
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+        if isinstance(inner, self.refuse):
+            raise RuntimeError("not implemented for GPU")
+        self.clones += 1
+        return faiss.clone_index(index)
+
+
+def test_gpu_replica_is_refreshed_from_the_cpu_truth(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = FakeGpus()
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", gpus)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    assert resolve_gpus("auto") == 2 and resolve_gpus("1") == 1
+    with pytest.raises(RuntimeError, match="sees 2"):
+        resolve_gpus("3")
+    index = ItemIndex(DIM, "Flat", gpus=2)
+    vectors = _vectors(30, 0)
+    rows = np.arange(1, 31, dtype=np.int64)
+    index.upsert(1, rows[:20], vectors[:20], [None] * 20, np.zeros(20, bool))
+    assert index.items.search(vectors[:3], 1)[1][:, 0].tolist() == [1, 2, 3] and gpus.clones == 1
+    index.upsert(2, rows[20:], vectors[20:], [None] * 10, np.zeros(10, bool))  # adds go to the replica too
+    assert index.items.search(vectors[25:26], 1)[1][0, 0] == 26 and gpus.clones == 1
+    index.remove(3, rows[:5])  # removals re-clone from the CPU index
+    found = index.items.search(vectors[:5], 1)[1][:, 0]
+    assert not np.isin(found, rows[:5]).any() and gpus.clones == 2
+
+
+def test_index_without_gpu_version_searches_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", FakeGpus(refuse=(faiss.IndexHNSWFlat,)))
+    index = ItemIndex(DIM, "HNSW8", gpus=1)
+    vectors = _vectors(10, 0)
+    index.upsert(1, np.arange(10, dtype=np.int64), vectors, [None] * 10, np.zeros(10, bool))
+    assert index.items.search(vectors[4:5], 1)[1][0, 0] == 4
+    assert index.device == "cpu"
