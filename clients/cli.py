@@ -83,8 +83,19 @@ def shown_label(label: str, predicted: str) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------
 
-def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
-    files = walk_images(Path(args.dir))
+@dataclass
+class IndexPlan:
+    """What `index` must upload: (id, file) pairs not stored unchanged, and what it leaves out."""
+
+    todo: list[tuple[str, ImageFile]]
+    skipped: int
+    duplicates: int
+    failed: list[tuple[str, str]]
+
+
+def plan_index(client: RetrievalClient, files: list[ImageFile], id_from: str, with_labels: bool) -> IndexPlan:
+    """Hash every file and ask the server (Get, ignore_missing) which ids it already stores with
+    the same sha256 (and folder label, when labels come from folders): those are skipped."""
     failed: list[tuple[str, str]] = []
     by_id: dict[str, tuple[ImageFile, str]] = {}
     duplicates = 0
@@ -94,7 +105,7 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
         except OSError as exc:
             failed.append((f.rel, f"cannot read: {exc.strerror or exc}"))
             continue
-        item_id = digest if args.id_from == "hash" else f.rel
+        item_id = digest if id_from == "hash" else f.rel
         if item_id in by_id:
             duplicates += 1
             continue
@@ -102,9 +113,13 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
     stored = {s.id: s for s in client.get(list(by_id), ignore_missing=True)}
     todo = [(i, f) for i, (f, digest) in by_id.items()
             if not ((s := stored.get(i)) is not None and s.metadata.get("sha256") == digest
-                    and (not args.labels_from_folders or s.label == f.label))]
-    skipped = len(by_id) - len(todo)
+                    and (not with_labels or s.label == f.label))]
+    return IndexPlan(todo, len(by_id) - len(todo), duplicates, failed)
 
+
+def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
+    plan = plan_index(client, walk_images(Path(args.dir)), args.id_from, args.labels_from_folders)
+    todo = plan.todo
     read_errors: list[tuple[str, str]] = []
 
     def items() -> Iterator[UpsertItem]:
@@ -137,10 +152,11 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
                            "run the same command again to resume") from None
     finally:
         bar.close()
-    failed += read_errors + [(rel_of.get(x.id, x.id), f"{x.code.name}: {x.message}") for x in upload_failures]
-    summary = f"indexed {indexed}, skipped {skipped} (already stored unchanged)"
-    if duplicates:
-        summary += f", {duplicates} duplicate files"
+    failed = plan.failed + read_errors + [(rel_of.get(x.id, x.id), f"{x.code.name}: {x.message}")
+                                          for x in upload_failures]
+    summary = f"indexed {indexed}, skipped {plan.skipped} (already stored unchanged)"
+    if plan.duplicates:
+        summary += f", {plan.duplicates} duplicate files"
     print(f"{summary}, failed {len(failed)}")
     for rel, reason in failed:
         print(f"  failed {rel}: {reason}")
