@@ -304,6 +304,8 @@ class ItemIndex:
         version = self.version
         snapshot_dir.mkdir(parents=True, exist_ok=True)
         name = f"items-v{version}.faiss"
+        for stale in snapshot_dir.glob(".items-v*.faiss.tmp"):  # left by a kill during an earlier write
+            stale.unlink(missing_ok=True)
         tmp = snapshot_dir / f".{name}.tmp"
         faiss.write_index(self.items.cpu, str(tmp))
         with open(tmp, "rb") as f:
