@@ -79,8 +79,20 @@ def feature_dim(model: nn.Module) -> int:
     return first.in_features
 
 
-def build_backbone(arch: str, cifar_stem: bool) -> nn.Module:
-    """The exported/served encoder: a ResNet whose output is the pooled feature (fc = Identity)."""
+HEADS = ("none", "linear", "mlp")
+
+
+def build_backbone(arch: str, cifar_stem: bool, head: str = "none", head_dim: int = 128) -> nn.Module:
+    """The exported/served encoder: a ResNet whose output is the pooled feature (head "none", fc =
+    Identity), or the MoCo projection head's output: "linear" (v1) or "mlp" (v2: fc.0, ReLU, fc.2)."""
     model = build_resnet(arch, cifar_stem=cifar_stem)
-    model.fc = nn.Identity()
+    width = feature_dim(model)
+    if head == "none":
+        model.fc = nn.Identity()
+    elif head == "linear":
+        model.fc = nn.Linear(width, head_dim)
+    elif head == "mlp":
+        model.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, head_dim))
+    else:
+        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
     return model

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .export import (EXPORT_FORMAT, ExportError, is_official_moco_checkpoint, make_export,
-                     official_moco_backbone)
+                     official_moco_encoder)
 from .fileio import atomic_torch_save
 from .transforms import Preprocessing
 
@@ -100,9 +100,10 @@ def find_resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def to_export(blob: dict[str, Any], source: str) -> dict[str, Any]:
-    """The export dict of a file's contents: an export as is, our checkpoint's f_q backbone, or an
-    official facebookresearch/moco checkpoint's (ImageNet preprocessing, standard stem)."""
+def to_export(blob: dict[str, Any], source: str, keep_head: bool = False) -> dict[str, Any]:
+    """The export dict of a file's contents: an export as is, our checkpoint's f_q, or an official
+    facebookresearch/moco checkpoint's (ImageNet preprocessing, standard stem); the f_q backbone
+    alone unless keep_head (see export.make_export)."""
     if blob.get("format") == EXPORT_FORMAT:
         return blob
     if blob.get("format") == CHECKPOINT_FORMAT:
@@ -110,12 +111,13 @@ def to_export(blob: dict[str, Any], source: str) -> dict[str, Any]:
         state = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
         return make_export(state, arch=blob["arch"], cifar_stem=blob["cifar_stem"],
                            preprocessing=Preprocessing.from_dict(blob["preprocessing"]),
-                           train_args=blob["args"], source=f"{source} (step {blob['global_step']})")
+                           train_args=blob["args"], source=f"{source} (step {blob['global_step']})",
+                           keep_head=keep_head)
     if is_official_moco_checkpoint(blob):
-        arch, state = official_moco_backbone(blob)
+        arch, state = official_moco_encoder(blob)
         try:
             return make_export(state, arch=arch, cifar_stem=False, preprocessing=Preprocessing(),
-                               source=f"{source} (official MoCo checkpoint)")
+                               source=f"{source} (official MoCo checkpoint)", keep_head=keep_head)
         except RuntimeError as exc:
             raise ExportError(f"{source}: weights do not fit {arch} ({str(exc).splitlines()[0]})") from exc
     raise CheckpointError(f"{source}: neither a moco-train checkpoint, an export, nor an official MoCo checkpoint")

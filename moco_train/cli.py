@@ -85,6 +85,9 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the query encoder backbone and its metadata for serving")
     p.add_argument("checkpoint", metavar="CKPT", help="moco-train checkpoint or official MoCo checkpoint")
     p.add_argument("out", metavar="OUT", help="export file to write")
+    p.add_argument("--keep-head", action="store_true",
+                   help="serve the projection head's output (--moco-dim, e.g. 128-d: a 4x smaller index) "
+                        "instead of the backbone's pooled features (default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +149,7 @@ def cmd_knn(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    blob = to_export(load_file(args.checkpoint), args.checkpoint)
+    blob = to_export(load_file(args.checkpoint), args.checkpoint, keep_head=args.keep_head)
     _, meta = export_model(blob, args.checkpoint)
     atomic_torch_save(blob, Path(args.out))
     print(f"wrote {args.out}: {meta.arch} (cifar stem: {meta.cifar_stem}), {meta.feature_dim}-d features, "

@@ -1,5 +1,5 @@
-"""The export format: the query encoder f_q without its projection head, plus everything a server
-needs to reproduce its features exactly. One format, one loader, shared by training and serving."""
+"""The export format: the query encoder f_q (by default without its projection head), plus everything
+a server needs to reproduce its features exactly. One format, one loader, shared by training and serving."""
 from __future__ import annotations
 
 import hashlib
@@ -32,19 +32,22 @@ class ExportMeta:
     fingerprint: str
     train_args: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # "none": pooled backbone features; "linear"/"mlp": the projection head's output is served.
+    head: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "arch": self.arch, "cifar_stem": self.cifar_stem, "feature_dim": self.feature_dim,
             "preprocessing": self.preprocessing.to_dict(), "fingerprint": self.fingerprint,
-            "train_args": self.train_args, "source": self.source,
+            "train_args": self.train_args, "source": self.source, "head": self.head,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExportMeta":
         return cls(arch=d["arch"], cifar_stem=bool(d["cifar_stem"]), feature_dim=int(d["feature_dim"]),
                    preprocessing=Preprocessing.from_dict(d["preprocessing"]), fingerprint=d["fingerprint"],
-                   train_args=dict(d.get("train_args", {})), source=d.get("source", ""))
+                   train_args=dict(d.get("train_args", {})), source=d.get("source", ""),
+                   head=d.get("head", "none"))
 
 
 def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
@@ -62,24 +65,41 @@ def backbone_state_dict(encoder_state: dict[str, torch.Tensor]) -> dict[str, tor
     return {k: v.detach().cpu().clone() for k, v in encoder_state.items() if not k.startswith("fc.")}
 
 
-def make_export(backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
+def projection_head(encoder_state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """(kind, output dim) of an encoder's projection head: MoCo v1's Linear or v2's MLP."""
+    if "fc.weight" in encoder_state:
+        return "linear", int(encoder_state["fc.weight"].shape[0])
+    if "fc.2.weight" in encoder_state and "fc.0.weight" in encoder_state:
+        return "mlp", int(encoder_state["fc.2.weight"].shape[0])
+    raise ExportError("the encoder has no projection head (fc.* weights) to keep")
+
+
+def make_export(encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
                 preprocessing: Preprocessing, train_args: dict[str, Any] | None = None,
-                source: str = "") -> dict[str, Any]:
-    """The export as an in-memory dict (what save_export writes); validates the weights by building the backbone."""
-    state = backbone_state_dict(backbone_state)
-    model = build_backbone(arch, cifar_stem)
+                source: str = "", keep_head: bool = False) -> dict[str, Any]:
+    """The export as an in-memory dict (what save_export writes); validates the weights by building
+    the model. keep_head serves the projection head's output (e.g. 128-d, a 4x smaller index than
+    ResNet-18's 512-d pooled features) instead of the pooled backbone features."""
+    if keep_head:
+        head, dim = projection_head(encoder_state)
+        state = {k: v.detach().cpu().clone() for k, v in encoder_state.items()}
+    else:
+        head, dim = "none", feature_dim(build_resnet(arch))
+        state = backbone_state_dict(encoder_state)
+    model = build_backbone(arch, cifar_stem, head, dim)
     model.load_state_dict(state, strict=True)
-    meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=feature_dim(build_resnet(arch)),
+    meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=dim,
                       preprocessing=preprocessing, fingerprint=fingerprint_state_dict(state),
-                      train_args=dict(train_args or {}), source=source)
+                      train_args=dict(train_args or {}), source=source, head=head)
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(), "state_dict": state}
 
 
-def save_export(path: str | Path, backbone_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
-                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "") -> ExportMeta:
-    """Write an export atomically; validates the weights by building the backbone first."""
-    blob = make_export(backbone_state, arch=arch, cifar_stem=cifar_stem, preprocessing=preprocessing,
-                       train_args=train_args, source=source)
+def save_export(path: str | Path, encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
+                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "",
+                keep_head: bool = False) -> ExportMeta:
+    """Write an export atomically; validates the weights by building the model first."""
+    blob = make_export(encoder_state, arch=arch, cifar_stem=cifar_stem, preprocessing=preprocessing,
+                       train_args=train_args, source=source, keep_head=keep_head)
     atomic_torch_save(blob, path)
     return ExportMeta.from_dict(blob["meta"])
 
@@ -103,7 +123,7 @@ def export_model(blob: Any, name: str = "export", device: str | torch.device = "
     state = blob["state_dict"]
     if fingerprint_state_dict(state) != meta.fingerprint:
         raise ExportError(f"{name}: weights do not match the recorded fingerprint (file corrupted?)")
-    model = build_backbone(meta.arch, meta.cifar_stem)
+    model = build_backbone(meta.arch, meta.cifar_stem, meta.head, meta.feature_dim)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
 
@@ -113,10 +133,10 @@ def is_official_moco_checkpoint(blob: Any) -> bool:
             and any(k.startswith(OFFICIAL_PREFIX) for k in blob["state_dict"]))
 
 
-def official_moco_backbone(blob: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
-    """(arch, backbone state) from a checkpoint of facebookresearch/moco (main_moco.py)."""
+def official_moco_encoder(blob: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(arch, f_q state with its head) from a checkpoint of facebookresearch/moco (main_moco.py)."""
     state = {k[len(OFFICIAL_PREFIX):]: v for k, v in blob["state_dict"].items() if k.startswith(OFFICIAL_PREFIX)}
-    return blob.get("arch", "resnet50"), backbone_state_dict(state)
+    return blob.get("arch", "resnet50"), state
 
 
 @torch.no_grad()
