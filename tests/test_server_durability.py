@@ -4,6 +4,9 @@ rows and deletes; SIGTERM exits 0; start-up errors are one line and a non-zero e
 from __future__ import annotations
 
 import signal
+import socket
+import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,8 +17,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
 from retrieval_server.store import Store
-from server_harness import ServerProcess, make_export, png_bytes, run_server_expecting_failure
+from server_harness import (REPO, ServerProcess, make_export, png_bytes, run_server_expecting_failure, serve_command,
+                            server_env)
 
 BATCH, DIM = 16, 512
 
@@ -172,3 +177,42 @@ def test_startup_errors_are_one_line(tmp_path: Path) -> None:
     refused = run_server_expecting_failure(bad, tmp_path / "s2")
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "retrieval-server: error:" in refused.stderr and "bad.pt" in refused.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_not_serving_until_loaded(tmp_path: Path) -> None:
+    """While the store is locked by another writer the server cannot load: health says NOT_SERVING
+    and calls get UNAVAILABLE; once the lock goes it serves."""
+    model = make_export(tmp_path)
+    store = tmp_path / "store"
+    Store(store).close()
+    blocker = sqlite3.connect(store / Store.FILENAME, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    port, ready = _free_port(), tmp_path / "ready.json"
+    cmd = serve_command(model, store, "--ready-file", ready)
+    cmd[cmd.index("--port") + 1] = str(port)
+    proc = subprocess.Popen(cmd, env=server_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.RetrievalStub(channel).Info(pb.InfoRequest())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            assert not ready.exists()
+            blocker.execute("COMMIT")
+            while not ready.exists():
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            assert pb_grpc.RetrievalStub(channel).Info(pb.InfoRequest()).item_count == 0
+    finally:
+        blocker.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
