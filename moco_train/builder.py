@@ -51,9 +51,13 @@ class MoCo(nn.Module):
             param_k.data.mul_(self.m).add_(param_q.data, alpha=1.0 - self.m)
 
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        """Overwrite the oldest keys with this (global) batch, wrapping around the end of the queue."""
-        keys = distributed.concat_all_gather(keys)
+    def _dequeue_and_enqueue(self, *keys: torch.Tensor) -> None:
+        """Overwrite the oldest keys with this step's keys of all processes, wrapping around the end.
+
+        Each argument is gathered separately (rank 0's slice first), so the queue receives every key
+        batch in global batch order and all processes hold the same queue.
+        """
+        keys = torch.cat([distributed.concat_all_gather(k) for k in keys])
         n = keys.shape[0]
         if n > self.K:
             raise ValueError(f"{n} keys per step exceed the queue size K={self.K}")
@@ -92,7 +96,6 @@ class MoCo(nn.Module):
         if self.symmetric:
             q2 = F.normalize(self.encoder_q(im_k).float(), dim=1)
             logits = torch.cat([logits, self._logits(q2, k2, queue)], dim=0)
-            k = torch.cat([k, k2], dim=0)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives at 0
-        self._dequeue_and_enqueue(k)
+        self._dequeue_and_enqueue(*((k, k2) if self.symmetric else (k,)))
         return logits, labels

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,8 +31,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--max-steps", type=int, default=None,
                    help="train for this many steps instead of --epochs (the lr schedule follows it)")
-    p.add_argument("-b", "--batch-size", type=int, default=256, help="global batch size (default 256)")
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.03, dest="lr")
+    p.add_argument("-b", "--batch-size", type=int, default=256,
+                   help="global batch size, split evenly across processes (default 256)")
+    p.add_argument("--lr", "--learning-rate", type=float, default=0.03, dest="lr",
+                   help="learning rate for the global batch (MoCo: 0.03 for 256; scale linearly, "
+                        "e.g. 0.06 for -b 512, as the official code's 8-GPU recipe implies)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
     p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="epochs at which lr drops ×0.1")
@@ -45,14 +49,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (blur, stronger jitter)")
     p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos --moco-t 0.2")
     p.add_argument("--symmetric", action="store_true", help="symmetric loss (both crops as queries)")
-    p.add_argument("--bn", choices=BN_MODES, default="split",
-                   help="split: shuffled keys + BatchNorm in --bn-splits groups per process (default); "
-                        "shuffle: shuffled keys, per-process BN; sync: SyncBatchNorm; none: plain BN")
+    p.add_argument("--bn", choices=("auto", *BN_MODES), default="auto",
+                   help="shuffle: keys shuffled across processes, per-process BN (MoCo's shuffle-BN); "
+                        "split: shuffled keys + BatchNorm in --bn-splits groups within each process; "
+                        "sync: SyncBatchNorm, no shuffle; none: plain BN, no shuffle (leaks batch "
+                        "statistics between query and key: a shortcut that hurts learning); "
+                        "auto (default): shuffle with several processes, split with one")
     p.add_argument("--bn-splits", type=int, default=8, help="groups for --bn split (default 8)")
     p.add_argument("--cifar-stem", choices=("auto", "on", "off"), default="auto",
                    help="3x3 stride-1 stem without max-pool; auto: on for images of 64 px or less")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: image size if small, else 224)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="spawn this many training processes on this machine (DDP over 127.0.0.1; "
+                        "one per GPU if CUDA is present); for several machines use torchrun")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native bf16, else float32")
@@ -117,10 +127,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc != 1 and "RANK" not in os.environ:
+        from .launch import launch
+        return launch(args.argv, args.nproc, args.device, args.batch_size)
     from .trainer import train  # torch-heavy imports only for the command that needs them
     summary = train(train_config(args))
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
@@ -162,16 +177,17 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
     try:
-        {"train": cmd_train, "knn": cmd_knn, "export": cmd_export}[args.command](args)
+        status = {"train": cmd_train, "knn": cmd_knn, "export": cmd_export}[args.command](args)
     except USER_ERRORS as exc:
         print(f"moco-train {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"moco-train {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class TrainConfig:
     mlp: bool = False
     aug_plus: bool = False
     symmetric: bool = False
-    bn: str = "split"                  # split | shuffle | sync | none
+    bn: str = "auto"                   # auto (shuffle under DDP, else split) | split | shuffle | sync | none
     bn_splits: int = 8
     cifar_stem: str = "auto"           # auto | on | off
     crop_size: int | None = None       # None: image size for small images, else 224

@@ -157,8 +157,11 @@ class EpochSampler(Sampler):
     """This process's share of a per-epoch permutation, as (epoch, index) keys.
 
     Like DistributedSampler(drop_last=True) seeded with seed + epoch: the permutation is cut to a
-    multiple of the global batch, rank r takes every world_size-th element, and `start_step`
-    skips the batches already trained before a mid-epoch resume.
+    multiple of the global batch (every process runs the same number of full steps), rank r takes
+    the r-th contiguous slice of each global batch, and `start_step` skips the batches already
+    trained before a mid-epoch resume. Concatenating the ranks' slices (all_gather order) gives
+    the global batch in the order one process would see it, so a run's data stream, its queue and
+    its BatchNorm groups (split-BN group g = process g) do not depend on the number of processes.
     """
 
     def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -178,8 +181,9 @@ class EpochSampler(Sampler):
     def _indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.global_batch]
-        mine = perm[self.rank::self.world_size].tolist()
-        return mine[self.start_step * (self.global_batch // self.world_size):]
+        local = self.global_batch // self.world_size
+        mine = perm.view(-1, self.world_size, local)[self.start_step:, self.rank]
+        return mine.reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(self.epoch, i) for i in self._indices()])

@@ -27,6 +27,31 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable value on every process (e.g. the checkpoint that all ranks resume from)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of each rank's tensor (e.g. the per-process losses, for logging)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
+
+
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """All processes' tensors concatenated along dim 0 (no gradient flows back); identity in one process."""

@@ -66,12 +66,27 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def init_distributed(device_name: str) -> None:
-    """Join the process group that torchrun describes in the environment (no-op for one process)."""
+    """Join the process group that torchrun (or `--nproc`) describes in the environment (env://
+    rendezvous; no-op for one process): NCCL with each process pinned to GPU LOCAL_RANK, or gloo on
+    the CPU, where the cores are divided among the node's processes (torchrun's default is one
+    thread each)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_distributed():
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
         dist.init_process_group("nccl" if use_cuda else "gloo")
+
+
+def resolve_bn(bn: str, world_size: int) -> str:
+    """auto: cross-process shuffle-BN under DDP, split-BN emulation in one process."""
+    if bn == "auto":
+        return "shuffle" if world_size > 1 else "split"
+    if bn not in BN_MODES:
+        raise DataError(f"--bn must be auto or one of {', '.join(BN_MODES)}")
+    return bn
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -110,20 +125,22 @@ class Trainer:
         self.main = self.rank == 0
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        if cfg.bn not in BN_MODES:
-            raise DataError(f"--bn must be one of {', '.join(BN_MODES)}")
+        self.bn = resolve_bn(cfg.bn, self.world)
         if cfg.batch_size % self.world:
             raise DataError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
-        if cfg.bn == "split" and self.local_batch % cfg.bn_splits:
+        if self.bn == "split" and self.local_batch % cfg.bn_splits:
             raise DataError(f"--bn split needs the per-process batch ({self.local_batch}) divisible by "
                             f"--bn-splits ({cfg.bn_splits})")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
+        # The same seed on every rank: identical initial weights and queue without a broadcast, and
+        # identical RNG streams (only rank 0's key permutation is used), so rank 0's RNG state in a
+        # checkpoint is every rank's. Augmentation is seeded per sample (see data.py).
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed + self.rank)
+        torch.manual_seed(cfg.seed)
 
         self._build_data()
         self._build_model()
@@ -147,6 +164,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.load_failures: dict[int, str] = {}
+        self.loader: DataLoader | None = None
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -155,15 +173,23 @@ class Trainer:
         if self.moco_k < keys_per_step:
             raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
         encoder = build_encoder(cfg.arch, cfg.moco_dim, cfg.mlp, self.cifar_stem,
-                                bn_splits=cfg.bn_splits if cfg.bn == "split" else 1, sync_bn=cfg.bn == "sync")
+                                bn_splits=cfg.bn_splits if self.bn == "split" else 1, sync_bn=self.bn == "sync")
         self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=cfg.moco_t,
-                          symmetric=cfg.symmetric, shuffle_keys=cfg.bn in ("split", "shuffle")).to(self.device)
+                          symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
         if distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # The whole MoCo module, as in the official code, so that one DDP forward covers both
+            # query passes of --symmetric. Only f_q has gradients; every f_q parameter is used
+            # (find_unused_parameters off). Parameters and buffers are synced from rank 0 at
+            # construction; no buffer broadcast at each forward: the queue stays identical on all
+            # ranks by construction (gathered keys) and would cost K x dim floats per step, and BN
+            # running statistics are not used in training (rank 0's are checkpointed and exported).
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False,
+                                                           find_unused_parameters=False,
+                                                           gradient_as_bucket_view=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -183,16 +209,22 @@ class Trainer:
         }
 
     def save(self) -> None:
+        """Rank 0 writes; the barrier keeps every rank from running ahead of an unwritten checkpoint."""
         if self.main:
             save_checkpoint(self.run_dir, self.state(), self.cfg.keep)
+        distributed.barrier()
 
     def resume(self, spec: str) -> bool:
         """Restore from `auto` (newest valid checkpoint in the run dir, if any) or a path."""
         if spec == "auto":
-            found = find_resume(self.run_dir)
-            if found is None:
+            # Rank 0 chooses, so every rank resumes from the same file even if one of them sees a
+            # different set of files (the run dir must be on a filesystem shared by all nodes).
+            found = find_resume(self.run_dir) if self.main else None
+            path = distributed.broadcast_object(None if found is None else str(found[0]))
+            if path is None:
                 return False
-            path, blob = found
+            path = Path(path)
+            blob = found[1] if self.main else load_checkpoint(path)
         else:
             path, blob = Path(spec), load_checkpoint(spec)
         try:
@@ -235,14 +267,22 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         acc = (logits.argmax(dim=1) == labels).float().mean()
-        return {"loss": loss.item(), "acc": 100.0 * acc.item(), "lr": lr}
+        loss_acc = distributed.all_reduce_mean(torch.stack([loss.detach().float(), acc]))  # global batch
+        return {"loss": loss_acc[0].item(), "acc": 100.0 * loss_acc[1].item(), "lr": lr}
 
     def _loader(self) -> DataLoader:
+        """One loader for the whole run: workers decode and augment, persist across epochs and read
+        the sampler's epoch from the main process; every rank runs the same number of full steps
+        (the sampler drops the incomplete last global batch)."""
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        return DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler,
-                          num_workers=self.cfg.workers, collate_fn=collate_pairs, drop_last=True,
-                          pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        if self.loader is None:
+            workers = self.cfg.workers
+            self.loader = DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler,
+                                     num_workers=workers, collate_fn=collate_pairs, drop_last=True,
+                                     pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                     prefetch_factor=4 if workers > 0 else None,
+                                     generator=torch.Generator().manual_seed(self.cfg.seed))
+        return self.loader
 
     def knn_monitor(self) -> dict[str, float]:
         """kNN top-1/top-5 of the current f_q backbone, through the same export code as `moco-train knn`."""
@@ -259,7 +299,7 @@ class Trainer:
             self.resume(cfg.resume)
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
-                       device=str(self.device), amp=str(self.amp_dtype), world_size=self.world,
+                       device=str(self.device), amp=str(self.amp_dtype), world_size=self.world, bn=self.bn,
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         summary: dict[str, Any] = {}
         self.model.train()
