@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moco_train.export import ExportMeta, embed, load_export
+from moco_train.export import embed, load_export
 from moco_train.images import decode_image
 from moco_train.transforms import eval_transform
 
@@ -32,10 +32,6 @@ class Encoder:
     @property
     def dim(self) -> int:
         return self.meta.feature_dim
-
-    @property
-    def info(self) -> ExportMeta:
-        return self.meta
 
     def preprocess(self, image_bytes: bytes) -> torch.Tensor:
         """Image bytes -> (3, S, S) float tensor; raises ImageDecodeError / ImageTooLargeError."""

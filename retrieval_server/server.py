@@ -142,7 +142,6 @@ def serve(cfg: ServerConfig) -> int:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = _bind(server, cfg)
     server.start()
-    service = None
     try:
         service = _load(cfg, metrics)
     except BaseException:

@@ -6,7 +6,6 @@ import io
 import math
 import threading
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
