@@ -1,0 +1,118 @@
+"""Checkpoints: contents, rotation, truncated files skipped, and exact resume on the CPU."""
+from __future__ import annotations
+
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moco_train.checkpoint import (CheckpointError, find_resume, list_checkpoints, load_checkpoint, rng_state,
+                                   set_rng_state)
+from moco_train.config import TrainConfig
+from moco_train.trainer import Trainer
+
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """32 small images: 4 steps of batch 8 per epoch."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    return root
+
+
+def config(data: Path, run_dir: Path, epochs: int, workers: int = 0, resume: str | None = None) -> TrainConfig:
+    return TrainConfig(data=str(data), run_dir=str(run_dir), epochs=epochs, batch_size=8, moco_k=32,
+                       moco_dim=16, bn_splits=2, schedule=[1], lr=0.05, mlp=True, aug_plus=True,
+                       workers=workers, save_every_steps=3, keep=10, resume=resume, progress=False)
+
+
+def final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = dict(trainer.model.state_dict())
+    for i, buf in enumerate(trainer.optimizer.state_dict()["state"].values()):
+        state[f"optimizer.{i}"] = buf["momentum_buffer"]
+    return state
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ after resume: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Two epochs without interruption (checkpoints at steps 3, 4, 6, 8)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(config(images, run_dir, epochs=2))
+    trainer.fit()
+    return run_dir, final_state(trainer)
+
+
+def test_checkpoints_hold_the_whole_training_state(straight):
+    run_dir, state = straight
+    assert [p.name for p in list_checkpoints(run_dir)] == [
+        f"checkpoint_{s:08d}.pt" for s in (3, 4, 6, 8)]
+    blob = load_checkpoint(list_checkpoints(run_dir)[-1])
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step", "rng", "args"):
+        assert key in blob
+    assert (blob["epoch"], blob["step_in_epoch"], blob["global_step"]) == (2, 0, 8)
+    assert torch.equal(blob["model"]["queue"], state["queue"]) and int(blob["model"]["queue_ptr"]) == (8 * 8) % 32
+    assert "encoder_k.fc.0.weight" in blob["model"]
+    assert blob["args"]["moco_k"] == 32
+    assert (Path(run_dir) / "log.jsonl").read_text().count('"event": "step"') == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_epoch_then_resume_equals_two_epochs_straight(images, tmp_path, straight, workers):
+    Trainer(config(images, tmp_path, epochs=1, workers=workers)).fit()
+    resumed = Trainer(config(images, tmp_path, epochs=2, workers=workers, resume="auto"))
+    resumed.fit()
+    assert resumed.global_step == 2 * STEPS_PER_EPOCH
+    assert_identical(final_state(resumed), straight[1])
+
+
+def test_mid_epoch_resume_from_the_newest_valid_checkpoint(images, tmp_path, straight):
+    run_dir = straight[0]
+    shutil.copy(run_dir / "checkpoint_00000006.pt", tmp_path)  # "crashed" in the middle of epoch 1
+    good = (run_dir / "checkpoint_00000008.pt").read_bytes()
+    (tmp_path / "checkpoint_00000007.pt").write_bytes(good[: len(good) // 2])  # truncated: ignored
+    with pytest.warns(UserWarning, match="checkpoint_00000007.pt"):
+        resumed = Trainer(config(images, tmp_path, epochs=2, resume="auto"))
+        resumed.fit()
+    assert_identical(final_state(resumed), straight[1])
+
+
+def test_rotation_keeps_the_newest(images, tmp_path):
+    cfg = config(images, tmp_path, epochs=1)
+    cfg.save_every_steps, cfg.keep = 1, 2
+    Trainer(cfg).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]
+
+
+def test_truncated_and_foreign_files_are_not_checkpoints(straight, tmp_path):
+    data = (straight[0] / "checkpoint_00000004.pt").read_bytes()
+    (tmp_path / "checkpoint_00000009.pt").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "checkpoint_00000009.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert find_resume(tmp_path) is None
+    torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a moco-train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected

@@ -1,0 +1,96 @@
+"""Export: a checkpoint's export reproduces its embeddings; official MoCo checkpoints convert."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moco_train.backbones import build_backbone
+from moco_train.builder import build_encoder
+from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export
+from moco_train.config import TrainConfig
+from moco_train.export import ExportError, embed, export_model, load_export
+from moco_train.fileio import atomic_torch_save
+from moco_train.trainer import Trainer
+
+
+def backbone_from(state: dict[str, torch.Tensor], prefix: str, arch: str, cifar_stem: bool) -> torch.nn.Module:
+    """The reference: a plain backbone loaded by hand with the encoder's non-head weights."""
+    model = build_backbone(arch, cifar_stem)
+    model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                           if k.startswith(prefix) and not k.startswith(prefix + "fc.")})
+    return model.eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    trainer = Trainer(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), batch_size=4, moco_k=8,
+                                  bn_splits=2, mlp=True, progress=False))
+    with torch.no_grad():  # make the BN running statistics non-trivial, as after training
+        for name, buf in trainer.model.encoder_q.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    return save_checkpoint(tmp_path / "run", trainer.state(), keep=1), trainer
+
+
+def test_export_reproduces_the_checkpoint_embeddings(checkpoint, tmp_path):
+    path, trainer = checkpoint
+    blob = to_export(load_file(path), str(path))
+    atomic_torch_save(blob, tmp_path / "encoder.pt")
+    model, meta = load_export(tmp_path / "encoder.pt")
+    assert (meta.arch, meta.cifar_stem, meta.feature_dim, meta.preprocessing.input_size) == ("resnet18", True, 512, 16)
+    assert meta.train_args["mlp"] is True and not any(k.startswith("fc.") for k in blob["state_dict"])
+    images = torch.randn(5, 3, 16, 16)
+    reference = backbone_from(trainer.model.state_dict(), "encoder_q.", "resnet18", cifar_stem=True)
+    expected = torch.nn.functional.normalize(reference(images), dim=1)
+    assert torch.equal(embed(model, images), expected)
+    in_memory, _ = export_model(to_export(load_file(path), str(path)))  # what `knn --checkpoint` uses
+    assert torch.equal(embed(in_memory, images), expected)
+
+
+def test_tampered_export_is_refused(checkpoint, tmp_path):
+    path, _ = checkpoint
+    blob = to_export(load_file(path), str(path))
+    blob["state_dict"]["conv1.weight"] = blob["state_dict"]["conv1.weight"] + 1e-3
+    atomic_torch_save(blob, tmp_path / "bad.pt")
+    with pytest.raises(ExportError, match="fingerprint"):
+        load_export(tmp_path / "bad.pt")
+    with pytest.raises(ExportError, match="not a readable export"):
+        load_export(path.with_name("missing.pt"))
+
+
+def official_checkpoint(arch: str) -> dict:
+    """What facebookresearch/moco's main_moco.py saves for a v2 (MLP) model, weights from a real ResNet."""
+    torch.manual_seed(1)
+    encoder = build_encoder(arch, 128, mlp=True, cifar_stem=False)
+    state = {f"module.encoder_q.{k}": v for k, v in encoder.state_dict().items()}
+    state.update({f"module.encoder_k.{k}": v.clone() for k, v in encoder.state_dict().items()})
+    state["module.queue"] = torch.randn(128, 16)
+    state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return {"epoch": 200, "arch": arch, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def test_official_checkpoint_converts(tmp_path):
+    blob = official_checkpoint("resnet18")
+    assert {"module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.weight"} <= set(blob["state_dict"])
+    torch.save(blob, tmp_path / "moco_v2.pth.tar")
+    model, meta = export_model(to_export(load_file(tmp_path / "moco_v2.pth.tar"), "moco_v2.pth.tar"))
+    assert (meta.arch, meta.cifar_stem, meta.preprocessing.input_size) == ("resnet18", False, 224)
+    images = torch.randn(2, 3, 64, 64)
+    reference = backbone_from(blob["state_dict"], "module.encoder_q.", "resnet18", cifar_stem=False)
+    assert torch.equal(embed(model, images), torch.nn.functional.normalize(reference(images), dim=1))
+
+
+def test_official_checkpoint_of_the_wrong_architecture_is_a_clear_error():
+    blob = official_checkpoint("resnet18")
+    blob["arch"] = "resnet34"
+    with pytest.raises(ExportError, match="do not fit resnet34"):
+        to_export(blob, "x.pth.tar")
+    with pytest.raises(CheckpointError, match="neither"):
+        to_export({"state_dict": {"conv1.weight": torch.zeros(1)}}, "y.pt")

@@ -1,0 +1,101 @@
+"""`moco-train train | knn | export` end to end in child processes on real CIFAR-10 images."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def moco_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def subset(src: Path, dest: Path, per_class: int) -> Path:
+    for class_dir in sorted(src.iterdir()):
+        (dest / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.iterdir())[:per_class]:
+            (dest / class_dir.name / f.name).symlink_to(f)
+    return dest
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """3 steps of MoCo v2 on 320 demo images given as a list file."""
+    tmp = tmp_path_factory.mktemp("cli")
+    images = [p for c in sorted((demo_data / "train").iterdir()) for p in sorted(c.iterdir())[:32]]
+    listing = tmp / "images.txt"
+    listing.write_text("\n".join(str(p) for p in images) + "\n")
+    run_dir = tmp / "run"
+    proc = moco_train("train", listing, "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
+                      "-j", 0, "--v2", "--seed", 1)
+    return tmp, run_dir, proc
+
+
+def test_train_logs_progress_and_checkpoints(trained):
+    _, run_dir, proc = trained
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["global_step"] == 3 and summary["skipped_files"] == 0
+    assert "img_s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    start = records[0]
+    assert (start["event"], start["images"], start["moco_k"], start["cifar_stem"], start["input_size"]) == \
+        ("start", 320, 128, True, 32)
+    steps = [r for r in records if r["event"] == "step"]
+    assert len(steps) == 3 and {"loss", "acc", "lr", "img_per_s"} <= steps[0].keys()
+    assert [r for r in records if r["event"] == "epoch"]
+    assert (run_dir / "checkpoint_00000003.pt").is_file()
+
+
+def test_knn_and_export_agree(trained, demo_data):
+    tmp, run_dir, _ = trained
+    bank = subset(demo_data / "train", tmp / "bank", 20)
+    queries = subset(demo_data / "test", tmp / "queries", 10)
+    ckpt = run_dir / "checkpoint_00000003.pt"
+    by_ckpt = moco_train("knn", "--bank", bank, "--queries", queries, "--checkpoint", ckpt, "-k", 20, "-j", 0,
+                         "--json", "--predictions", tmp / "ckpt.csv")
+    result = json.loads(by_ckpt.stdout)
+    assert (result["bank_images"], result["query_images"]) == (200, 100)
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+
+    exported = moco_train("export", ckpt, tmp / "encoder.pt")
+    assert "resnet18" in exported.stdout and "sha256:" in exported.stdout
+    by_export = moco_train("knn", "--bank", bank, "--queries", queries, "--checkpoint", tmp / "encoder.pt",
+                           "-k", 20, "-j", 0, "--json", "--predictions", tmp / "export.csv")
+    assert json.loads(by_export.stdout) == result
+    rows = list(csv.reader((tmp / "ckpt.csv").open()))
+    assert rows[0] == ["path", "true_class", "predicted_class"] and len(rows) == 101
+    assert rows[1][1] == "airplane" and rows[-1][1] == "truck"
+    assert (tmp / "ckpt.csv").read_text() == (tmp / "export.csv").read_text()
+
+
+def test_user_errors_are_one_line(tmp_path, trained):
+    _, run_dir, _ = trained
+    assert_one_line_error(moco_train("train", tmp_path / "nope", "--run-dir", tmp_path / "r", check=False),
+                          "no such folder or file")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(moco_train("train", tmp_path / "empty", "--run-dir", tmp_path / "r", check=False),
+                          "no image files found")
+    assert_one_line_error(moco_train("knn", "--bank", tmp_path / "nope", "--queries", tmp_path / "nope",
+                                     "--checkpoint", run_dir / "checkpoint_00000003.pt", check=False),
+                          "no such folder")
+    (tmp_path / "junk.pt").write_text("junk")
+    assert_one_line_error(moco_train("export", tmp_path / "junk.pt", tmp_path / "out.pt", check=False),
+                          "not a readable checkpoint")
+    assert not (tmp_path / "out.pt").exists()
