@@ -311,6 +311,13 @@ def test_bad_inputs_leave_store_unchanged(stub, corpus, server: ServerProcess) -
     dup, = upsert(stub, [pb.Item(id="dup", image=png_bytes(5))] * 2)  # the first one goes in, not the second
     assert (dup.upserted, dup.failed, dup.errors[0].index) == (1, 1, 1) and "duplicate" in dup.errors[0].message
     assert stub.Delete(pb.DeleteRequest(ids=["dup"])).deleted == 1
+    # more images than queue slots: those items fail with RESOURCE_EXHAUSTED, the vector item goes in
+    crowd = [pb.Item(id=f"q{i}", image=png_bytes(i)) for i in range(MAX_QUEUE + 1)]
+    full, = upsert(stub, crowd + [pb.Item(id="vec", embedding=pb.Vector(values=good))])
+    assert (full.upserted, full.failed) == (1, MAX_QUEUE + 1)
+    assert {e.code for e in full.errors} == {Code.RESOURCE_EXHAUSTED.value[0]} and "queue full" in full.errors[0].message
+    assert stub.Delete(pb.DeleteRequest(ids=["vec"])).deleted == 1
+    assert state(stub) == before
     # the server keeps serving, and the errors were counted
     assert stub.Info(pb.InfoRequest()).item_count == before[0]
     after = scrape(server)
