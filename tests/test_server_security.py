@@ -1,5 +1,6 @@
 """TLS, bearer tokens (full and read-only; health stays open) and configuration by environment
-variables (flags win), against a real server with a self-signed certificate made by openssl."""
+variables (flags win), against a real server with a self-signed certificate made by openssl,
+serving a 128-d projection-head export."""
 from __future__ import annotations
 
 import subprocess
@@ -31,7 +32,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory):
     cert, key = _self_signed(root)
     (root / "token").write_text(TOKEN + "\n")
     env = {"RETRIEVAL_READ_ONLY_TOKEN": READ_ONLY, "RETRIEVAL_MAX_K": "33", "RETRIEVAL_DEFAULT_K": "7"}
-    with ServerProcess(make_export(root), root / "store", "--tls-cert", cert, "--tls-key", key,
+    with ServerProcess(make_export(root, head_dim=128), root / "store", "--tls-cert", cert, "--tls-key", key,
                        "--auth-token-file", root / "token", "--max-k", "44", env=env) as server:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         channel = server.channel(credentials)
@@ -73,7 +74,8 @@ def test_tokens(secure) -> None:
     assert len(stub.Search(pb.SearchRequest(query=pb.Query(id="i0"), k=2), metadata=ro).neighbors) == 2
     assert stub.Classify(pb.ClassifyRequest(query=pb.Query(id="i3")), metadata=ro).label == "a"
     assert len(list(stub.LabelCorpus(pb.LabelCorpusRequest(), metadata=ro))) == 2
-    assert len(stub.Embed(pb.EmbedRequest(images=[png_bytes(9)]), metadata=ro).embeddings) == 1
+    embedded = stub.Embed(pb.EmbedRequest(images=[png_bytes(9)]), metadata=ro)
+    assert embedded.dim == 128 and [len(e.values) for e in embedded.embeddings] == [128]
     writes = [
         lambda: list(stub.Upsert(iter([pb.UpsertRequest(items=[pb.Item(id="x", image=png_bytes(5))])]), metadata=ro)),
         lambda: stub.Delete(pb.DeleteRequest(ids=["i0"]), metadata=ro),
@@ -94,3 +96,4 @@ def test_environment_configures_and_flags_win(secure) -> None:
     info = server.stub(channel).Info(pb.InfoRequest(), metadata=_md(READ_ONLY))
     assert info.default_k == 7  # RETRIEVAL_DEFAULT_K
     assert info.max_k == 44  # --max-k beats RETRIEVAL_MAX_K=33
+    assert info.dim == 128
