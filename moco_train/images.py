@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 # Above this many pixels an image is refused before it is decoded (decompression bombs).
 DEFAULT_MAX_PIXELS = 64_000_000
+# PIL names the file object in its messages ("<_io.BytesIO object at 0x...>"): noise to a user.
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 class ImageDecodeError(ValueError):
@@ -53,7 +56,8 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     except ImageDecodeError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, TypeError) as exc:
-        raise ImageDecodeError(f"{name}: cannot decode image ({exc})") from exc
+        reason = _BUFFER_REPR.sub("", str(exc)).strip() or type(exc).__name__
+        raise ImageDecodeError(f"{name}: cannot decode image ({reason})") from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

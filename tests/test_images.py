@@ -76,3 +76,9 @@ def test_junk_is_refused(tmp_path):
 def test_image_extensions():
     assert is_image_path("a/B.JPEG") and is_image_path("x.webp") and is_image_path("x.tif")
     assert not is_image_path("notes.txt")
+
+
+def test_decode_error_message_names_no_buffer_object():
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(b"definitely not an image")
+    assert "BytesIO" not in str(info.value) and "cannot identify image file" in str(info.value)
