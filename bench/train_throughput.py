@@ -1,0 +1,298 @@
+"""Pretraining throughput of moco-train against lightly's MoCo, plus kNN quality at the same budget.
+
+Both sides train the same model on the same data for the same number of steps, each in its own
+child process(es), in one run of this script:
+  * backbone: torchvision ResNet-18 with the CIFAR stem (3x3 stride-1 conv1, no max-pool), random init;
+  * head: MoCo v2 MLP 512-512-128 (ours: --mlp; lightly: MoCoProjectionHead(512, 512, 128));
+  * loss: InfoNCE with a K-key queue, tau 0.2 (ours: the MoCo module; lightly: NTXentLoss(memory_bank_size=(K, 128)));
+  * key encoder momentum 0.99 (lightly: update_momentum on backbone and head, deactivate_requires_grad);
+  * SGD lr 0.06 (lightly's example), momentum 0.9, weight decay 5e-4, constant lr, global batch -b;
+  * augmentation: MoCo v2 (ours: --aug-plus; lightly: MoCoV2Transform(input_size=32), same ops/parameters);
+  * data: the CIFAR-10 JPEG training folder (the first --train-per-class images of each class, as
+    symlinks), decoded with PIL in DataLoader workers on both sides.
+Lightly is driven by the training loop of its MoCo example (examples/pytorch/moco.py), which uses
+plain BatchNorm without shuffling; ours uses its defaults (split-BN in one process, cross-process
+shuffle-BN in two), i.e. it does MoCo's extra shuffle work. With 2 processes lightly runs under
+torch DDP with DistributedSampler and NTXentLoss(gather_distributed=True) (keys of all ranks enter
+its memory bank), ours under `moco-train train --nproc 2`. Mixed precision = bf16 autocast on the
+CPU on both sides (lightly's example has none: the same torch.autocast wraps its forward).
+
+images/s: global batch x steps after --warmup, over the time between those steps (step-end
+timestamps; start-up, file validation and the final checkpoint are excluded). Peak memory: the
+largest sum of resident set sizes over the whole process tree (trainers and data workers; shared
+pages count once per process), sampled every 0.2 s. Quality: after the --quality-steps runs
+(mixed precision, 1 process), the InstDisc kNN (k=200, tau=0.07, moco_train.knn) top-1 on the
+first --queries-per-class CIFAR-10 test images per class against the first --bank-per-class
+training images per class, for both encoders and the random initialisation. Finally what each of
+our speed options buys (1 process, bf16): channels_last, no data workers (fp32 is the first case).
+
+    BVENV=$(scripts/ensure_bench_venv.sh)
+    nohup $BVENV/bin/python bench/train_throughput.py > /tmp/train_throughput.log 2>&1 &
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from moco_train.backbones import build_resnet
+from moco_train.checkpoint import find_resume, to_export
+from moco_train.evaluate import knn_evaluate
+from moco_train.export import export_model, make_export
+from moco_train.launch import free_port
+from moco_train.transforms import Preprocessing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_cifar import class_subset, ensure_cifar  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+LR, MOMENTUM, WD, KEY_MOMENTUM, TAU, DIM = 0.06, 0.9, 5e-4, 0.99, 0.2, 128
+
+
+# -- lightly's side (runs in the child processes) ------------------------------------------------
+def lightly_worker(args: argparse.Namespace) -> None:
+    """lightly's MoCo example loop on a CIFAR-stem ResNet-18; writes step-end times (rank 0)."""
+    import torch.distributed as dist
+    import torchvision
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import MoCoV2Transform
+    from torch import nn
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+        dist.init_process_group("gloo")
+    torch.manual_seed(args.seed)
+
+    class MoCo(nn.Module):  # as in lightly's examples/pytorch/moco.py
+        def __init__(self, backbone: nn.Module) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.projection_head = MoCoProjectionHead(512, 512, DIM)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+            deactivate_requires_grad(self.backbone_momentum)
+            deactivate_requires_grad(self.projection_head_momentum)
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+        def forward_momentum(self, x):
+            return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    resnet = torchvision.models.resnet18()
+    resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    resnet.maxpool = nn.Identity()
+    resnet.fc = nn.Identity()
+    model = MoCo(resnet)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    transform = MoCoV2Transform(input_size=32)
+    dataset = torchvision.datasets.ImageFolder(args.data, transform=transform)
+    sampler = torch.utils.data.DistributedSampler(dataset, seed=args.seed, drop_last=True) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0)
+    criterion = NTXentLoss(temperature=TAU, memory_bank_size=(args.moco_k, DIM), gather_distributed=world > 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp)
+    times, step, epoch = [], 0, 0
+    while step < args.steps:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for batch in loader:
+            x_query, x_key = batch[0]
+            update_momentum(model.backbone, model.backbone_momentum, m=KEY_MOMENTUM)
+            update_momentum(model.projection_head, model.projection_head_momentum, m=KEY_MOMENTUM)
+            with amp:
+                query = net(x_query)
+                key = model.forward_momentum(x_key)
+                loss = criterion(query.float(), key.float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            loss.item()
+            times.append(time.time())
+            step += 1
+            if step == args.steps:
+                break
+        epoch += 1
+    if rank == 0:
+        Path(args.out, "times.json").write_text(json.dumps(times))
+        torch.save(model.backbone.state_dict(), Path(args.out, "backbone.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# -- the orchestrator ----------------------------------------------------------------------------
+def run_tree(procs: list[subprocess.Popen]) -> int:
+    """Wait for the processes; the peak summed RSS (bytes) of them and all their descendants."""
+    peak = 0
+    roots = [psutil.Process(p.pid) for p in procs]
+    while any(p.poll() is None for p in procs):
+        rss = 0
+        for root in roots:
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    rss += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        peak = max(peak, rss)
+        time.sleep(0.2)
+    for p in procs:
+        if p.returncode != 0:
+            raise RuntimeError(f"{p.args} exited with {p.returncode}")
+    return peak
+
+
+def rate(times: list[float], batch: int, warmup: int) -> float:
+    return batch * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
+
+
+def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int,
+             channels_last: bool = False) -> dict:
+    run_dir = work / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "moco_train", "train", str(args.train), "--run-dir", str(run_dir),
+           "--max-steps", str(steps), "-b", str(args.batch_size), "--moco-k", str(args.moco_k),
+           "--moco-m", str(KEY_MOMENTUM), "--moco-t", str(TAU), "--mlp", "--aug-plus", "--lr", str(LR),
+           "--momentum", str(MOMENTUM), "--wd", str(WD), "--schedule", "-j", str(workers),
+           "--amp", "bf16" if amp else "off", "--seed", "0", "--no-progress", "--keep", "1",
+           "--nproc", str(nproc), *(["--channels-last"] if channels_last else [])]
+    peak = run_tree([subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)])
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    times = [r["time"] for r in records if r["event"] == "step"]
+    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak / 2**20, "run_dir": run_dir}
+
+
+def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: int) -> dict:
+    out = work / "lightly"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, __file__, "--lightly-worker", "--data", str(args.train), "--out", str(out),
+           "--steps", str(steps), "--batch-size", str(args.batch_size), "--moco-k", str(args.moco_k),
+           "--workers", str(workers), *(["--amp"] if amp else [])]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    peak = run_tree(procs)
+    times = json.loads((out / "times.json").read_text())
+    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak / 2**20, "out": out}
+
+
+def knn_top1(blob: dict, bank: Path, queries: Path) -> float:
+    model, meta = export_model(blob)
+    return knn_evaluate(model, meta, bank, queries, workers=2).top1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--moco-k", type=int, default=4096)
+    parser.add_argument("--train-per-class", type=int, default=1000,
+                        help="train on the first N training images of each class (5000: all; fewer "
+                             "shortens both trainers' start-up, the steps never repeat an image)")
+    parser.add_argument("--steps", type=int, default=6, help="steps of each throughput case")
+    parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rate")
+    parser.add_argument("--quality-steps", type=int, default=40, help="steps of the two kNN-quality runs")
+    parser.add_argument("--bank-per-class", type=int, default=200)
+    parser.add_argument("--queries-per-class", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
+    # internal: one lightly training process
+    parser.add_argument("--lightly-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.lightly_worker:
+        args.out = Path(args.out)
+        lightly_worker(args)
+        return
+
+    import lightly
+    start = time.time()
+    ensure_cifar(args.cifar)
+    work = Path(tempfile.mkdtemp(prefix="train_throughput_"))
+    args.train = class_subset(args.cifar / "train", args.train_per_class, work / "train")
+    cores = len(os.sched_getaffinity(0))
+    cases, ablations = [], []
+    for nproc in (1, 2):
+        workers = max(1, cores // nproc)  # data workers per process, the same on both sides
+        for amp in (False, True):
+            steps = args.quality_steps if (nproc, amp) == (1, True) else args.steps
+            ours = run_ours(work, args, nproc, amp, steps, workers)
+            peer = run_lightly(work, args, nproc, amp, steps, workers)
+            case = {"processes": nproc, "precision": "bf16 autocast" if amp else "fp32", "steps": steps,
+                    "data_workers_per_process": workers,
+                    "ours_img_per_s": round(ours["img_per_s"], 2), "lightly_img_per_s": round(peer["img_per_s"], 2),
+                    "ratio": round(ours["img_per_s"] / peer["img_per_s"], 3),
+                    "ours_peak_rss_mb": round(ours["peak_rss_mb"]), "lightly_peak_rss_mb": round(peer["peak_rss_mb"])}
+            if steps == args.quality_steps:
+                bank = class_subset(args.cifar / "train", args.bank_per_class, work / "bank")
+                queries = class_subset(args.cifar / "test", args.queries_per_class, work / "queries")
+                _, ckpt = find_resume(ours["run_dir"])
+                preprocessing = Preprocessing.for_input_size(32)
+                lightly_blob = make_export(torch.load(peer["out"] / "backbone.pt", weights_only=True),
+                                           arch="resnet18", cifar_stem=True, preprocessing=preprocessing,
+                                           source="lightly")
+                torch.manual_seed(0)
+                init_blob = make_export(build_resnet("resnet18", cifar_stem=True).state_dict(), arch="resnet18",
+                                        cifar_stem=True, preprocessing=preprocessing, source="random init")
+                case.update(ours_knn_top1=knn_top1(to_export(ckpt, "ours"), bank, queries),
+                            lightly_knn_top1=knn_top1(lightly_blob, bank, queries),
+                            random_init_knn_top1=knn_top1(init_blob, bank, queries))
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+    # What each speed option buys (ours, 1 process, bf16 unless stated).
+    for name, kwargs in [("default (bf16, contiguous, 2 workers)", {}), ("channels_last", dict(channels_last=True)),
+                         ("0 data workers", dict(workers=0))]:
+        opts = {"amp": True, "workers": cores, **kwargs}
+        result = run_ours(work, args, 1, steps=args.steps, **opts)
+        ablations.append({"variant": name, "img_per_s": round(result["img_per_s"], 2),
+                          "peak_rss_mb": round(result["peak_rss_mb"])})
+        print(json.dumps(ablations[-1]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "benchmark": "train_throughput", "machine": {"cpu": platform.processor() or platform.machine(),
+                                                     "cores": cores, "torch": torch.__version__,
+                                                     "lightly": lightly.__version__},
+        "setup": {"model": "resnet18 CIFAR stem + MLP head 512-512-128", "batch_size": args.batch_size,
+                  "moco_k": args.moco_k, "tau": TAU, "lr": LR, "weight_decay": WD, "key_momentum": KEY_MOMENTUM,
+                  "augmentation": "MoCo v2 (32 px)", "data": str(args.cifar / "train"),
+                  "train_images_per_class": args.train_per_class, "warmup_steps": args.warmup,
+                  "knn": {"k": 200, "tau": 0.07, "bank_per_class": args.bank_per_class,
+                          "queries_per_class": args.queries_per_class}},
+        "cases": cases, "ablations_ours_1proc": ablations, "wall_s": round(time.time() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| processes | precision | ours img/s | lightly img/s | ratio | ours peak RSS MB | lightly peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for c in cases:
+        print(f"| {c['processes']} | {c['precision']} | {c['ours_img_per_s']} | {c['lightly_img_per_s']} | "
+              f"{c['ratio']} | {c['ours_peak_rss_mb']} | {c['lightly_peak_rss_mb']} |")
+    quality = next(c for c in cases if "ours_knn_top1" in c)
+    print(f"\nkNN top-1 after {quality['steps']} steps (bf16, 1 process): ours {quality['ours_knn_top1']:.2f}%, "
+          f"lightly {quality['lightly_knn_top1']:.2f}%, random init {quality['random_init_knn_top1']:.2f}%")
+    print("\n| ours, 1 process | img/s | peak RSS MB |\n|---|---|---|")
+    for a in ablations:
+        print(f"| {a['variant']} | {a['img_per_s']} | {a['peak_rss_mb']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Multi-process training with real processes on 127.0.0.1 (gloo, CPU): shuffle-BN collectives, the
+shared queue, 1-vs-2-process equivalence, the --nproc launcher, torchrun restarts with --resume auto,
+and export + kNN of a 2-process run.
+
+Children run this file as a script (`python tests/test_distributed.py MODE SPEC OUT`) with the
+environment torchrun would give them; each writes what it saw to OUT/rank<r>.pt for the test to check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moco_train import distributed
+from moco_train.builder import MoCo, build_encoder
+from moco_train.checkpoint import load_checkpoint
+from moco_train.config import TrainConfig
+from moco_train.launch import free_port
+from moco_train.trainer import Trainer, init_distributed
+
+REPO = Path(__file__).resolve().parent.parent
+# Tiny but real: ResNet-18 with the CIFAR stem on 16x16 crops of the demo images, batch 16, K 64.
+TINY = dict(max_steps=6, batch_size=16, moco_k=64, crop_size=16, workers=0, amp="off", progress=False, seed=3)
+
+
+# -- children ----------------------------------------------------------------------------------
+def child_collectives(out: Path) -> dict:
+    """batch_shuffle/unshuffle and the enqueue order, with known inputs on each rank."""
+    init_distributed("cpu")
+    rank = distributed.get_rank()
+    torch.manual_seed(0)
+    model = MoCo(build_encoder("resnet18", 16, mlp=False, cifar_stem=True), dim=16, K=32)
+    im_k = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(100 + rank))
+    shuffled, _ = distributed.batch_shuffle(im_k)
+    model.eval()  # BN from running statistics: a key depends on its own image only
+    eval_shuffled = model._keys(im_k)
+    eval_plain = F.normalize(model.encoder_k(im_k), dim=1)
+    model.train()  # batch statistics of the shuffled group vs of the own group
+    train_shuffled = model._keys(im_k)
+    train_plain = F.normalize(model.encoder_k(im_k), dim=1)
+    # Enqueue: rank r's keys are r*3 + (0, 1, 2) in every coordinate; then a symmetric step (k, k2).
+    queue_model = MoCo(build_encoder("resnet18", 4, mlp=False, cifar_stem=True), dim=4, K=32)
+    k = (rank * 3 + torch.arange(3.0)).unsqueeze(1).expand(3, 4).contiguous()
+    queue_model._dequeue_and_enqueue(k)
+    queue_model._dequeue_and_enqueue(k, k + 100)
+    return {"im_k": im_k, "shuffled": shuffled, "eval_shuffled": eval_shuffled, "eval_plain": eval_plain,
+            "train_shuffled": train_shuffled, "train_plain": train_plain,
+            "queue": queue_model.queue.clone(), "queue_ptr": queue_model.queue_ptr.clone()}
+
+
+def child_train(spec: dict) -> dict:
+    trainer = Trainer(TrainConfig(**spec))
+    trainer.fit()
+    return {"state": trainer.model.state_dict()}
+
+
+def run_ranks(mode: str, spec: dict, out: Path, nproc: int) -> list[dict]:
+    """Run `mode` in nproc child processes wired like torchrun; every rank's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, __file__, mode, json.dumps(spec), str(out)], cwd=REPO,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(nproc)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+def moco_train(*args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_list(demo_data, tmp_path_factory) -> Path:
+    """128 demo training images (8 steps per epoch at batch 16) as a list file."""
+    images = [p for c in sorted((demo_data / "train").iterdir()) for p in sorted(c.iterdir())[:13]][:128]
+    listing = tmp_path_factory.mktemp("data") / "images.txt"
+    listing.write_text("\n".join(map(str, images)) + "\n")
+    return listing
+
+
+@pytest.fixture(scope="module")
+def collectives(tmp_path_factory) -> list[dict]:
+    return run_ranks("collectives", {}, tmp_path_factory.mktemp("collectives"), nproc=2)
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(image_list, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    spec = {**TINY, "data": str(image_list), "run_dir": str(tmp / "run"), "max_steps": 10}  # crosses an epoch
+    return tmp / "run", run_ranks("train", spec, tmp / "out", nproc=2)
+
+
+# -- tests -------------------------------------------------------------------------------------
+def test_shuffle_unshuffle_returns_every_key_to_its_query(collectives):
+    everything = torch.cat([r["im_k"] for r in collectives])
+    shuffled = torch.cat([r["shuffled"] for r in collectives])
+    # The shuffle is a permutation of the global batch that moves images between processes.
+    order = [int((everything - row).abs().flatten(1).sum(1).argmin()) for row in shuffled]
+    assert sorted(order) == list(range(8)) and set(order[:4]) != {0, 1, 2, 3}
+    for r in collectives:
+        torch.testing.assert_close(r["eval_shuffled"], r["eval_plain"], rtol=1e-5, atol=1e-5)
+        # In training mode the keys do change: each was normalised with another process's group.
+        assert not torch.allclose(r["train_shuffled"], r["train_plain"], atol=1e-3)
+
+
+def test_gathered_keys_enter_the_queue_in_global_batch_order(collectives):
+    first = torch.arange(6.0)  # rank 0's three keys, then rank 1's
+    expected = torch.cat([first, first, first + 100])  # a plain step, then a symmetric one (k, k2)
+    for r in collectives:
+        torch.testing.assert_close(r["queue"][:, :18], expected.expand(4, 18), rtol=0, atol=0)
+        assert int(r["queue_ptr"]) == 18
+    assert torch.equal(collectives[0]["queue"], collectives[1]["queue"])
+
+
+def test_ranks_hold_identical_queue_and_weights(two_proc_run):
+    run_dir, ranks = two_proc_run
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    differing = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    # Everything is equal but BN running statistics: computed from each rank's own slice and not
+    # broadcast (forward_sync_buffers off); rank 0's are checkpointed and exported.
+    assert differing and all(k.endswith(("running_mean", "running_var")) for k in differing), differing
+    assert torch.equal(a["queue"], b["queue"]) and int(a["queue_ptr"]) == (10 * 16) % 64
+    records = log_records(run_dir)
+    assert records[0]["world_size"] == 2 and records[0]["bn"] == "shuffle"
+    assert [r["step"] for r in records if r["event"] == "step"] == list(range(1, 11))
+
+
+def test_two_processes_match_one_process_with_equal_bn_groups(image_list, two_proc_run, tmp_path):
+    """One process with split-BN in 2 groups = 2 processes with per-process BN: the same images in
+    the same groups (rank r's slice = group r), the same key permutation (the same seeded RNG draws
+    randperm(16) in both), DDP's gradient mean = the gradient of the global mean loss. What differs
+    is float summation order (BN over a reshaped batch, gradient all-reduce), so the losses and
+    weights agree to float32 rounding, not bit for bit."""
+    run_dir, ranks = two_proc_run
+    spec = {**TINY, "data": str(image_list), "run_dir": str(tmp_path / "run"), "max_steps": 10,
+            "bn": "split", "bn_splits": 2}
+    single = run_ranks("train", spec, tmp_path / "out", nproc=1)[0]["state"]
+    one = [r["loss"] for r in log_records(tmp_path / "run") if r["event"] == "step"]
+    two = [r["loss"] for r in log_records(run_dir) if r["event"] == "step"]
+    assert log_records(tmp_path / "run")[0]["bn"] == "split"
+    assert one[0] == pytest.approx(two[0], rel=1e-5)
+    assert one == pytest.approx(two, rel=1e-3)
+    double = ranks[0]["state"]
+    for key in ("queue", "encoder_q.conv1.weight", "encoder_q.fc.weight", "encoder_k.layer4.1.conv2.weight"):
+        torch.testing.assert_close(single[key], double[key], rtol=1e-3, atol=1e-4)
+
+
+def test_nproc_launcher_and_torchrun_restart_resume_exactly(image_list, demo_data, tmp_path):
+    """A torchrun job (--max-restarts 1, --resume auto) whose worker is SIGKILLed mid-epoch restarts
+    from the newest checkpoint and ends exactly where an uninterrupted `--nproc 2` run ends."""
+    common = [image_list, "--max-steps", 16, "-b", 16, "--moco-k", 64, "--crop-size", 16, "-j", 0,
+              "--amp", "off", "--seed", 5, "--save-every-steps", 3, "--no-progress", "--resume", "auto"]
+    reference = tmp_path / "reference"
+    proc = moco_train("train", *common, "--run-dir", reference, "--nproc", 2)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 16  # printed once, by rank 0
+
+    killed = tmp_path / "killed"
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "--max-restarts", "1", "-m", "moco_train", "train", *map(str, common),
+                            "--run-dir", str(killed)], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (killed / "log.jsonl").exists() or max(
+            [r.get("step", 0) for r in log_records(killed) if r["event"] == "step"], default=0) < 4:
+        assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == job.pid]
+    os.kill(workers[-1], signal.SIGKILL)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, output
+
+    records = log_records(killed)
+    resumed = [r for r in records if r["event"] == "resume"]
+    assert len(resumed) == 1 and 3 <= resumed[0]["global_step"] < 16, resumed
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    restart = len(steps) - steps[::-1].index(resumed[0]["global_step"] + 1) - 1
+    assert steps[restart:] == list(range(resumed[0]["global_step"] + 1, 17))  # continues, no gap
+    final_ref = load_checkpoint(reference / "checkpoint_00000016.pt")
+    final = load_checkpoint(killed / "checkpoint_00000016.pt")
+    for key, value in final_ref["model"].items():
+        assert torch.equal(value, final["model"][key]), key  # same queue, same weights, bit for bit
+
+    # The export of the 2-process run serves like any other: export + kNN.
+    moco_train("export", killed / "checkpoint_00000016.pt", tmp_path / "model.pt")
+    result = json.loads(moco_train("knn", "--bank", demo_data / "train", "--queries", demo_data / "test",
+                                   "--checkpoint", tmp_path / "model.pt", "-j", 0, "--json").stdout)
+    assert result["bank_images"] == 1600 and result["query_images"] == 400
+    assert result["top1"] > 15.0  # 10 classes: far above chance, as a 1-process run's export is
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, spec, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    result = child_collectives(out) if mode == "collectives" else child_train(spec)
+    torch.save(result, out / f"rank{distributed.get_rank()}.pt")
