@@ -4,6 +4,7 @@ non-editable from exactly the COPYed files into a fresh environment, its console
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+from tests.server_harness import ServerProcess, make_export
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -131,3 +134,22 @@ def test_image_runs_the_server_with_a_healthcheck_and_volumes() -> None:
     for volume in ("/data", "/runs", "/store"):
         assert f'"{volume}"' in ops["VOLUME"]
     assert "retrieval-server" in ops["CMD"]
+
+
+def test_healthcheck_command_follows_the_servers_health(tmp_path: Path) -> None:
+    """The HEALTHCHECK command as the image runs it: no arguments, the port from RETRIEVAL_PORT."""
+    command = json.loads(dict(instructions())["HEALTHCHECK"].split("CMD", 1)[1])
+    command[0] = sys.executable
+
+    def check(port: int) -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60,
+                              env={**os.environ, "RETRIEVAL_PORT": str(port)})
+
+    with ServerProcess(make_export(tmp_path), tmp_path / "store") as server:
+        healthy = check(server.port)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert "SERVING" in healthy.stdout
+        assert server.stop() == 0
+    down = check(server.port)
+    assert down.returncode == 1
+    assert "unhealthy" in down.stderr and "\n" not in down.stderr.strip()
