@@ -48,6 +48,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 SYSTEMS = ("server", "faiss", "milvus")
 MILVUS_COLLECTION = "bench"
+RESULTS = REPO / "bench" / "results" / "server_bench.json"
 
 
 # ---------------------------------------------------------------- data
@@ -445,7 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-milvus", action="store_true", help="leave Milvus Lite out")
     p.add_argument("--work-dir", type=Path, help="store, Milvus data and logs (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "server_bench.json")
+    p.add_argument("--out", type=Path, help="results JSON (default: bench/results/server_bench.json; with --quick "
+                   "the work dir, so a smoke run never replaces the committed results)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.concurrency, args.embed_concurrency = "10000", "1,4", "1,16"
@@ -525,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="server_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    args.out = args.out or (work / "server_bench.json" if args.quick else RESULTS)
     model = args.model or make_model(work / "model.pt")
     label_every = round(1 / args.label_share)
     server = ServerProcess(model, work / "store", work, ["--index-factory", "Flat",
