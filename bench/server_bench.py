@@ -424,6 +424,7 @@ def write(results: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--summary", action="store_true", help="only print the markdown summary of an existing --out JSON")
     p.add_argument("--quick", action="store_true", help="smoke run: 10k vectors, short cases, fewer images")
     p.add_argument("--sizes", default="10000,100000,1000000", help="stored vector counts (multiples of 10k)")
     p.add_argument("--concurrency", default="1,4,16", help="client threads for Search/Classify")
@@ -525,6 +526,9 @@ def restart(server: ServerProcess) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.summary:
+        print(markdown(json.loads((args.out or RESULTS).read_text())))
+        return
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="server_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     args.out = args.out or (work / "server_bench.json" if args.quick else RESULTS)
