@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV = $(shell scripts/ensure_venv.sh)
 PYTEST_ARGS ?=
 
-.PHONY: demo test proto lint
+.PHONY: demo test proto
 demo:
 	@venv="$(VENV)"; "$$venv/bin/python" -m scripts.demo $(DEMO_ARGS)
 
