@@ -180,15 +180,21 @@ def test_nproc_launcher_and_torchrun_restart_resume_exactly(image_list, demo_dat
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             "--max-restarts", "1", "-m", "moco_train", "train", *map(str, common),
                             "--run-dir", str(killed)], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (killed / "log.jsonl").exists() or max(
-            [r.get("step", 0) for r in log_records(killed) if r["event"] == "step"], default=0) < 4:
-        assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
-        time.sleep(0.05)
-    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == job.pid]
-    os.kill(workers[-1], signal.SIGKILL)
-    output = job.communicate(timeout=240)[0]
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "log.jsonl").exists() or max(
+                [r.get("step", 0) for r in log_records(killed) if r["event"] == "step"], default=0) < 4:
+            assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+            time.sleep(0.05)
+        workers = [int(p.name) for p in Path("/proc").iterdir()
+                   if p.name.isdigit() and _parent(int(p.name)) == job.pid]
+        os.kill(workers[-1], signal.SIGKILL)
+        output = job.communicate(timeout=240)[0]
+    finally:  # never leave a hung agent or worker behind, whatever failed
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
     assert job.returncode == 0, output
 
     records = log_records(killed)
