@@ -19,6 +19,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+# Values per `IN (...)` query: well under SQLite's limit on bound parameters.
+SQLITE_IN_CHUNK = 500
+
+
+def _select_in(conn: sqlite3.Connection, select: str, column: str, values: list) -> Iterator[tuple]:
+    """The rows of `select WHERE column IN (values)`, queried in chunks of SQLITE_IN_CHUNK."""
+    for start in range(0, len(values), SQLITE_IN_CHUNK):
+        chunk = values[start:start + SQLITE_IN_CHUNK]
+        yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -206,35 +216,18 @@ class Store:
 
     @staticmethod
     def _rows_of(c: sqlite3.Connection, ids: list[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            q = f"SELECT id, row FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            found.update(c.execute(q, chunk).fetchall())
-        return found
+        return dict(_select_in(c, "SELECT id, row FROM items", "id", ids))
 
     # -- reads ------------------------------------------------------------------------------------
     _COLUMNS = "row, id, label, predicted_label, predicted_confidence, metadata"
 
     def get(self, ids: list[str], with_embedding: bool = False) -> dict[str, Row]:
         cols = self._COLUMNS + (", embedding" if with_embedding else "")
-        out: dict[str, Row] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            q = f"SELECT {cols} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            for r in self._reader.execute(q, chunk):
-                out[r[1]] = _row(r, with_embedding)
-        return out
+        return {r[1]: _row(r, with_embedding) for r in _select_in(self._reader, f"SELECT {cols} FROM items", "id", ids)}
 
     def by_rows(self, rows: Iterable[int]) -> dict[int, Row]:
         rows = [int(r) for r in rows]
-        out: dict[int, Row] = {}
-        for start in range(0, len(rows), 500):
-            chunk = rows[start:start + 500]
-            q = f"SELECT {self._COLUMNS} FROM items WHERE row IN ({','.join('?' * len(chunk))})"
-            for r in self._reader.execute(q, chunk):
-                out[r[0]] = _row(r, False)
-        return out
+        return {r[0]: _row(r, False) for r in _select_in(self._reader, f"SELECT {self._COLUMNS} FROM items", "row", rows)}
 
     def embeddings(self, where: str = "1", params: tuple = (), chunk: int = 8192,
                    order: str = "row", extra: tuple = ()) -> Iterator[tuple[np.ndarray, list[str], list[str | None], np.ndarray]]:
