@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -77,7 +76,7 @@ def init_distributed(device_name: str) -> None:
         else:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        distributed.init_process_group("nccl" if use_cuda else "gloo")
 
 
 def resolve_bn(bn: str, world_size: int) -> str:

@@ -167,45 +167,56 @@ def test_two_processes_match_one_process_with_equal_bn_groups(image_list, two_pr
     assert one[1] > 10 * one[0]  # step 2 really differs from step 1 (new queue, updated weights)
 
 
-def test_two_process_job_killed_mid_epoch_resumes_exactly(image_list, demo_data, tmp_path):
-    """A `--nproc 2` job SIGKILLed mid-epoch (launcher and both workers) and started again with
-    --resume auto continues from the newest checkpoint and ends exactly where an uninterrupted
-    2-process run ends: same queue, same weights, bit for bit.
+KILL_RUN = ["--max-steps", 16, "-b", 16, "--moco-k", 64, "--crop-size", 16, "-j", 0, "--amp", "off", "--seed", 5,
+            "--save-every-steps", 3, "--no-progress", "--resume", "auto"]
 
-    torchrun's in-place worker restart (--max-restarts) runs the same resume code, but on gloo a
-    restarted round sometimes hangs or fails to connect (it reads a peer address of the killed
-    round), so CI does not depend on it: this test restarts the whole job instead."""
-    common = [image_list, "--max-steps", 16, "-b", 16, "--moco-k", 64, "--crop-size", 16, "-j", 0,
-              "--amp", "off", "--seed", 5, "--save-every-steps", 3, "--no-progress", "--resume", "auto",
-              "--nproc", 2]
-    reference = tmp_path / "reference"
-    proc = moco_train("train", *common, "--run-dir", reference)
+
+@pytest.fixture(scope="module")
+def reference_run(image_list, tmp_path_factory) -> Path:
+    """An uninterrupted 16-step `--nproc 2` run: what every interrupted run must end with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = moco_train("train", image_list, *KILL_RUN, "--nproc", 2, "--run-dir", run_dir)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 16  # printed once, by rank 0
+    return run_dir
 
-    killed = tmp_path / "killed"
-    job = subprocess.Popen([sys.executable, "-m", "moco_train", "train", *map(str, common), "--run-dir", str(killed)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not (killed / "log.jsonl").exists() or max(
-                [r.get("step", 0) for r in log_records(killed) if r["event"] == "step"], default=0) < 4:
-            assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
-            time.sleep(0.05)
-    finally:  # the whole job dies at once, mid-epoch, as on a machine failure
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-    moco_train("train", *common, "--run-dir", killed)
 
-    records = log_records(killed)
+def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "log.jsonl").exists() or max(
+            [r.get("step", 0) for r in log_records(run_dir) if r["event"] == "step"], default=0) < step:
+        assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+
+
+def assert_resumed_to_reference(run_dir: Path, reference: Path) -> None:
+    """The run resumed mid-epoch from a checkpoint, continued without a gap and ended bit-identical
+    to the reference: same queue, same weights."""
+    records = log_records(run_dir)
     resumed = [r for r in records if r["event"] == "resume"]
     assert resumed and all(3 <= r["global_step"] < 16 for r in resumed), resumed
     steps = [r["step"] for r in records if r["event"] == "step"]
     restart = len(steps) - steps[::-1].index(resumed[-1]["global_step"] + 1) - 1
     assert steps[restart:] == list(range(resumed[-1]["global_step"] + 1, 17))  # continues, no gap
     final_ref = load_checkpoint(reference / "checkpoint_00000016.pt")
-    final = load_checkpoint(killed / "checkpoint_00000016.pt")
+    final = load_checkpoint(run_dir / "checkpoint_00000016.pt")
     for key, value in final_ref["model"].items():
-        assert torch.equal(value, final["model"][key]), key  # same queue, same weights, bit for bit
+        assert torch.equal(value, final["model"][key]), key
+
+
+def test_two_process_job_killed_mid_epoch_resumes_exactly(image_list, reference_run, demo_data, tmp_path):
+    """A `--nproc 2` job SIGKILLed mid-epoch (launcher and both workers, as on a machine failure) and
+    started again with --resume auto ends exactly where an uninterrupted run ends."""
+    killed = tmp_path / "killed"
+    args = ["train", image_list, *KILL_RUN, "--nproc", 2, "--run-dir", killed]
+    job = subprocess.Popen([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_step(killed, 4, job)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    moco_train(*args)
+    assert_resumed_to_reference(killed, reference_run)
 
     # The export of the 2-process run serves like any other: export + kNN.
     moco_train("export", killed / "checkpoint_00000016.pt", tmp_path / "model.pt")
@@ -213,6 +224,45 @@ def test_two_process_job_killed_mid_epoch_resumes_exactly(image_list, demo_data,
                                    "--checkpoint", tmp_path / "model.pt", "-j", 0, "--json").stdout)
     assert result["bank_images"] == 1600 and result["query_images"] == 400
     assert result["top1"] > 15.0  # 10 classes: far above chance, as a 1-process run's export is
+
+
+def worker_with_rank(agent_pid: int, rank: int) -> int:
+    """The pid of the torchrun worker (a child of the agent) whose environment has RANK=rank."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_torchrun_restarts_a_killed_worker_and_resumes_exactly(image_list, reference_run, tmp_path, attempt):
+    """`torchrun --max-restarts 1`: one worker SIGKILLed mid-epoch; the agent stops the other and
+    starts a new round, whose workers resume from the newest checkpoint with --resume auto and end
+    bit-identical to the uninterrupted run. The new round shares the agent's store with the failed
+    one; before its keys were prefixed with the restart count (distributed.init_process_group), it
+    sometimes hung or read the dead peer's address. Run twice: that failure was intermittent."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "moco_train", "train",
+                                *map(str, [image_list, *KILL_RUN, "--run-dir", run_dir])],
+                               cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_step(run_dir, 4 + 2 * attempt, job)
+            os.kill(worker_with_rank(job.pid, 1), signal.SIGKILL)
+            assert job.wait(timeout=240) == 0, log.read_text()[-4000:]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    assert "restart" in log.read_text().lower()
+    assert_resumed_to_reference(run_dir, reference_run)
 
 
 if __name__ == "__main__":
