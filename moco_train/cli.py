@@ -12,7 +12,7 @@ from pathlib import Path
 from .backbones import RESNET_ARCHS
 from .builder import BN_MODES
 from .checkpoint import CheckpointError, load_file, to_export
-from .config import TrainConfig
+from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import DataError
 from .export import ExportError, export_model
 from .fileio import atomic_torch_save
@@ -67,6 +67,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native bf16, else float32")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the encoders (inductor; a minute or so of start-up, faster steps); "
+                        "auto: on for runs of at least %d steps when a C compiler is present" % COMPILE_MIN_STEPS)
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
@@ -117,7 +120,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         moco_k=args.moco_k, moco_m=args.moco_m, mlp=args.mlp, aug_plus=args.aug_plus,
         symmetric=args.symmetric, bn=args.bn, bn_splits=args.bn_splits, cifar_stem=args.cifar_stem,
         crop_size=args.crop_size, seed=args.seed, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, save_every_steps=args.save_every_steps, keep=args.keep,
+        channels_last=args.channels_last, compile=args.compile, save_every_steps=args.save_every_steps, keep=args.keep,
         resume=args.resume, knn_bank=args.knn_bank, knn_queries=args.knn_queries, knn_every=args.knn_every,
         progress=not args.no_progress)
     if args.v2:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from . import distributed
 from .builder import BN_MODES, MoCo, build_encoder
 from .checkpoint import CHECKPOINT_FORMAT, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_export
-from .config import TrainConfig, auto_queue_size
+from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
 from .export import export_model
@@ -62,6 +63,17 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and device.type != "cuda":
         raise DataError("--amp fp16 needs a CUDA device (use bf16 on the CPU)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def resolve_compile(mode: str, steps: int) -> bool:
+    """Whether to torch.compile the encoders. auto: for runs of at least COMPILE_MIN_STEPS steps, where
+    inductor finds the C compiler it builds its CPU kernels (and Triton its GPU launchers) with."""
+    if mode == "auto":
+        compilers = (os.environ.get("CC", "cc"), "gcc", "clang")
+        return steps >= COMPILE_MIN_STEPS and any(shutil.which(cc) for cc in compilers)
+    if mode not in ("on", "off"):
+        raise DataError("--compile must be auto, on or off")
+    return mode == "on"
 
 
 def init_distributed(device_name: str) -> None:
@@ -177,6 +189,10 @@ class Trainer:
                           symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.compiled = resolve_compile(cfg.compile, self.total_steps)
+        if self.compiled:  # in place: parameter names, state dicts and checkpoints are unchanged
+            self.model.encoder_q.compile()
+            self.model.encoder_k.compile()
         self.net: nn.Module = self.model
         if distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -298,7 +314,8 @@ class Trainer:
             self.resume(cfg.resume)
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
-                       device=str(self.device), amp=str(self.amp_dtype), world_size=self.world, bn=self.bn,
+                       device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
+                       world_size=self.world, bn=self.bn,
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         summary: dict[str, Any] = {}
         self.model.train()

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from moco_train.config import COMPILE_MIN_STEPS
+from moco_train.trainer import resolve_compile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,3 +104,32 @@ def test_user_errors_are_one_line(tmp_path, trained):
     assert_one_line_error(moco_train("export", tmp_path / "junk.pt", tmp_path / "out.pt", check=False),
                           "not a readable checkpoint")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_compiled_encoders_train_like_eager_ones(trained):
+    """--compile on: the encoders run through inductor, and the run is the same training as the
+    eager `trained` run: step 1's loss agrees (inductor fuses and reorders float sums, so not to the
+    bit), the checkpoint has the same keys and shapes, and it exports."""
+    tmp, eager_dir, _ = trained
+    run_dir = tmp / "compiled"
+    moco_train("train", tmp / "images.txt", "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
+               "-j", 0, "--v2", "--seed", 1, "--compile", "on", "--no-progress")
+    logs = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+            for name, d in (("eager", eager_dir), ("compiled", run_dir))}
+    assert logs["compiled"][0]["compiled"] is True and logs["eager"][0]["compiled"] is False  # 3 steps < auto's minimum
+    losses = {name: [r["loss"] for r in records if r["event"] == "step"] for name, records in logs.items()}
+    assert losses["compiled"][0] == pytest.approx(losses["eager"][0], rel=1e-3)
+    assert len(losses["compiled"]) == 3 and all(math.isfinite(x) for x in losses["compiled"])
+    eager = torch.load(eager_dir / "checkpoint_00000003.pt", weights_only=False)["model"]
+    compiled = torch.load(run_dir / "checkpoint_00000003.pt", weights_only=False)["model"]
+    assert {k: v.shape for k, v in compiled.items()} == {k: v.shape for k, v in eager.items()}
+    moco_train("export", run_dir / "checkpoint_00000003.pt", tmp / "compiled.pt")
+
+
+def test_compile_auto_waits_for_long_runs(monkeypatch):
+    assert not resolve_compile("auto", COMPILE_MIN_STEPS - 1)
+    assert resolve_compile("auto", COMPILE_MIN_STEPS)  # this machine has a C compiler (inductor needs one)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CC", "cc")
+    assert not resolve_compile("auto", COMPILE_MIN_STEPS)
+    assert resolve_compile("on", 1) and not resolve_compile("off", 10**6)
