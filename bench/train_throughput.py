@@ -17,14 +17,22 @@ torch DDP with DistributedSampler and NTXentLoss(gather_distributed=True) (keys 
 its memory bank), ours under `moco-train train --nproc 2`. Mixed precision = bf16 autocast on the
 CPU on both sides (lightly's example has none: the same torch.autocast wraps its forward).
 
+Ours runs twice: eager, and with `--compile on` (torch.compile of both encoders, what
+`--compile auto` picks for runs of 1,000 steps or more); lightly's example loop runs eager.
+
 images/s: global batch x steps after --warmup, over the time between those steps (step-end
-timestamps; start-up, file validation and the final checkpoint are excluded). Peak memory: the
-largest sum of resident set sizes over the whole process tree (trainers and data workers; shared
-pages count once per process), sampled every 0.2 s. Quality: after the --quality-steps runs
-(mixed precision, 1 process), the InstDisc kNN (k=200, tau=0.07, moco_train.knn) top-1 on the
-first --queries-per-class CIFAR-10 test images per class against the first --bank-per-class
-training images per class, for both encoders and the random initialisation. Finally what each of
-our speed options buys (1 process, bf16): channels_last, no data workers (fp32 is the first case).
+timestamps; start-up, file validation, compilation and the final checkpoint are excluded).
+start-up: seconds from launch to the end of the first step (validation, model build, compilation).
+Peak memory: the largest sum of resident set sizes over the whole process tree (trainers and data
+workers; shared pages count once per process), sampled every 0.2 s. Mixed precision (bf16
+autocast) runs only on CPUs that compute bf16 natively (elsewhere it is emulated: about 26x slower
+than fp32 per step on the AVX2 machine of bench/results/train_throughput.json) and is recorded as
+skipped otherwise. Quality: the 1-process fp32 case runs --quality-steps steps for ours (compiled)
+and lightly, then the InstDisc kNN (k=200, tau=0.07, moco_train.knn) top-1 on the first
+--queries-per-class CIFAR-10 test images per class against the first --bank-per-class training
+images per class, for both encoders and the random initialisation. Finally what each option buys
+(ours, 1 process, fp32, eager): channels_last, no data workers, and plain BN (--bn none: what the
+single-process shuffle-BN emulation costs).
 
     BVENV=$(scripts/ensure_bench_venv.sh)
     nohup $BVENV/bin/python bench/train_throughput.py > /tmp/train_throughput.log 2>&1 &
@@ -51,6 +59,7 @@ from moco_train.checkpoint import find_resume, to_export
 from moco_train.evaluate import knn_evaluate
 from moco_train.export import export_model, make_export
 from moco_train.launch import free_port
+from moco_train.trainer import cpu_has_native_bf16
 from moco_train.transforms import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,8 +171,14 @@ def rate(times: list[float], batch: int, warmup: int) -> float:
     return batch * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
-def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int,
-             channels_last: bool = False) -> dict:
+def measure(procs: list[subprocess.Popen], launched: float, times: callable, batch: int, warmup: int) -> dict:
+    peak = run_tree(procs)
+    t = times()
+    return {"img_per_s": rate(t, batch, warmup), "peak_rss_mb": peak / 2**20, "startup_s": t[0] - launched}
+
+
+def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int, compile: bool = False,
+             channels_last: bool = False, bn: str = "auto") -> dict:
     run_dir = work / "ours"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "moco_train", "train", str(args.train), "--run-dir", str(run_dir),
@@ -171,11 +186,15 @@ def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int,
            "--moco-m", str(KEY_MOMENTUM), "--moco-t", str(TAU), "--mlp", "--aug-plus", "--lr", str(LR),
            "--momentum", str(MOMENTUM), "--wd", str(WD), "--schedule", "-j", str(workers),
            "--amp", "bf16" if amp else "off", "--seed", "0", "--no-progress", "--keep", "1",
-           "--nproc", str(nproc), *(["--channels-last"] if channels_last else [])]
-    peak = run_tree([subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)])
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    times = [r["time"] for r in records if r["event"] == "step"]
-    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak / 2**20, "run_dir": run_dir}
+           "--nproc", str(nproc), "--compile", "on" if compile else "off", "--bn", bn,
+           *(["--channels-last"] if channels_last else [])]
+
+    def times() -> list[float]:
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        return [r["time"] for r in records if r["event"] == "step"]
+    launched = time.time()
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)]
+    return {**measure(procs, launched, times, args.batch_size, args.warmup), "run_dir": run_dir}
 
 
 def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: int) -> dict:
@@ -187,10 +206,10 @@ def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: in
            "--workers", str(workers), *(["--amp"] if amp else [])]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    launched = time.time()
     procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    peak = run_tree(procs)
-    times = json.loads((out / "times.json").read_text())
-    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak / 2**20, "out": out}
+    times = lambda: json.loads((out / "times.json").read_text())  # noqa: E731
+    return {**measure(procs, launched, times, args.batch_size, args.warmup), "out": out}
 
 
 def knn_top1(blob: dict, bank: Path, queries: Path) -> float:
@@ -198,20 +217,54 @@ def knn_top1(blob: dict, bank: Path, queries: Path) -> float:
     return knn_evaluate(model, meta, bank, queries, workers=2).top1
 
 
+def compare(work: Path, args, nproc: int, amp: bool, steps: int, workers: int) -> tuple[dict, dict]:
+    """One case: ours eager, ours compiled and lightly, same data, steps and precision."""
+    eager = run_ours(work, args, nproc, amp, args.steps, workers)
+    compiled = run_ours(work, args, nproc, amp, steps, workers, compile=True)
+    peer = run_lightly(work, args, nproc, amp, steps, workers)
+    case = {"processes": nproc, "precision": "bf16 autocast" if amp else "fp32", "steps": steps,
+            "eager_steps": args.steps, "data_workers_per_process": workers}
+    for name, result in (("ours_eager", eager), ("ours_compiled", compiled), ("lightly", peer)):
+        case.update({f"{name}_img_per_s": round(result["img_per_s"], 2),
+                     f"{name}_startup_s": round(result["startup_s"], 1),
+                     f"{name}_peak_rss_mb": round(result["peak_rss_mb"])})
+    case["ratio_eager"] = round(eager["img_per_s"] / peer["img_per_s"], 3)
+    case["ratio_compiled"] = round(compiled["img_per_s"] / peer["img_per_s"], 3)
+    return case, {"ours": compiled, "lightly": peer}
+
+
+def knn_quality(args, work: Path, ours: dict, peer: dict) -> dict:
+    """kNN top-1 of ours, lightly's and the randomly initialised encoder on the same bank and queries."""
+    bank = class_subset(args.cifar / "train", args.bank_per_class, work / "bank")
+    queries = class_subset(args.cifar / "test", args.queries_per_class, work / "queries")
+    _, ckpt = find_resume(ours["run_dir"])
+    preprocessing = Preprocessing.for_input_size(32)
+    lightly_blob = make_export(torch.load(peer["out"] / "backbone.pt", weights_only=True), arch="resnet18",
+                               cifar_stem=True, preprocessing=preprocessing, source="lightly")
+    torch.manual_seed(0)
+    init_blob = make_export(build_resnet("resnet18", cifar_stem=True).state_dict(), arch="resnet18",
+                            cifar_stem=True, preprocessing=preprocessing, source="random init")
+    return {"ours_knn_top1": knn_top1(to_export(ckpt, "ours"), bank, queries),
+            "lightly_knn_top1": knn_top1(lightly_blob, bank, queries),
+            "random_init_knn_top1": knn_top1(init_blob, bank, queries)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--moco-k", type=int, default=4096)
-    parser.add_argument("--train-per-class", type=int, default=1000,
+    parser.add_argument("--train-per-class", type=int, default=5000,
                         help="train on the first N training images of each class (5000: all; fewer "
-                             "shortens both trainers' start-up, the steps never repeat an image)")
-    parser.add_argument("--steps", type=int, default=6, help="steps of each throughput case")
+                             "shortens both trainers' start-up)")
+    parser.add_argument("--steps", type=int, default=8, help="steps of each throughput case")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rate")
-    parser.add_argument("--quality-steps", type=int, default=40, help="steps of the two kNN-quality runs")
-    parser.add_argument("--bank-per-class", type=int, default=200)
-    parser.add_argument("--queries-per-class", type=int, default=100)
+    parser.add_argument("--quality-steps", type=int, default=250,
+                        help="steps of the 1-process fp32 case, ours (compiled) and lightly, then kNN")
+    parser.add_argument("--bank-per-class", type=int, default=500)
+    parser.add_argument("--queries-per-class", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
+    parser.add_argument("--summary", action="store_true", help="print the tables of the --out results and exit")
     # internal: one lightly training process
     parser.add_argument("--lightly-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -223,6 +276,9 @@ def main() -> None:
         args.out = Path(args.out)
         lightly_worker(args)
         return
+    if args.summary:
+        print(summary(json.loads(args.out.read_text())))
+        return
 
     import lightly
     start = time.time()
@@ -230,68 +286,67 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="train_throughput_"))
     args.train = class_subset(args.cifar / "train", args.train_per_class, work / "train")
     cores = len(os.sched_getaffinity(0))
-    cases, ablations = [], []
+    native_bf16 = cpu_has_native_bf16()
+    cases, skipped, ablations = [], [], []
     for nproc in (1, 2):
         workers = max(1, cores // nproc)  # data workers per process, the same on both sides
         for amp in (False, True):
-            steps = args.quality_steps if (nproc, amp) == (1, True) else args.steps
-            ours = run_ours(work, args, nproc, amp, steps, workers)
-            peer = run_lightly(work, args, nproc, amp, steps, workers)
-            case = {"processes": nproc, "precision": "bf16 autocast" if amp else "fp32", "steps": steps,
-                    "data_workers_per_process": workers,
-                    "ours_img_per_s": round(ours["img_per_s"], 2), "lightly_img_per_s": round(peer["img_per_s"], 2),
-                    "ratio": round(ours["img_per_s"] / peer["img_per_s"], 3),
-                    "ours_peak_rss_mb": round(ours["peak_rss_mb"]), "lightly_peak_rss_mb": round(peer["peak_rss_mb"])}
-            if steps == args.quality_steps:
-                bank = class_subset(args.cifar / "train", args.bank_per_class, work / "bank")
-                queries = class_subset(args.cifar / "test", args.queries_per_class, work / "queries")
-                _, ckpt = find_resume(ours["run_dir"])
-                preprocessing = Preprocessing.for_input_size(32)
-                lightly_blob = make_export(torch.load(peer["out"] / "backbone.pt", weights_only=True),
-                                           arch="resnet18", cifar_stem=True, preprocessing=preprocessing,
-                                           source="lightly")
-                torch.manual_seed(0)
-                init_blob = make_export(build_resnet("resnet18", cifar_stem=True).state_dict(), arch="resnet18",
-                                        cifar_stem=True, preprocessing=preprocessing, source="random init")
-                case.update(ours_knn_top1=knn_top1(to_export(ckpt, "ours"), bank, queries),
-                            lightly_knn_top1=knn_top1(lightly_blob, bank, queries),
-                            random_init_knn_top1=knn_top1(init_blob, bank, queries))
+            if amp and not native_bf16:
+                skipped.append({"processes": nproc, "precision": "bf16 autocast",
+                                "why": "this CPU has no native bf16 (AVX512-BF16/AMX): emulated, far slower than fp32"})
+                continue
+            quality = (nproc, amp) == (1, False)
+            case, results = compare(work, args, nproc, amp, args.quality_steps if quality else args.steps, workers)
+            if quality:
+                case.update(knn_quality(args, work, results["ours"], results["lightly"]))
             cases.append(case)
             print(json.dumps(case), flush=True)
-    # What each speed option buys (ours, 1 process, bf16 unless stated).
-    for name, kwargs in [("default (bf16, contiguous, 2 workers)", {}), ("channels_last", dict(channels_last=True)),
-                         ("0 data workers", dict(workers=0))]:
-        opts = {"amp": True, "workers": cores, **kwargs}
+    # What each option buys (ours, 1 process, fp32, eager).
+    for name, kwargs in [(f"default (fp32, contiguous, {cores} workers, split-BN)", {}),
+                         ("channels_last", dict(channels_last=True)), ("0 data workers", dict(workers=0)),
+                         ("plain BN (--bn none: no shuffle-BN emulation)", dict(bn="none"))]:
+        opts = {"amp": False, "workers": cores, **kwargs}
         result = run_ours(work, args, 1, steps=args.steps, **opts)
         ablations.append({"variant": name, "img_per_s": round(result["img_per_s"], 2),
                           "peak_rss_mb": round(result["peak_rss_mb"])})
         print(json.dumps(ablations[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     report = {
-        "benchmark": "train_throughput", "machine": {"cpu": platform.processor() or platform.machine(),
-                                                     "cores": cores, "torch": torch.__version__,
-                                                     "lightly": lightly.__version__},
+        "benchmark": "train_throughput",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "native_bf16": native_bf16,
+                    "torch": torch.__version__, "lightly": lightly.__version__},
         "setup": {"model": "resnet18 CIFAR stem + MLP head 512-512-128", "batch_size": args.batch_size,
                   "moco_k": args.moco_k, "tau": TAU, "lr": LR, "weight_decay": WD, "key_momentum": KEY_MOMENTUM,
                   "augmentation": "MoCo v2 (32 px)", "data": str(args.cifar / "train"),
                   "train_images_per_class": args.train_per_class, "warmup_steps": args.warmup,
                   "knn": {"k": 200, "tau": 0.07, "bank_per_class": args.bank_per_class,
                           "queries_per_class": args.queries_per_class}},
-        "cases": cases, "ablations_ours_1proc": ablations, "wall_s": round(time.time() - start, 1),
+        "cases": cases, "skipped": skipped, "ablations_ours_1proc": ablations,
+        "wall_s": round(time.time() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| processes | precision | ours img/s | lightly img/s | ratio | ours peak RSS MB | lightly peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
-    for c in cases:
-        print(f"| {c['processes']} | {c['precision']} | {c['ours_img_per_s']} | {c['lightly_img_per_s']} | "
-              f"{c['ratio']} | {c['ours_peak_rss_mb']} | {c['lightly_peak_rss_mb']} |")
-    quality = next(c for c in cases if "ours_knn_top1" in c)
-    print(f"\nkNN top-1 after {quality['steps']} steps (bf16, 1 process): ours {quality['ours_knn_top1']:.2f}%, "
-          f"lightly {quality['lightly_knn_top1']:.2f}%, random init {quality['random_init_knn_top1']:.2f}%")
-    print("\n| ours, 1 process | img/s | peak RSS MB |\n|---|---|---|")
-    for a in ablations:
-        print(f"| {a['variant']} | {a['img_per_s']} | {a['peak_rss_mb']} |")
+    print(summary(report))
+
+
+def summary(report: dict) -> str:
+    """The README's tables, from a result file."""
+    lines = ["| processes | precision | ours eager img/s | ours compiled img/s | lightly img/s | eager / lightly | "
+             "compiled / lightly | start-up s (eager · compiled · lightly) | peak RSS MB (eager · compiled · lightly) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        lines.append(f"| {c['processes']} | {c['precision']} | {c['ours_eager_img_per_s']} | "
+                     f"{c['ours_compiled_img_per_s']} | {c['lightly_img_per_s']} | {c['ratio_eager']} | {c['ratio_compiled']} | "
+                     f"{c['ours_eager_startup_s']} · {c['ours_compiled_startup_s']} · {c['lightly_startup_s']} | "
+                     f"{c['ours_eager_peak_rss_mb']} · {c['ours_compiled_peak_rss_mb']} · "
+                     f"{c['lightly_peak_rss_mb']} |")
+    for q in (c for c in report["cases"] if "ours_knn_top1" in c):
+        lines.append(f"\nkNN top-1 after {q['steps']} steps ({q['precision']}, {q['processes']} process): ours "
+                     f"{q['ours_knn_top1']:.1f}%, lightly {q['lightly_knn_top1']:.1f}%, random init "
+                     f"{q['random_init_knn_top1']:.1f}%")
+    lines += ["\n| ours, 1 process | img/s | peak RSS MB |", "|---|---|---|"]
+    lines += [f"| {a['variant']} | {a['img_per_s']} | {a['peak_rss_mb']} |" for a in report["ablations_ours_1proc"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
