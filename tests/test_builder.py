@@ -71,7 +71,7 @@ def test_momentum_update():
     before_k = [p.clone() for p in model.encoder_k.parameters()]
     model._momentum_update_key_encoder()
     for pk_old, pq, pk in zip(before_k, model.encoder_q.parameters(), model.encoder_k.parameters()):
-        torch.testing.assert_close(pk, 0.9 * pk_old + 0.1 * pq)
+        assert torch.equal(pk, pk_old.mul(0.9).add(pq, alpha=0.1))  # θ_k ← m·θ_k + (1 − m)·θ_q, to the bit
 
 
 def test_key_encoder_gets_no_gradient():
