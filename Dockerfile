@@ -22,10 +22,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # Ubuntu's python3 (3.12) in a virtualenv; the distribution's packages are not pinned on purpose:
-# security updates of the base image's release are wanted.
+# security updates of the base image's release are wanted. gcc, libc6-dev and python3-dev are for
+# `moco-train train --compile` (Triton builds its kernel launchers with them; without a C compiler
+# --compile auto stays eager).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV"
 
