@@ -8,9 +8,9 @@ from typing import Any
 QUEUE_SHARE = 0.1
 MAX_QUEUE = 65536
 # --compile auto compiles the encoders for runs of at least this many steps. Compiling ResNet-18
-# took about 40-70 s on 2 CPU cores and then made each step about 1.2x faster (bench/results/
-# train_throughput.json), paid back within a few hundred steps; shorter runs (smoke tests, the
-# demo) stay eager.
+# (CIFAR stem, batch 64) added about 50 s of start-up on 2 CPU cores and made steps 1.08-1.21x
+# faster (bench/results/train_throughput.json), paid back after 100-300 steps; shorter runs (smoke
+# tests, the demo) stay eager.
 COMPILE_MIN_STEPS = 1000
 
 
