@@ -1,6 +1,6 @@
 """Multi-process training with real processes on 127.0.0.1 (gloo, CPU): shuffle-BN collectives, the
 shared queue, 1-vs-2-process equivalence, the --nproc launcher, a killed job resumed with --resume auto,
-and export + kNN of a 2-process run.
+a worker killed under torchrun --max-restarts and resumed in place, and export + kNN of a 2-process run.
 
 Children run this file as a script (`python tests/test_distributed.py MODE SPEC OUT`) with the
 environment torchrun would give them; each writes what it saw to OUT/rank<r>.pt for the test to check.
