@@ -171,10 +171,10 @@ def rate(times: list[float], batch: int, warmup: int) -> float:
     return batch * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
-def measure(procs: list[subprocess.Popen], launched: float, times: callable, batch: int, warmup: int) -> dict:
-    peak = run_tree(procs)
-    t = times()
-    return {"img_per_s": rate(t, batch, warmup), "peak_rss_mb": peak / 2**20, "startup_s": t[0] - launched}
+def measured(times: list[float], peak_rss: int, launched: float, args) -> dict:
+    """images/s after warm-up, peak RSS (MB) and seconds from launch to the end of the first step."""
+    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak_rss / 2**20,
+            "startup_s": times[0] - launched}
 
 
 def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int, compile: bool = False,
@@ -188,13 +188,11 @@ def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int, 
            "--amp", "bf16" if amp else "off", "--seed", "0", "--no-progress", "--keep", "1",
            "--nproc", str(nproc), "--compile", "on" if compile else "off", "--bn", bn,
            *(["--channels-last"] if channels_last else [])]
-
-    def times() -> list[float]:
-        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        return [r["time"] for r in records if r["event"] == "step"]
     launched = time.time()
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)]
-    return {**measure(procs, launched, times, args.batch_size, args.warmup), "run_dir": run_dir}
+    peak = run_tree([subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)])
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    times = [r["time"] for r in records if r["event"] == "step"]
+    return {**measured(times, peak, launched, args), "run_dir": run_dir}
 
 
 def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: int) -> dict:
@@ -207,9 +205,10 @@ def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: in
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     launched = time.time()
-    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    times = lambda: json.loads((out / "times.json").read_text())  # noqa: E731
-    return {**measure(procs, launched, times, args.batch_size, args.warmup), "out": out}
+    peak = run_tree([subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                     for r in range(nproc)])
+    times = json.loads((out / "times.json").read_text())
+    return {**measured(times, peak, launched, args), "out": out}
 
 
 def knn_top1(blob: dict, bank: Path, queries: Path) -> float:

@@ -48,9 +48,9 @@ class MoCo(nn.Module):
     def _momentum_update_key_encoder(self) -> None:
         """θ_k ← m·θ_k + (1 − m)·θ_q, over all parameters at once (two multi-tensor ops instead of two
         per parameter: the same arithmetic, without ~120 kernel launches each step on a GPU)."""
-        params_k = [p.data for p in self.encoder_k.parameters()]
+        params_k = list(self.encoder_k.parameters())
         torch._foreach_mul_(params_k, self.m)
-        torch._foreach_add_(params_k, [p.data for p in self.encoder_q.parameters()], alpha=1.0 - self.m)
+        torch._foreach_add_(params_k, list(self.encoder_q.parameters()), alpha=1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, *keys: torch.Tensor) -> None:

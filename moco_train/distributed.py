@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-# How long process-group set-up and collectives wait for a peer (torch's default).
-PG_TIMEOUT = timedelta(minutes=30)
 
 
 def is_distributed() -> bool:
@@ -34,20 +30,18 @@ def init_process_group(backend: str) -> None:
     torchrun's TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which we ask for when restarts are enabled.
     """
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=PG_TIMEOUT)
+    shared_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared_store and int(env.get("GROUP_WORLD_SIZE", "1")) == 1:
+        agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                    timeout=dist.constants.default_pg_timeout)
+        store = dist.PrefixStore(f"moco_train/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+        dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
         return
-    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
-        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
-            warnings.warn("torchrun shares its store with the workers across restarts on several nodes; "
-                          "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that a restarted round "
-                          "cannot read a failed round's keys (pytorch/pytorch#135712)", stacklevel=2)
-        dist.init_process_group(backend, timeout=PG_TIMEOUT)
-        return
-    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=PG_TIMEOUT)
-    store = dist.PrefixStore(f"moco_train/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
-    dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
-                            timeout=PG_TIMEOUT)
+    if shared_store and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
+        warnings.warn("torchrun shares its store with the workers across restarts on several nodes; "
+                      "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that a restarted round "
+                      "cannot read a failed round's keys (pytorch/pytorch#135712)", stacklevel=2)
+    dist.init_process_group(backend)
 
 
 def get_rank() -> int:
