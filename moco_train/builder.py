@@ -29,7 +29,7 @@ class MoCo(nn.Module):
     shuffle_keys: shuffle the key batch before f_k and unshuffle after (shuffle-BN); with one
     process it is a local permutation, meaningful together with SplitBatchNorm2d.
     symmetric: also contrast (im_k as query, im_q as key); logits/labels of both directions are
-    stacked, so the mean cross-entropy is the average of the two losses, and 2N keys are enqueued.
+    stacked (2N rows) and 2N keys are enqueued; `loss` sums the two directions' losses.
     """
 
     def __init__(self, encoder_q: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999,
@@ -101,3 +101,10 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives at 0
         self._dequeue_and_enqueue(*((k, k2) if self.symmetric else (k,)))
         return logits, labels
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of forward's output: mean cross-entropy per direction, summed over directions,
+        i.e. L(q1, k2) + L(q2, k1) when symmetric, as in the official CIFAR-10 demo and MoCo v3
+        (an average would make each symmetric step half as large at the same lr)."""
+        directions = 2 if self.symmetric else 1  # each direction contributes N of the rows
+        return F.cross_entropy(logits.float(), labels) * directions

@@ -50,12 +50,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos --moco-t 0.2")
     p.add_argument("--symmetric", action="store_true", help="symmetric loss (both crops as queries)")
     p.add_argument("--bn", choices=("auto", *BN_MODES), default="auto",
-                   help="shuffle: keys shuffled across processes, per-process BN (MoCo's shuffle-BN); "
-                        "split: shuffled keys + BatchNorm in --bn-splits groups within each process; "
-                        "sync: SyncBatchNorm, no shuffle; none: plain BN, no shuffle (leaks batch "
-                        "statistics between query and key: a shortcut that hurts learning); "
-                        "auto (default): shuffle with several processes, split with one")
-    p.add_argument("--bn-splits", type=int, default=8, help="groups for --bn split (default 8)")
+                   help="split (auto, the default): keys shuffled (across processes under DDP) and the "
+                        "global batch normalised in --bn-splits groups whatever the process count; "
+                        "shuffle: keys shuffled across processes, one BN group per process (the official "
+                        "per-GPU BN); sync: SyncBatchNorm, no shuffle; none: plain BN, no shuffle (leaks "
+                        "batch statistics between query and key: a shortcut that hurts learning)")
+    p.add_argument("--bn-splits", type=int, default=8,
+                   help="BatchNorm groups over the global batch for --bn split (default 8, the official "
+                        "8-GPU recipe); split inside each process when there are fewer processes")
     p.add_argument("--cifar-stem", choices=("auto", "on", "off"), default="auto",
                    help="3x3 stride-1 stem without max-pool; auto: on for images of 64 px or less")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: image size if small, else 224)")

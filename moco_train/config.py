@@ -35,8 +35,8 @@ class TrainConfig:
     mlp: bool = False
     aug_plus: bool = False
     symmetric: bool = False
-    bn: str = "auto"                   # auto (shuffle under DDP, else split) | split | shuffle | sync | none
-    bn_splits: int = 8
+    bn: str = "auto"                   # auto (= split) | split | shuffle | sync | none
+    bn_splits: int = 8                 # BN groups over the global batch (split mode)
     cifar_stem: str = "auto"           # auto | on | off
     crop_size: int | None = None       # None: image size for small images, else 224
     seed: int = 0

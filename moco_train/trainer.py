@@ -26,7 +26,7 @@ from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
 from .export import export_model
-from .transforms import Preprocessing, TwoCropsTransform, train_augmentation
+from .transforms import Preprocessing, TwoCropsTransform, is_small, train_augmentation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,13 +91,21 @@ def init_distributed(device_name: str) -> None:
         distributed.init_process_group("nccl" if use_cuda else "gloo")
 
 
-def resolve_bn(bn: str, world_size: int) -> str:
-    """auto: cross-process shuffle-BN under DDP, split-BN emulation in one process."""
-    if bn == "auto":
-        return "shuffle" if world_size > 1 else "split"
-    if bn not in BN_MODES:
+def resolve_bn(bn: str, bn_splits: int, world_size: int) -> tuple[str, int]:
+    """(mode, BatchNorm groups per process). auto is split. split: the keys are shuffled (across
+    processes under DDP) and the global batch is normalised in --bn-splits groups whatever the
+    process count: bn_splits / world groups inside each process, or one per process when there are
+    at least as many processes as splits. So 1 and 2 processes run the same algorithm, as the
+    official 8-GPU recipe (8 groups) does on any number of devices. shuffle: one group per process
+    (the official code's per-GPU BN, literally)."""
+    mode = "split" if bn == "auto" else bn
+    if mode not in BN_MODES:
         raise DataError(f"--bn must be auto or one of {', '.join(BN_MODES)}")
-    return bn
+    if mode != "split" or world_size >= bn_splits:
+        return mode, 1
+    if bn_splits % world_size:
+        raise DataError(f"--bn-splits {bn_splits} is not divisible by the {world_size} processes")
+    return mode, bn_splits // world_size
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -136,13 +144,13 @@ class Trainer:
         self.main = self.rank == 0
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        self.bn = resolve_bn(cfg.bn, self.world)
+        self.bn, self.local_bn_splits = resolve_bn(cfg.bn, cfg.bn_splits, self.world)
         if cfg.batch_size % self.world:
             raise DataError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
-        if self.bn == "split" and self.local_batch % cfg.bn_splits:
-            raise DataError(f"--bn split needs the per-process batch ({self.local_batch}) divisible by "
-                            f"--bn-splits ({cfg.bn_splits})")
+        if self.local_batch % self.local_bn_splits:
+            raise DataError(f"--bn split needs the per-process batch ({self.local_batch}) divisible by its "
+                            f"{self.local_bn_splits} BatchNorm groups (--bn-splits {cfg.bn_splits})")
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -165,8 +173,10 @@ class Trainer:
         if not good:
             raise DataError(f"{cfg.data}: none of the {len(paths)} image files can be read")
         geometry = detect_geometry(good)
-        self.cifar_stem = geometry.small if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on"
         input_size = cfg.crop_size or (geometry.size if geometry.small else 224)
+        # The stem follows the crop the network sees, not the files: large photos trained at
+        # --crop-size 64 need the CIFAR stem too, or the last feature map is 2x2.
+        self.cifar_stem = is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on"
         self.preprocessing = Preprocessing.for_input_size(input_size)
         transform = TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
         self.dataset = UnlabeledImages(good, transform, cfg.seed)
@@ -184,7 +194,7 @@ class Trainer:
         if self.moco_k < keys_per_step:
             raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
         encoder = build_encoder(cfg.arch, cfg.moco_dim, cfg.mlp, self.cifar_stem,
-                                bn_splits=cfg.bn_splits if self.bn == "split" else 1, sync_bn=self.bn == "sync")
+                                bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
         self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=cfg.moco_t,
                           symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
@@ -210,7 +220,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg, self.steps_per_epoch, self.total_steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -274,7 +283,7 @@ class Trainer:
         im_k = im_k.to(self.device, non_blocking=True, memory_format=fmt)
         with self._autocast():
             logits, labels = self.net(im_q, im_k)
-            loss = self.criterion(logits.float(), labels)
+            loss = self.model.loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -300,11 +309,19 @@ class Trainer:
         return self.loader
 
     def knn_monitor(self) -> dict[str, float]:
-        """kNN top-1/top-5 of the current f_q backbone, through the same export code as `moco-train knn`."""
-        blob = to_export({"format": CHECKPOINT_FORMAT, **self.state()}, "training")
-        model, meta = export_model(blob, device=self.device)
-        result = knn_evaluate(model, meta, self.cfg.knn_bank, self.cfg.knn_queries, k=self.cfg.knn_k,
-                              tau=self.cfg.knn_t, workers=self.cfg.workers)
+        """kNN top-1/top-5 of the current f_q backbone, through the same export code as `moco-train knn`.
+
+        It runs after the epoch's checkpoint is written, and building the eval model draws from the
+        global RNGs (weight initialisation): every RNG is restored afterwards, so the run continues
+        exactly as one resumed from that checkpoint does."""
+        saved = rng_state()
+        try:
+            blob = to_export({"format": CHECKPOINT_FORMAT, **self.state()}, "training")
+            model, meta = export_model(blob, device=self.device)
+            result = knn_evaluate(model, meta, self.cfg.knn_bank, self.cfg.knn_queries, k=self.cfg.knn_k,
+                                  tau=self.cfg.knn_t, workers=self.cfg.workers)
+        finally:
+            set_rng_state(saved)
         return {"knn_top1": result.top1, "knn_top5": result.top5}
 
     def fit(self) -> dict[str, Any]:
@@ -315,7 +332,7 @@ class Trainer:
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
                        device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
-                       world_size=self.world, bn=self.bn,
+                       world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world,
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         summary: dict[str, Any] = {}
         self.model.train()

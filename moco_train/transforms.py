@@ -28,7 +28,7 @@ class Preprocessing:
     def for_input_size(cls, input_size: int) -> "Preprocessing":
         """Resize the short side to input/0.875 then center-crop (ImageNet convention); small
         images are used at their own size."""
-        resize = input_size if input_size <= SMALL_IMAGE_MAX else int(round(input_size / 0.875))
+        resize = input_size if is_small(input_size) else int(round(input_size / 0.875))
         return cls(input_size=input_size, resize_size=resize)
 
     def to_dict(self) -> dict:
@@ -60,20 +60,33 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
 
 
+def is_small(input_size: int) -> bool:
+    """Crops of at most SMALL_IMAGE_MAX px get the CIFAR stem and the small-image augmentation."""
+    return input_size <= SMALL_IMAGE_MAX
+
+
 def train_augmentation(p: Preprocessing, aug_plus: bool) -> T.Compose:
-    """MoCo v1 augmentation, or MoCo v2's (`aug_plus`): stronger colour jitter, grayscale, blur."""
+    """MoCo v1 augmentation, or MoCo v2's (`aug_plus`): stronger colour jitter, grayscale, blur.
+
+    Small crops (<= 64 px) follow the official CIFAR-10 recipe (facebookresearch/moco's CIFAR demo,
+    also lightly's CIFAR benchmark): crop scale (0.08, 1) instead of (0.2, 1), since a 32 px crop of
+    20% of the image is already only 14 px of signal, and no Gaussian blur, whose sigma of up to
+    2 px (chosen for 224 px images) would wipe out most of a 32 px image.
+    """
     normalize = T.Normalize(p.mean, p.std)
+    small = is_small(p.input_size)
+    crop = T.RandomResizedCrop(p.input_size, scale=(0.08, 1.0) if small else (0.2, 1.0))
     if aug_plus:
         ops = [
-            T.RandomResizedCrop(p.input_size, scale=(0.2, 1.0)),
+            crop,
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+            *([] if small else [T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5)]),
             T.RandomHorizontalFlip(),
         ]
     else:
         ops = [
-            T.RandomResizedCrop(p.input_size, scale=(0.2, 1.0)),
+            crop,
             T.RandomGrayscale(p=0.2),
             T.ColorJitter(0.4, 0.4, 0.4, 0.4),
             T.RandomHorizontalFlip(),

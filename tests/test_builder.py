@@ -95,6 +95,17 @@ def test_symmetric_loss_contrasts_both_ways_and_enqueues_both_keys():
         torch.cat([(z2 * z1).sum(1, keepdim=True), z2 @ queue], 1)]) / 0.1
     torch.testing.assert_close(logits, expected)
     assert labels.shape == (6,) and int(model.queue_ptr) == 6
+    # The loss is L(q1, k2) + L(q2, k1), the sum of the two directions (not their mean).
+    zero = torch.zeros(3, dtype=torch.long)
+    by_hand = F.cross_entropy(expected[:3], zero) + F.cross_entropy(expected[3:], zero)
+    torch.testing.assert_close(model.loss(logits, labels), by_hand)
+
+
+def test_asymmetric_loss_is_the_plain_infonce():
+    torch.manual_seed(0)
+    model = MoCo(tiny_encoder(), dim=8, K=16, T=0.1)
+    logits, labels = model(images(3, 1), images(3, 2))
+    torch.testing.assert_close(model.loss(logits, labels), F.cross_entropy(logits, labels))
 
 
 def test_mlp_head_has_the_official_key_names():

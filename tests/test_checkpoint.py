@@ -1,6 +1,7 @@
 """Checkpoints: contents, rotation, truncated files skipped, and exact resume on the CPU."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import warnings
@@ -89,6 +90,37 @@ def test_mid_epoch_resume_from_the_newest_valid_checkpoint(images, tmp_path, str
         resumed = Trainer(config(images, tmp_path, epochs=2, resume="auto"))
         resumed.fit()
     assert_identical(final_state(resumed), straight[1])
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """A labelled folder for the kNN monitor: two classes of 8 small images."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_resume_is_exact_with_the_knn_monitor_on(images, labelled, tmp_path):
+    """The monitor runs after each epoch's checkpoint and draws random numbers (it builds a model);
+    a run resumed from that checkpoint must still match the uninterrupted one to the bit."""
+    def monitored(run_dir: Path, epochs: int, resume: str | None = None) -> Trainer:
+        cfg = config(images, run_dir, epochs=epochs, resume=resume)
+        cfg.knn_bank = cfg.knn_queries = str(labelled)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return trainer
+
+    straight = monitored(tmp_path / "straight", epochs=2)
+    monitored(tmp_path / "resumed", epochs=1)
+    resumed = monitored(tmp_path / "resumed", epochs=2, resume="auto")
+    assert_identical(final_state(resumed), final_state(straight))
+    epochs = [r for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines())
+              if r["event"] == "epoch"]
+    assert len(epochs) == 2 and all("knn_top1" in r for r in epochs)
 
 
 def test_rotation_keeps_the_newest(images, tmp_path):

@@ -28,7 +28,8 @@ from moco_train.trainer import Trainer, init_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 # Tiny but real: ResNet-18 with the CIFAR stem on 16x16 crops of the demo images, batch 16, K 64.
-TINY = dict(max_steps=6, batch_size=16, moco_k=64, crop_size=16, workers=0, amp="off", progress=False, seed=3)
+TINY = dict(max_steps=6, batch_size=16, moco_k=64, crop_size=16, workers=0, amp="off", progress=False, seed=3,
+            bn_splits=4)
 
 
 # -- children ----------------------------------------------------------------------------------
@@ -142,26 +143,27 @@ def test_ranks_hold_identical_queue_and_weights(two_proc_run):
     assert differing and all(k.endswith(("running_mean", "running_var")) for k in differing), differing
     assert torch.equal(a["queue"], b["queue"]) and int(a["queue_ptr"]) == (10 * 16) % 64
     records = log_records(run_dir)
-    assert records[0]["world_size"] == 2 and records[0]["bn"] == "shuffle"
+    assert records[0]["world_size"] == 2 and records[0]["bn"] == "split" and records[0]["bn_groups"] == 4
     assert [r["step"] for r in records if r["event"] == "step"] == list(range(1, 11))
 
 
 def test_two_processes_match_one_process_with_equal_bn_groups(image_list, two_proc_run, tmp_path):
-    """One process with split-BN in 2 groups = 2 processes with per-process BN: the same images in
-    the same groups (rank r's slice = group r), the same key permutation (the same seeded RNG draws
-    randperm(16) in both), DDP's gradient mean = the gradient of the global mean loss, the same
-    queue. So step 1's loss agrees, and so does step 2's, which depends on the first update (DDP's
-    averaged gradient), the momentum update and the enqueued keys. Only float summation order
-    differs (BN over a reshaped batch, the gradient all-reduce); MoCo's early steps amplify such
-    rounding quickly (the same single process with channels_last on vs off already differs by ~2%
-    in the loss at step 5), so later steps are not compared."""
+    """--bn-splits 4 means 4 BatchNorm groups over the global batch whatever the process count: one
+    process splits its batch of 16 in 4 groups, two processes split their 8 in 2 groups each. The
+    groups hold the same images (rank r's slice = groups 2r, 2r+1), the key permutation is the same
+    (the same seeded RNG draws randperm(16) in both), DDP's gradient mean = the gradient of the
+    global mean loss, and the queue is the same. So step 1's loss agrees, and so does step 2's,
+    which depends on the first update (DDP's averaged gradient), the momentum update and the
+    enqueued keys. Only float summation order differs (BN over a reshaped batch, the gradient
+    all-reduce); MoCo's early steps amplify such rounding quickly (the same single process with
+    channels_last on vs off already differs by ~2% in the loss at step 5), so later steps are not
+    compared."""
     run_dir, _ = two_proc_run
-    spec = {**TINY, "data": str(image_list), "run_dir": str(tmp_path / "run"), "max_steps": 2,
-            "bn": "split", "bn_splits": 2}
+    spec = {**TINY, "data": str(image_list), "run_dir": str(tmp_path / "run"), "max_steps": 2}
     run_ranks("train", spec, tmp_path / "out", nproc=1)
     one = [r["loss"] for r in log_records(tmp_path / "run") if r["event"] == "step"]
     two = [r["loss"] for r in log_records(run_dir) if r["event"] == "step"][:2]
-    assert log_records(tmp_path / "run")[0]["bn"] == "split"
+    assert log_records(tmp_path / "run")[0]["bn_groups"] == log_records(run_dir)[0]["bn_groups"] == 4
     assert one[0] == pytest.approx(two[0], rel=1e-5)
     assert one[1] == pytest.approx(two[1], rel=1e-4)
     assert one[1] > 10 * one[0]  # step 2 really differs from step 1 (new queue, updated weights)

@@ -1,0 +1,56 @@
+"""The augmentation recipes (small-image vs ImageNet-size) and the stem that follows the crop."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision import transforms as T
+
+from moco_train.config import TrainConfig
+from moco_train.trainer import Trainer
+from moco_train.transforms import GaussianBlur, Preprocessing, train_augmentation
+
+
+def ops(compose: T.Compose) -> list:
+    """Every transform in a Compose, RandomApply unwrapped."""
+    out = []
+    for t in compose.transforms:
+        out.extend(t.transforms if isinstance(t, T.RandomApply) else [t])
+    return out
+
+
+def crop_scale(compose: T.Compose) -> tuple[float, float]:
+    (crop,) = [t for t in ops(compose) if isinstance(t, T.RandomResizedCrop)]
+    return crop.scale
+
+
+def test_small_crops_get_the_cifar_recipe_no_blur_and_a_wider_crop_scale():
+    for size in (32, 64):
+        v2 = train_augmentation(Preprocessing.for_input_size(size), aug_plus=True)
+        assert not any(isinstance(t, GaussianBlur) for t in ops(v2))
+        assert crop_scale(v2) == (0.08, 1.0)
+        assert crop_scale(train_augmentation(Preprocessing.for_input_size(size), aug_plus=False)) == (0.08, 1.0)
+
+
+def test_large_crops_keep_moco_v2_blur_and_crop_scale():
+    v2 = train_augmentation(Preprocessing.for_input_size(96), aug_plus=True)
+    assert any(isinstance(t, GaussianBlur) for t in ops(v2))
+    assert crop_scale(v2) == (0.2, 1.0)
+
+
+def test_the_stem_follows_the_crop_size_not_the_image_size(tmp_path: Path):
+    """Photos of 200 px trained at --crop-size 64 get the CIFAR stem (else the last map is 2x2)."""
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+
+    def trainer(crop_size: int | None) -> Trainer:
+        return Trainer(TrainConfig(data=str(tmp_path), run_dir=str(tmp_path / f"run{crop_size}"), batch_size=8,
+                                   moco_k=16, crop_size=crop_size, workers=0, progress=False))
+
+    small = trainer(64)
+    assert small.cifar_stem and small.preprocessing.input_size == 64
+    assert not any(isinstance(t, GaussianBlur) for t in ops(small.dataset.transform.base))
+    large = trainer(None)
+    assert not large.cifar_stem and large.preprocessing.input_size == 224
