@@ -5,19 +5,22 @@ from __future__ import annotations
 import random
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .export import (EXPORT_FORMAT, ExportError, is_official_moco_checkpoint, make_export,
-                     official_moco_encoder)
+from .export import (EXPORT_FORMAT, OFFICIAL_PREFIX, ExportError, ExportMeta, is_official_moco_checkpoint,
+                     make_export, official_moco_encoder)
 from .fileio import atomic_torch_save
 from .transforms import Preprocessing
 
 CHECKPOINT_FORMAT = "moco-retrieval.checkpoint"
 CHECKPOINT_VERSION = 1
+# Our own metadata inside a --format official file (the official scripts ignore unknown keys).
+OFFICIAL_EXTRA = "moco_retrieval"
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
 
 
@@ -100,24 +103,84 @@ def find_resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def to_export(blob: dict[str, Any], source: str, keep_head: bool = False) -> dict[str, Any]:
-    """The export dict of a file's contents: an export as is, our checkpoint's f_q, or an official
-    facebookresearch/moco checkpoint's (ImageNet preprocessing, standard stem); the f_q backbone
-    alone unless keep_head (see export.make_export)."""
+@dataclass(frozen=True)
+class EncoderWeights:
+    """f_q's weights as a file holds them, and what the file says about them.
+
+    state: ResNet keys (conv1.weight, layer1.0.bn1.weight, ..., and fc.* when the file holds the
+    projection head or a classifier); arch: None when the file does not name it (a plain state
+    dict); preprocessing: None when the file does not record it."""
+
+    state: dict[str, torch.Tensor]
+    arch: str | None
+    cifar_stem: bool
+    preprocessing: Preprocessing | None
+    train_args: dict[str, Any]
+    source: str
+
+
+def has_cifar_stem(state: dict[str, torch.Tensor]) -> bool:
+    """The CIFAR stem's first conv is 3x3 (the standard stem's is 7x7)."""
+    return state["conv1.weight"].shape[-1] == 3
+
+
+def is_resnet_state_dict(blob: Any) -> bool:
+    return isinstance(blob, dict) and "conv1.weight" in blob and "layer1.0.conv1.weight" in blob
+
+
+def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
+    """The f_q weights of an export, one of our checkpoints, an official facebookresearch/moco
+    checkpoint (ours in --format official too), or a plain torchvision ResNet state dict (bare, or
+    under "state_dict" / "model")."""
     if blob.get("format") == EXPORT_FORMAT:
-        return blob
+        meta = ExportMeta.from_dict(blob["meta"])
+        return EncoderWeights(blob["state_dict"], meta.arch, meta.cifar_stem, meta.preprocessing, meta.train_args,
+                              meta.source or source)
     if blob.get("format") == CHECKPOINT_FORMAT:
         prefix = "encoder_q."
         state = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
-        return make_export(state, arch=blob["arch"], cifar_stem=blob["cifar_stem"],
-                           preprocessing=Preprocessing.from_dict(blob["preprocessing"]),
-                           train_args=blob["args"], source=f"{source} (step {blob['global_step']})",
-                           keep_head=keep_head)
+        return EncoderWeights(state, blob["arch"], blob["cifar_stem"], Preprocessing.from_dict(blob["preprocessing"]),
+                              blob["args"], f"{source} (step {blob['global_step']})")
     if is_official_moco_checkpoint(blob):
         arch, state = official_moco_encoder(blob)
-        try:
-            return make_export(state, arch=arch, cifar_stem=False, preprocessing=Preprocessing(),
-                               source=f"{source} (official MoCo checkpoint)", keep_head=keep_head)
-        except RuntimeError as exc:
-            raise ExportError(f"{source}: weights do not fit {arch} ({str(exc).splitlines()[0]})") from exc
+        ours = blob.get(OFFICIAL_EXTRA, {})  # present when moco-train wrote the file
+        preprocessing = Preprocessing.from_dict(ours["preprocessing"]) if "preprocessing" in ours else Preprocessing()
+        return EncoderWeights(state, arch, has_cifar_stem(state), preprocessing, {},
+                              ours.get("source", f"{source} (official MoCo checkpoint)"))
+    plain = next((b for b in (blob, blob.get("state_dict"), blob.get("model")) if is_resnet_state_dict(b)), None)
+    if plain is not None:
+        return EncoderWeights(dict(plain), None, has_cifar_stem(plain), None, {}, f"{source} (ResNet state dict)")
     raise CheckpointError(f"{source}: neither a moco-train checkpoint, an export, nor an official MoCo checkpoint")
+
+
+def to_export(blob: dict[str, Any], source: str, keep_head: bool = False) -> dict[str, Any]:
+    """The export dict of a file's contents: an export as is, else the f_q of our checkpoint or of
+    an official MoCo checkpoint (ImageNet preprocessing unless the file records its own); the
+    backbone alone unless keep_head (see export.make_export)."""
+    if blob.get("format") == EXPORT_FORMAT:
+        return blob
+    weights = encoder_weights(blob, source)
+    if weights.arch is None:
+        raise CheckpointError(f"{source}: a plain state dict names no architecture; it can start training "
+                              "(--init) but not be exported")
+    try:
+        return make_export(weights.state, arch=weights.arch, cifar_stem=weights.cifar_stem,
+                           preprocessing=weights.preprocessing or Preprocessing(), train_args=weights.train_args,
+                           source=weights.source, keep_head=keep_head)
+    except RuntimeError as exc:
+        raise ExportError(f"{source}: weights do not fit {weights.arch} ({str(exc).splitlines()[0]})") from exc
+
+
+def to_official(blob: dict[str, Any], source: str) -> dict[str, Any]:
+    """The layout of facebookresearch/moco's main_moco.py checkpoints: f_q's weights (with the
+    projection head when the file has it) under state_dict as module.encoder_q.*, which its
+    main_lincls.py --pretrained and detection/convert-pretrain-to-detectron2.py read. Tensors and
+    plain values only, so torch.load(weights_only=True) reads it too. What those scripts ignore
+    (stem, preprocessing) rides along under OFFICIAL_EXTRA, so the file converts back exactly."""
+    weights = encoder_weights(blob, source)
+    if weights.arch is None:
+        raise CheckpointError(f"{source}: a plain state dict names no architecture")
+    return {"arch": weights.arch,
+            "state_dict": {f"{OFFICIAL_PREFIX}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},
+            OFFICIAL_EXTRA: {"cifar_stem": weights.cifar_stem, "source": weights.source,
+                             "preprocessing": (weights.preprocessing or Preprocessing()).to_dict()}}

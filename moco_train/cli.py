@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .backbones import RESNET_ARCHS
 from .builder import BN_MODES
-from .checkpoint import CheckpointError, load_file, to_export
+from .checkpoint import CheckpointError, load_file, to_export, to_official
 from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import DataError
 from .export import ExportError, export_model
@@ -62,6 +62,10 @@ def _train_parser(sub) -> None:
                    help="3x3 stride-1 stem without max-pool; auto: on for images of 64 px or less")
     p.add_argument("--crop-size", type=int, default=None, help="training crop (default: image size if small, else 224)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="continued pretraining: start both encoders from FILE (a moco-train export or "
+                        "checkpoint, an official MoCo checkpoint, or a torchvision ResNet state dict) "
+                        "instead of random weights; the projection head is re-initialised if it does not fit")
     p.add_argument("--nproc", type=int, default=1,
                    help="spawn this many training processes on this machine (DDP over 127.0.0.1; "
                         "one per GPU if CUDA is present); for several machines use torchrun")
@@ -103,6 +107,11 @@ def _export_parser(sub) -> None:
     p.add_argument("--keep-head", action="store_true",
                    help="serve the projection head's output (--moco-dim, e.g. 128-d: a 4x smaller index) "
                         "instead of the backbone's pooled features (default)")
+    p.add_argument("--format", choices=("retrieval", "official"), default="retrieval",
+                   help="retrieval (default): the export that moco-train knn and retrieval-server load; "
+                        "official: facebookresearch/moco's checkpoint layout (state_dict with "
+                        "module.encoder_q.*, the projection head included when CKPT has it), for its "
+                        "main_lincls.py --pretrained and detectron2 conversion script")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +130,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, schedule=list(args.schedule), cos=args.cos, moco_dim=args.moco_dim,
         moco_k=args.moco_k, moco_m=args.moco_m, mlp=args.mlp, aug_plus=args.aug_plus,
         symmetric=args.symmetric, bn=args.bn, bn_splits=args.bn_splits, cifar_stem=args.cifar_stem,
-        crop_size=args.crop_size, seed=args.seed, device=args.device, amp=args.amp,
+        crop_size=args.crop_size, seed=args.seed, init=args.init, device=args.device, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, save_every_steps=args.save_every_steps, keep=args.keep,
         resume=args.resume, knn_bank=args.knn_bank, knn_queries=args.knn_queries, knn_every=args.knn_every,
         progress=not args.no_progress)
@@ -169,6 +178,11 @@ def cmd_knn(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "official":
+        official = to_official(load_file(args.checkpoint), args.checkpoint)
+        atomic_torch_save(official, Path(args.out))
+        print(f"wrote {args.out}: {official['arch']} in the official MoCo layout ({len(official['state_dict'])} tensors)")
+        return
     blob = to_export(load_file(args.checkpoint), args.checkpoint, keep_head=args.keep_head)
     _, meta = export_model(blob, args.checkpoint)
     atomic_torch_save(blob, Path(args.out))

@@ -40,6 +40,7 @@ class TrainConfig:
     cifar_stem: str = "auto"           # auto | on | off
     crop_size: int | None = None       # None: image size for small images, else 224
     seed: int = 0
+    init: str | None = None            # start f_q/f_k from this file (continued pretraining)
     device: str = "auto"
     amp: str = "auto"                  # auto | off | bf16 | fp16
     channels_last: bool = False

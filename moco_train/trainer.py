@@ -26,6 +26,7 @@ from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
 from .export import export_model
+from .pretrained import init_encoder
 from .transforms import Preprocessing, TwoCropsTransform, is_small, train_augmentation
 
 
@@ -195,6 +196,7 @@ class Trainer:
             raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
         encoder = build_encoder(cfg.arch, cfg.moco_dim, cfg.mlp, self.cifar_stem,
                                 bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
+        self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem) if cfg.init else "random"
         self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=cfg.moco_t,
                           symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
@@ -332,7 +334,7 @@ class Trainer:
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
                        device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
-                       world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world,
+                       world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world, init=self.init_source,
                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         summary: dict[str, Any] = {}
         self.model.train()

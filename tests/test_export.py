@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from moco_train.backbones import build_backbone
 from moco_train.builder import build_encoder
-from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export
+from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export, to_official
 from moco_train.config import TrainConfig
 from moco_train.export import ExportError, embed, export_model, load_export
 from moco_train.fileio import atomic_torch_save
@@ -94,3 +95,76 @@ def test_official_checkpoint_of_the_wrong_architecture_is_a_clear_error():
         to_export(blob, "x.pth.tar")
     with pytest.raises(CheckpointError, match="neither"):
         to_export({"state_dict": {"conv1.weight": torch.zeros(1)}}, "y.pt")
+
+
+def main_lincls_backbone(path, cifar_stem: bool) -> tuple[torch.nn.Module, set[str]]:
+    """What facebookresearch/moco's main_lincls.py does with --pretrained (its code, a torchvision
+    model; a CIFAR-stem encoder needs the same stem swap on its side): keep module.encoder_q.* but
+    the head, load non-strictly, and the only missing keys must be the new classifier's."""
+    checkpoint = torch.load(path, map_location="cpu")  # torch's default: weights_only=True
+    state_dict = checkpoint["state_dict"]
+    for k in list(state_dict.keys()):
+        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
+            state_dict[k[len("module.encoder_q."):]] = state_dict[k]
+        del state_dict[k]
+    model = torchvision.models.__dict__[checkpoint["arch"]]()
+    if cifar_stem:
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    msg = model.load_state_dict(state_dict, strict=False)
+    return model.eval(), set(msg.missing_keys)
+
+
+def detectron2_conversion(path) -> dict[str, np.ndarray]:
+    """facebookresearch/moco's detection/convert-pretrain-to-detectron2.py, key for key."""
+    obj = torch.load(path, map_location="cpu")["state_dict"]
+    newmodel = {}
+    for k, v in obj.items():
+        if not k.startswith("module.encoder_q."):
+            continue
+        k = k.replace("module.encoder_q.", "")
+        if "layer" not in k:
+            k = "stem." + k
+        for t in [1, 2, 3, 4]:
+            k = k.replace("layer{}".format(t), "res{}".format(t + 1))
+        for t in [1, 2, 3]:
+            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))
+        k = k.replace("downsample.0", "shortcut")
+        k = k.replace("downsample.1", "shortcut.norm")
+        newmodel[k] = v.numpy()
+    return newmodel
+
+
+def test_official_format_loads_in_main_lincls_and_detectron2(checkpoint, tmp_path):
+    path, trainer = checkpoint
+    out = tmp_path / "official.pth.tar"
+    atomic_torch_save(to_official(load_file(path), str(path)), out)
+    model, missing = main_lincls_backbone(out, cifar_stem=True)
+    assert missing == {"fc.weight", "fc.bias"}
+    images = torch.randn(3, 3, 16, 16)
+    model.fc = torch.nn.Identity()
+    reference = backbone_from(trainer.model.state_dict(), "encoder_q.", "resnet18", cifar_stem=True)
+    torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
+
+    converted = detectron2_conversion(out)
+    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.weight", "res2.0.conv1.norm.running_var",
+            "res3.0.shortcut.weight", "res3.0.shortcut.norm.bias", "res5.1.conv2.norm.weight"} <= set(converted)
+    encoder_q = {k for k in trainer.model.state_dict() if k.startswith("encoder_q.")}
+    assert len(converted) == len(encoder_q)  # every f_q tensor, the MLP head included
+
+    # The file converts back to the same export: stem and preprocessing ride along.
+    again, original = to_export(load_file(out), str(out)), to_export(load_file(path), str(path))
+    assert again["meta"]["fingerprint"] == original["meta"]["fingerprint"]
+    assert again["meta"]["preprocessing"] == original["meta"]["preprocessing"]
+
+
+def test_official_format_of_a_standard_stem_resnet_fits_main_lincls_unchanged(tmp_path):
+    blob = official_checkpoint("resnet18")
+    export = to_export(blob, "moco_v2.pth.tar", keep_head=True)
+    atomic_torch_save(to_official(export, "export"), tmp_path / "official.pth.tar")
+    model, missing = main_lincls_backbone(tmp_path / "official.pth.tar", cifar_stem=False)
+    assert missing == {"fc.weight", "fc.bias"}
+    images = torch.randn(2, 3, 64, 64)
+    model.fc = torch.nn.Identity()
+    reference = backbone_from(blob["state_dict"], "module.encoder_q.", "resnet18", cifar_stem=False)
+    torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
