@@ -1,4 +1,4 @@
-"""`moco-train train | knn | export`: pretraining, kNN evaluation and encoder export from the command line."""
+"""`moco-train train | knn | export | plot`: pretraining, kNN evaluation, encoder export and run curves."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +13,13 @@ from .backbones import RESNET_ARCHS
 from .builder import BN_MODES
 from .checkpoint import CheckpointError, load_file, to_export, to_official
 from .config import COMPILE_MIN_STEPS, TrainConfig
+from .curves import RunLogError
 from .data import DataError
 from .export import ExportError, export_model
 from .fileio import atomic_torch_save
 from .knn import DEFAULT_K, DEFAULT_TAU
 
-USER_ERRORS = (DataError, CheckpointError, ExportError, OSError)
+USER_ERRORS = (DataError, CheckpointError, ExportError, RunLogError, OSError)
 
 
 def _train_parser(sub) -> None:
@@ -114,12 +115,19 @@ def _export_parser(sub) -> None:
                         "main_lincls.py --pretrained and detectron2 conversion script")
 
 
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw a run's loss, contrast accuracy, lr and kNN curves (RUN_DIR/curves.png)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --run-dir of a training run (finished or not)")
+    p.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moco-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _knn_parser(sub)
     _export_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
@@ -190,6 +198,11 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"input {meta.preprocessing.input_size}px, {meta.fingerprint}")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .curves import plot_run
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -199,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
     try:
-        status = {"train": cmd_train, "knn": cmd_knn, "export": cmd_export}[args.command](args)
+        status = {"train": cmd_train, "knn": cmd_knn, "export": cmd_export, "plot": cmd_plot}[args.command](args)
     except USER_ERRORS as exc:
         print(f"moco-train {args.command}: error: {exc}", file=sys.stderr)
         return 1

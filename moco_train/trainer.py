@@ -23,6 +23,7 @@ from . import distributed
 from .builder import BN_MODES, MoCo, build_encoder
 from .checkpoint import CHECKPOINT_FORMAT, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_export
 from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size
+from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
 from .export import export_model
@@ -382,6 +383,8 @@ class Trainer:
                 self.epoch % cfg.knn_every == 0 or self.global_step >= self.total_steps):
             summary.update(self.knn_monitor())
         self.log.write(event="epoch", step=self.global_step, **summary)
+        if self.main:
+            plot_run(self.run_dir)
         return summary
 
 

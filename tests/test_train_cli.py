@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from moco_train.config import COMPILE_MIN_STEPS
+from moco_train.curves import plot_run, read_log
 from moco_train.trainer import resolve_compile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +68,37 @@ def test_train_logs_progress_and_checkpoints(trained):
     assert len(steps) == 3 and {"loss", "acc", "lr", "img_per_s"} <= steps[0].keys()
     assert [r for r in records if r["event"] == "epoch"]
     assert (run_dir / "checkpoint_00000003.pt").is_file()
+
+
+def test_curves_are_drawn_each_epoch_and_on_demand(trained, tmp_path):
+    _, run_dir, _ = trained
+    with Image.open(run_dir / "curves.png") as img:  # the trainer drew it after the epoch
+        assert img.format == "PNG" and img.width > 800
+    proc = moco_train("plot", run_dir, "--out", tmp_path / "again.png")
+    assert str(tmp_path / "again.png") in proc.stdout
+    with Image.open(tmp_path / "again.png") as img:
+        assert img.format == "PNG"
+    (tmp_path / "nolog").mkdir()
+    assert_one_line_error(moco_train("plot", tmp_path / "nolog", check=False), "no log.jsonl")
+
+
+def test_plot_keeps_one_record_per_step_and_draws_the_knn_panel(tmp_path):
+    """After a resume the re-trained steps replace the interrupted session's; a kNN panel appears
+    when the monitor logged results; a cut-off last line (a crash mid-write) is skipped."""
+    records = [{"event": "start"}] + [{"event": "step", "step": s, "loss": 9.0, "acc": 1.0, "lr": 0.1}
+                                      for s in (1, 2, 3)]
+    records += [{"event": "resume"}] + [{"event": "step", "step": s, "loss": 5.0, "acc": 2.0, "lr": 0.1}
+                                        for s in (3, 4)]
+    records += [{"event": "epoch", "step": 4, "knn_top1": 30.0}]
+    (tmp_path / "log.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"event": "st')
+    steps, knn = read_log(tmp_path)
+    assert [(r["step"], r["loss"]) for r in steps] == [(1, 9.0), (2, 9.0), (3, 5.0), (4, 5.0)]
+    assert [r["knn_top1"] for r in knn] == [30.0]
+    with Image.open(plot_run(tmp_path)) as img:
+        wide = img.width
+    (tmp_path / "log.jsonl").write_text("\n".join(map(json.dumps, records[:-1])))
+    with Image.open(plot_run(tmp_path)) as img:
+        assert img.width < wide  # one panel fewer without kNN results
 
 
 def test_knn_and_export_agree(trained, demo_data):
