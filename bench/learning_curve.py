@@ -339,10 +339,10 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        if "ours" not in args.skip:
-            train_ours(args, args.work / "ours")
         if "lightly" not in args.skip:
             train_lightly(args, args.work / "lightly")
+        if "ours" not in args.skip:
+            train_ours(args, args.work / "ours")
     bf16 = cpu_has_native_bf16()
     data = {split: eval_images(args.cifar, split, args.work / "images") for split in ("train", "test")}
     measured = evaluate_all(args, args.work, data, bf16)

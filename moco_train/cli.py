@@ -45,10 +45,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--moco-k", type=int, default=None,
                    help="queue size (default: largest power of two <= 10%% of the images, at most 65536)")
     p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum (default 0.999)")
-    p.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default 0.07, 0.2 with --v2)")
+    p.add_argument("--moco-t", type=float, default=None, help="softmax temperature (default 0.07; with --v2 0.2, or 0.1 for crops <= 64 px)")
     p.add_argument("--mlp", action="store_true", help="MLP projection head (MoCo v2)")
     p.add_argument("--aug-plus", action="store_true", help="MoCo v2 augmentation (blur, stronger jitter)")
-    p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos --moco-t 0.2")
+    p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos, --moco-t 0.2 (0.1 for crops <= 64 px)")
     p.add_argument("--symmetric", action="store_true", help="symmetric loss (both crops as queries)")
     p.add_argument("--bn", choices=("auto", *BN_MODES), default="auto",
                    help="split (auto, the default): keys shuffled (across processes under DDP) and the "
@@ -136,7 +136,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         data=args.data, run_dir=args.run_dir, arch=args.arch, workers=args.workers, epochs=args.epochs,
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, schedule=list(args.schedule), cos=args.cos, moco_dim=args.moco_dim,
-        moco_k=args.moco_k, moco_m=args.moco_m, mlp=args.mlp, aug_plus=args.aug_plus,
+        moco_k=args.moco_k, moco_m=args.moco_m, moco_t=args.moco_t, mlp=args.mlp, aug_plus=args.aug_plus,
         symmetric=args.symmetric, bn=args.bn, bn_splits=args.bn_splits, cifar_stem=args.cifar_stem,
         crop_size=args.crop_size, seed=args.seed, init=args.init, device=args.device, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, save_every_steps=args.save_every_steps, keep=args.keep,
@@ -144,8 +144,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress)
     if args.v2:
         cfg.apply_v2()
-    if args.moco_t is not None:
-        cfg.moco_t = args.moco_t
     return cfg
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import distributed
 from .builder import BN_MODES, MoCo, build_encoder
 from .checkpoint import CHECKPOINT_FORMAT, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_export
-from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size
+from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size, default_temperature
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
@@ -198,7 +198,8 @@ class Trainer:
         encoder = build_encoder(cfg.arch, cfg.moco_dim, cfg.mlp, self.cifar_stem,
                                 bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
         self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem) if cfg.init else "random"
-        self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=cfg.moco_t,
+        self.moco_t = default_temperature(cfg, is_small(self.preprocessing.input_size))
+        self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=self.moco_t,
                           symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -333,6 +334,7 @@ class Trainer:
         if cfg.resume:
             self.resume(cfg.resume)
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
+                       moco_t=self.moco_t,
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
                        device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
                        world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world, init=self.init_source,

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms as T
 
-from moco_train.config import TrainConfig
+from moco_train.config import TrainConfig, default_temperature
 from moco_train.trainer import Trainer
 from moco_train.transforms import GaussianBlur, Preprocessing, train_augmentation
 
@@ -54,3 +54,14 @@ def test_the_stem_follows_the_crop_size_not_the_image_size(tmp_path: Path):
     assert not any(isinstance(t, GaussianBlur) for t in ops(small.dataset.transform.base))
     large = trainer(None)
     assert not large.cifar_stem and large.preprocessing.input_size == 224
+
+
+def test_default_temperature_follows_the_recipe():
+    def cfg(**kwargs) -> TrainConfig:
+        return TrainConfig(data="d", run_dir="r", **kwargs)
+
+    assert default_temperature(cfg(), small=True) == 0.07  # v1
+    v2 = cfg()
+    v2.apply_v2()
+    assert (default_temperature(v2, small=False), default_temperature(v2, small=True)) == (0.2, 0.1)
+    assert default_temperature(cfg(moco_t=0.5, mlp=True, aug_plus=True), small=True) == 0.5  # --moco-t wins
