@@ -1,4 +1,5 @@
-"""torchvision ResNets for MoCo: any torchvision ResNet, the CIFAR stem, and split BatchNorm."""
+"""Backbones: any torchvision ResNet (with the CIFAR stem and split BatchNorm), and the exported
+encoder built from a ResNet or a ViT."""
 from __future__ import annotations
 
 from functools import partial
@@ -7,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from .vit import VIT_ARCHS, build_vit
 
 RESNET_ARCHS = tuple(
     name for name in torchvision.models.list_models(module=torchvision.models)
@@ -51,7 +54,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def build_resnet(arch: str, num_classes: int = 1000, cifar_stem: bool = False,
-                 bn_splits: int = 1, sync_bn: bool = False) -> nn.Module:
+                 bn_splits: int = 1, sync_bn: bool = False, zero_init_residual: bool = False) -> nn.Module:
     """A torchvision ResNet with random weights (never downloaded).
 
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for images of 64 px or less.
@@ -61,7 +64,8 @@ def build_resnet(arch: str, num_classes: int = 1000, cifar_stem: bool = False,
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(RESNET_ARCHS)}")
     norm_layer = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else None
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, norm_layer=norm_layer,
+                                         zero_init_residual=zero_init_residual)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -82,9 +86,23 @@ def feature_dim(model: nn.Module) -> int:
 HEADS = ("none", "linear", "mlp")
 
 
+def head_prefix(arch: str) -> str:
+    """Where an encoder's projection head (or classifier) lives: a ResNet's fc, a ViT's head."""
+    return "head." if arch in VIT_ARCHS else "fc."
+
+
+def backbone_dim(arch: str) -> int:
+    """Width of the backbone's feature: pooled ResNet features, a ViT's class token."""
+    return VIT_ARCHS[arch].embed_dim if arch in VIT_ARCHS else feature_dim(build_resnet(arch))
+
+
 def build_backbone(arch: str, cifar_stem: bool, head: str = "none", head_dim: int = 128) -> nn.Module:
-    """The exported/served encoder: a ResNet whose output is the pooled feature (head "none", fc =
-    Identity), or the MoCo projection head's output: "linear" (v1) or "mlp" (v2: fc.0, ReLU, fc.2)."""
+    """The exported/served encoder: a ResNet or ViT whose output is the backbone feature (head
+    "none"), or a ResNet's MoCo projection head output: "linear" (v1) or "mlp" (v2: fc.0, ReLU, fc.2)."""
+    if arch in VIT_ARCHS:
+        if head != "none":
+            raise ValueError(f"a {arch} export serves its class token (head none), not a {head} head")
+        return build_vit(arch)
     model = build_resnet(arch, cifar_stem=cifar_stem)
     width = feature_dim(model)
     if head == "none":

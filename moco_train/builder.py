@@ -44,6 +44,10 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+    def encoders(self) -> tuple[nn.Module, nn.Module]:
+        """(f_q, f_k)."""
+        return self.encoder_q, self.encoder_k
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
         """θ_k ← m·θ_k + (1 − m)·θ_q, over all parameters at once (two multi-tensor ops instead of two

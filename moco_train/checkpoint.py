@@ -12,13 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .export import (EXPORT_FORMAT, OFFICIAL_PREFIX, ExportError, ExportMeta, is_official_moco_checkpoint,
-                     make_export, official_moco_encoder)
+from .export import EXPORT_FORMAT, ExportError, ExportMeta, make_export
 from .fileio import atomic_torch_save
 from .transforms import Preprocessing
 
 CHECKPOINT_FORMAT = "moco-retrieval.checkpoint"
 CHECKPOINT_VERSION = 1
+# f_q inside the official checkpoints: facebookresearch/moco (v1/v2) and facebookresearch/moco-v3.
+OFFICIAL_PREFIX = {"v2": "module.encoder_q.", "v3": "module.base_encoder."}
+# ... and inside ours (the MoCo and MoCoV3 modules' attribute names).
+QUERY_PREFIX = {"v2": "encoder_q.", "v3": "base_encoder."}
 # Our own metadata inside a --format official file (the official scripts ignore unknown keys).
 OFFICIAL_EXTRA = "moco_retrieval"
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
@@ -107,9 +110,10 @@ def find_resume(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
 class EncoderWeights:
     """f_q's weights as a file holds them, and what the file says about them.
 
-    state: ResNet keys (conv1.weight, layer1.0.bn1.weight, ..., and fc.* when the file holds the
-    projection head or a classifier); arch: None when the file does not name it (a plain state
-    dict); preprocessing: None when the file does not record it."""
+    state: the encoder's own keys (conv1.weight, layer1.0.bn1.weight, ... or a ViT's blocks.0.attn...,
+    and its projection head or classifier: a ResNet's fc.*, a ViT's head.*); arch: None when the
+    file does not name it (a plain state dict); preprocessing: None when the file does not record
+    it; method: "v2" (MoCo v1/v2, f_q = encoder_q) or "v3" (f_q = base_encoder)."""
 
     state: dict[str, torch.Tensor]
     arch: str | None
@@ -117,36 +121,52 @@ class EncoderWeights:
     preprocessing: Preprocessing | None
     train_args: dict[str, Any]
     source: str
+    method: str = "v2"
 
 
 def has_cifar_stem(state: dict[str, torch.Tensor]) -> bool:
-    """The CIFAR stem's first conv is 3x3 (the standard stem's is 7x7)."""
-    return state["conv1.weight"].shape[-1] == 3
+    """A ResNet whose first conv is 3x3 has the CIFAR stem (the standard stem's is 7x7; ViTs have neither)."""
+    return "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
 
 
 def is_resnet_state_dict(blob: Any) -> bool:
     return isinstance(blob, dict) and "conv1.weight" in blob and "layer1.0.conv1.weight" in blob
 
 
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def official_method(blob: Any) -> str | None:
+    """"v2" or "v3" for a facebookresearch/moco or moco-v3 checkpoint (state_dict with module.*), else None."""
+    state = blob.get("state_dict") if isinstance(blob, dict) else None
+    if isinstance(state, dict):
+        for method, prefix in OFFICIAL_PREFIX.items():
+            if any(k.startswith(prefix) for k in state):
+                return method
+    return None
+
+
 def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
-    """The f_q weights of an export, one of our checkpoints, an official facebookresearch/moco
-    checkpoint (ours in --format official too), or a plain torchvision ResNet state dict (bare, or
-    under "state_dict" / "model")."""
+    """The f_q weights of an export, one of our checkpoints (v1/v2 or v3), an official checkpoint
+    of facebookresearch/moco or moco-v3 (ours in --format official too), or a plain torchvision
+    ResNet state dict (bare, or under "state_dict" / "model")."""
     if blob.get("format") == EXPORT_FORMAT:
         meta = ExportMeta.from_dict(blob["meta"])
         return EncoderWeights(blob["state_dict"], meta.arch, meta.cifar_stem, meta.preprocessing, meta.train_args,
-                              meta.source or source)
+                              meta.source or source, meta.train_args.get("method", "v2"))
     if blob.get("format") == CHECKPOINT_FORMAT:
-        prefix = "encoder_q."
-        state = {k[len(prefix):]: v for k, v in blob["model"].items() if k.startswith(prefix)}
-        return EncoderWeights(state, blob["arch"], blob["cifar_stem"], Preprocessing.from_dict(blob["preprocessing"]),
-                              blob["args"], f"{source} (step {blob['global_step']})")
-    if is_official_moco_checkpoint(blob):
-        arch, state = official_moco_encoder(blob)
+        method = "v3" if blob["args"].get("moco_v3") else "v2"
+        return EncoderWeights(strip_prefix(blob["model"], QUERY_PREFIX[method]), blob["arch"], blob["cifar_stem"],
+                              Preprocessing.from_dict(blob["preprocessing"]), {**blob["args"], "method": method},
+                              f"{source} (step {blob['global_step']})", method)
+    method = official_method(blob)
+    if method is not None:
+        state = strip_prefix(blob["state_dict"], OFFICIAL_PREFIX[method])
         ours = blob.get(OFFICIAL_EXTRA, {})  # present when moco-train wrote the file
         preprocessing = Preprocessing.from_dict(ours["preprocessing"]) if "preprocessing" in ours else Preprocessing()
-        return EncoderWeights(state, arch, has_cifar_stem(state), preprocessing, {},
-                              ours.get("source", f"{source} (official MoCo checkpoint)"))
+        return EncoderWeights(state, blob.get("arch", "resnet50"), has_cifar_stem(state), preprocessing, {},
+                              ours.get("source", f"{source} (official MoCo checkpoint)"), method)
     plain = next((b for b in (blob, blob.get("state_dict"), blob.get("model")) if is_resnet_state_dict(b)), None)
     if plain is not None:
         return EncoderWeights(dict(plain), None, has_cifar_stem(plain), None, {}, f"{source} (ResNet state dict)")
@@ -174,13 +194,15 @@ def to_export(blob: dict[str, Any], source: str, keep_head: bool = False) -> dic
 def to_official(blob: dict[str, Any], source: str) -> dict[str, Any]:
     """The layout of facebookresearch/moco's main_moco.py checkpoints: f_q's weights (with the
     projection head when the file has it) under state_dict as module.encoder_q.*, which its
-    main_lincls.py --pretrained and detection/convert-pretrain-to-detectron2.py read. Tensors and
+    main_lincls.py --pretrained and detection/convert-pretrain-to-detectron2.py read (a v3 encoder:
+    module.base_encoder.*, as moco-v3's main_moco.py saves and its main_lincls.py reads). Tensors and
     plain values only, so torch.load(weights_only=True) reads it too. What those scripts ignore
     (stem, preprocessing) rides along under OFFICIAL_EXTRA, so the file converts back exactly."""
     weights = encoder_weights(blob, source)
     if weights.arch is None:
         raise CheckpointError(f"{source}: a plain state dict names no architecture")
+    prefix = OFFICIAL_PREFIX[weights.method]
     return {"arch": weights.arch,
-            "state_dict": {f"{OFFICIAL_PREFIX}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},
+            "state_dict": {f"{prefix}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},
             OFFICIAL_EXTRA: {"cifar_stem": weights.cifar_stem, "source": weights.source,
                              "preprocessing": (weights.preprocessing or Preprocessing()).to_dict()}}

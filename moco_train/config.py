@@ -1,8 +1,15 @@
-"""Training options and their defaults in one place (flag names follow facebookresearch/moco's main_moco.py)."""
+"""Training options and their defaults in one place (flag names follow facebookresearch/moco's main_moco.py
+and moco-v3's), and the method-dependent defaults they resolve to."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from .backbones import RESNET_ARCHS
+from .builder import BN_MODES
+from .knn import DEFAULT_K, DEFAULT_TAU
+from .options import option
+from .vit import VIT_ARCHS
 
 # The queue holds at most this share of the dataset (see auto_queue_size).
 QUEUE_SHARE = 0.1
@@ -12,67 +19,136 @@ MAX_QUEUE = 65536
 # faster (bench/results/train_throughput.json), paid back after 100-300 steps; shorter runs (smoke
 # tests, the demo) stay eager.
 COMPILE_MIN_STEPS = 1000
+ARCHS = (*RESNET_ARCHS, *VIT_ARCHS)
 
 
 @dataclass
 class TrainConfig:
-    data: str
-    run_dir: str
-    arch: str = "resnet18"
-    workers: int = 2
-    epochs: int = 200
-    max_steps: int | None = None       # training length in steps; overrides --epochs and sets the schedule
-    batch_size: int = 256              # global batch (split evenly across processes)
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: list[int] = field(default_factory=lambda: [120, 160])
-    cos: bool = False
-    moco_dim: int = 128
-    moco_k: int | None = None          # None: auto_queue_size
-    moco_m: float = 0.999
-    moco_t: float | None = None        # None: default_temperature
-    mlp: bool = False
-    aug_plus: bool = False
-    symmetric: bool = False
-    bn: str = "auto"                   # auto (= split) | split | shuffle | sync | none
-    bn_splits: int = 8                 # BN groups over the global batch (split mode)
-    cifar_stem: str = "auto"           # auto | on | off
-    crop_size: int | None = None       # None: image size for small images, else 224
-    seed: int = 0
-    init: str | None = None            # start f_q/f_k from this file (continued pretraining)
-    device: str = "auto"
-    amp: str = "auto"                  # auto | off | bf16 | fp16
-    channels_last: bool = False
-    compile: str = "auto"              # auto (long runs, with a C compiler) | on | off
-    save_every_steps: int = 0
-    keep: int = 3
-    resume: str | None = None          # None | "auto" | path
-    knn_bank: str | None = None
-    knn_queries: str | None = None
-    knn_every: int = 1
-    knn_k: int = 200
-    knn_t: float = 0.07
-    progress: bool = True
+    """Every `moco-train train` option: its default, flags and help (the parser is derived from it).
+    None defaults depend on the method (MoCo v1/v2 or v3) and the data: see resolve()."""
+
+    data: str = option(positional=True, metavar="DATA",
+                       help="image folder (any depth) or text file listing image paths")
+    run_dir: str = option(help="checkpoints, log.jsonl and curves.png go here")
+    arch: str = option("resnet18", "-a", "--arch", metavar="ARCH", choices=ARCHS,
+                       help=f"any torchvision ResNet, or (--moco-v3) {', '.join(VIT_ARCHS)}")
+    workers: int = option(2, "-j", "--workers", help="data-loading processes per training process")
+    epochs: int = option(200, help="training length in passes over the data")
+    max_steps: int | None = option(None, help="train for this many steps instead of --epochs (the schedules follow it)")
+    batch_size: int = option(256, "-b", "--batch-size", help="global batch size, split evenly across processes")
+    lr: float | None = option(None, "--lr", "--learning-rate",
+                              help="learning rate of the global batch; default 0.03 (v1/v2, scale linearly: 0.06 "
+                                   "for -b 512), v3: 0.3 x batch/256 with LARS, 1.5e-4 x batch/256 with AdamW")
+    momentum: float = option(0.9, help="SGD/LARS momentum")
+    weight_decay: float | None = option(None, "--wd", "--weight-decay",
+                                        help="default 1e-4 (v1/v2), v3: 1e-6 with LARS, 0.1 with AdamW")
+    schedule: list[int] = option([120, 160], help="epochs at which the lr drops x0.1 (without --cos)")
+    cos: bool = option(False, help="half-cosine lr schedule (after --warmup-epochs)")
+    warmup_epochs: float | None = option(None, help="linear lr warm-up; default 0 (v1/v2), 10 (v3, as the official code)")
+    optimizer: str = option("auto", choices=("auto", "sgd", "lars", "adamw"),
+                            help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)")
+    moco_v3: bool = option(False, help="MoCo v3: no queue, keys of the whole batch, symmetric loss, predictor MLP, "
+                                       "momentum 0.99 -> 1 (cosine), warm-up then cosine lr")
+    moco_dim: int | None = option(None, help="feature dimension; default 128 (v1/v2), 256 (v3)")
+    moco_mlp_dim: int = option(4096, help="hidden width of v3's projection and prediction MLPs")
+    moco_k: int | None = option(None, help="queue size (v1/v2; default: the largest power of two <= 10%% of "
+                                           "the images, at most 65536)")
+    moco_m: float | None = option(None, help="key encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start "
+                                             "of its cosine schedule)")
+    moco_m_cos: bool | None = option(None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over "
+                                                                "training (default: on for v3)")
+    moco_t: float | None = option(None, help="softmax temperature; default 0.07 (v1), 0.2 (v2; 0.1 for crops "
+                                             "<= 64 px), v3: 0.2 (ViT), 1.0 (ResNet)")
+    mlp: bool = option(False, help="MLP projection head (MoCo v2)")
+    aug_plus: bool = option(False, help="MoCo v2 augmentation (stronger colour jitter, grayscale, blur)")
+    symmetric: bool = option(False, help="symmetric loss L(q1,k2) + L(q2,k1) (v1/v2; v3 always is)")
+    stop_grad_conv1: bool = option(True, help="v3 ViTs: keep the random patch projection frozen (the paper's "
+                                              "stability fix)")
+    bn: str = option("auto", choices=("auto", *BN_MODES),
+                     help="split (auto, the default): keys shuffled (across processes under DDP) and the global "
+                          "batch normalised in --bn-splits groups whatever the process count; shuffle: keys "
+                          "shuffled across processes, one BN group per process (the official per-GPU BN); sync: "
+                          "SyncBatchNorm (GPUs), no shuffle; none: plain BN, no shuffle (leaks batch statistics "
+                          "between query and key: a shortcut that hurts learning). v1/v2 only")
+    bn_splits: int = option(8, help="BatchNorm groups over the global batch for --bn split (the official 8-GPU "
+                                    "recipe); split inside each process when there are fewer processes")
+    cifar_stem: str = option("auto", choices=("auto", "on", "off"),
+                             help="ResNets: 3x3 stride-1 stem without max-pool; auto: on for crops of 64 px or less")
+    crop_size: int | None = option(None, help="training crop (default: the image size if small, else 224; a "
+                                              "ViT's own input size)")
+    seed: int = option(0, help="seeds weights, data order and augmentation")
+    init: str | None = option(None, metavar="FILE",
+                              help="continued pretraining: start both encoders from FILE (a moco-train export or "
+                                   "checkpoint, an official MoCo checkpoint, or a torchvision ResNet state dict) "
+                                   "instead of random weights; the projection head is re-initialised if it does "
+                                   "not fit")
+    device: str = option("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    amp: str = option("auto", choices=("auto", "off", "bf16", "fp16"),
+                      help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native "
+                           "bf16, else float32")
+    channels_last: bool = option(False, help="channels_last memory format")
+    compile: str = option("auto", choices=("auto", "on", "off"),
+                          help="torch.compile the encoders (inductor; a minute or so of start-up, faster steps); "
+                               f"auto: on for runs of at least {COMPILE_MIN_STEPS} steps when a C compiler is present")
+    save_every_steps: int = option(0, help="also checkpoint every N steps (0: every epoch only)")
+    keep: int = option(3, help="checkpoints to keep (0: all)")
+    resume: str | None = option(None, metavar="auto|PATH",
+                                help="auto: newest valid checkpoint in --run-dir (fresh start if none), or a path")
+    knn_bank: str | None = option(None, help="labelled folder: kNN monitor bank")
+    knn_queries: str | None = option(None, help="labelled folder: kNN monitor queries")
+    knn_every: int = option(1, help="run the kNN monitor every N epochs")
+    knn_k: int = option(DEFAULT_K, help="kNN monitor neighbours")
+    knn_t: float = option(DEFAULT_TAU, help="kNN monitor vote temperature")
+    progress: bool = option(True, help="progress bar")
 
     def apply_v2(self) -> None:
-        """MoCo v2: MLP head, stronger augmentation, cosine schedule (and its τ, default_temperature)."""
+        """MoCo v2: MLP head, stronger augmentation, cosine schedule (and its τ, see resolve)."""
         self.mlp, self.aug_plus, self.cos = True, True, True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def default_temperature(cfg: TrainConfig, small: bool) -> float:
-    """τ when --moco-t is not given: 0.07 (MoCo v1), 0.2 (v2: MLP head and strong augmentation), but
-    0.1 for v2 on crops of 64 px or less, the official CIFAR-10 demo's value. Measured: after 300
-    steps of the small-image recipe on CIFAR-10 (batch 128), kNN top-1 was 35.2% with τ = 0.1 and
-    32.9% with τ = 0.2 (see the README's training section)."""
-    if cfg.moco_t is not None:
-        return cfg.moco_t
-    if cfg.mlp and cfg.aug_plus:
-        return 0.1 if small else 0.2
-    return 0.07
+@dataclass(frozen=True)
+class Recipe:
+    """The method-dependent hyper-parameters a run uses: the options, their None defaults resolved."""
+
+    lr: float
+    weight_decay: float
+    optimizer: str      # sgd | lars | adamw
+    warmup_epochs: float
+    moco_dim: int
+    moco_m: float
+    moco_m_cos: bool
+    moco_t: float
+
+
+def resolve(cfg: TrainConfig, small: bool) -> Recipe:
+    """Fill in the defaults that depend on the method and the data (`small`: crops <= 64 px).
+
+    v1/v2 follow facebookresearch/moco (lr 0.03, wd 1e-4, m 0.999, τ 0.07 or v2's 0.2). For v2 on
+    small crops τ is 0.1, the official CIFAR-10 demo's value; measured here: after 300 steps of the
+    small-image recipe on CIFAR-10 (batch 128), kNN top-1 was 35.2% with τ = 0.1 and 32.9% with
+    τ = 0.2. v3 follows facebookresearch/moco-v3: LARS for ResNets (lr 0.3 x batch/256, wd 1e-6,
+    τ 1.0), AdamW for ViTs (lr 1.5e-4 x batch/256, wd 0.1, τ 0.2), 256-d output, m 0.99 -> 1
+    (cosine), 10 warm-up epochs."""
+    def pick(value, default):
+        return default if value is None else value
+
+    if cfg.moco_v3:
+        vit = cfg.arch in VIT_ARCHS
+        optimizer = ("adamw" if vit else "lars") if cfg.optimizer == "auto" else cfg.optimizer
+        base_lr = {"adamw": 1.5e-4, "lars": 0.3, "sgd": 0.3}[optimizer] * cfg.batch_size / 256
+        return Recipe(lr=pick(cfg.lr, base_lr), weight_decay=pick(cfg.weight_decay, 0.1 if optimizer == "adamw" else 1e-6),
+                      optimizer=optimizer, warmup_epochs=pick(cfg.warmup_epochs, 10), moco_dim=pick(cfg.moco_dim, 256),
+                      moco_m=pick(cfg.moco_m, 0.99), moco_m_cos=pick(cfg.moco_m_cos, True),
+                      moco_t=pick(cfg.moco_t, 0.2 if vit else 1.0))
+    v2 = cfg.mlp and cfg.aug_plus
+    return Recipe(lr=pick(cfg.lr, 0.03), weight_decay=pick(cfg.weight_decay, 1e-4),
+                  optimizer="sgd" if cfg.optimizer == "auto" else cfg.optimizer,
+                  warmup_epochs=pick(cfg.warmup_epochs, 0), moco_dim=pick(cfg.moco_dim, 128),
+                  moco_m=pick(cfg.moco_m, 0.999), moco_m_cos=pick(cfg.moco_m_cos, False),
+                  moco_t=pick(cfg.moco_t, (0.1 if small else 0.2) if v2 else 0.07))
 
 
 def auto_queue_size(num_images: int, keys_per_step: int) -> int:

@@ -10,17 +10,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .backbones import build_backbone, build_resnet, feature_dim
+from .backbones import backbone_dim, build_backbone, head_prefix
 from .fileio import atomic_torch_save
 from .transforms import Preprocessing
 
 EXPORT_FORMAT = "moco-retrieval.encoder"
 EXPORT_VERSION = 1
-OFFICIAL_PREFIX = "module.encoder_q."
 
 
 class ExportError(ValueError):
-    """The file is not a valid export (or official MoCo checkpoint) or does not match its fingerprint."""
+    """The file is not a valid export, its weights do not fit its architecture, or they do not match
+    its fingerprint."""
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,20 @@ def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def backbone_state_dict(encoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ResNet state dict without its classifier/projection head (fc.*), on the CPU."""
-    return {k: v.detach().cpu().clone() for k, v in encoder_state.items() if not k.startswith("fc.")}
+def backbone_state_dict(encoder_state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """An encoder's state dict without its classifier/projection head (a ResNet's fc.*, a ViT's head.*), on the CPU."""
+    prefix = head_prefix(arch)
+    return {k: v.detach().cpu().clone() for k, v in encoder_state.items() if not k.startswith(prefix)}
 
 
 def projection_head(encoder_state: dict[str, torch.Tensor]) -> tuple[str, int]:
     """(kind, output dim) of an encoder's projection head: MoCo v1's Linear or v2's MLP."""
     if "fc.weight" in encoder_state:
         return "linear", int(encoder_state["fc.weight"].shape[0])
-    if "fc.2.weight" in encoder_state and "fc.0.weight" in encoder_state:
+    if "fc.2.weight" in encoder_state and "fc.0.weight" in encoder_state and "fc.1.weight" not in encoder_state:
         return "mlp", int(encoder_state["fc.2.weight"].shape[0])
-    raise ExportError("the encoder has no projection head (fc.* weights) to keep")
+    raise ExportError("the encoder has no projection head of MoCo v1/v2 to keep (--keep-head serves v1's linear or "
+                      "v2's MLP head; v3 and ViT exports serve the backbone)")
 
 
 def make_export(encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
@@ -84,8 +86,8 @@ def make_export(encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem
         head, dim = projection_head(encoder_state)
         state = {k: v.detach().cpu().clone() for k, v in encoder_state.items()}
     else:
-        head, dim = "none", feature_dim(build_resnet(arch))
-        state = backbone_state_dict(encoder_state)
+        head, dim = "none", backbone_dim(arch)
+        state = backbone_state_dict(encoder_state, arch)
     model = build_backbone(arch, cifar_stem, head, dim)
     model.load_state_dict(state, strict=True)
     meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=dim,
@@ -126,17 +128,6 @@ def export_model(blob: Any, name: str = "export", device: str | torch.device = "
     model = build_backbone(meta.arch, meta.cifar_stem, meta.head, meta.feature_dim)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
-
-
-def is_official_moco_checkpoint(blob: Any) -> bool:
-    return (isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict)
-            and any(k.startswith(OFFICIAL_PREFIX) for k in blob["state_dict"]))
-
-
-def official_moco_encoder(blob: dict[str, Any]) -> tuple[str, dict[str, torch.Tensor]]:
-    """(arch, f_q state with its head) from a checkpoint of facebookresearch/moco (main_moco.py)."""
-    state = {k[len(OFFICIAL_PREFIX):]: v for k, v in blob["state_dict"].items() if k.startswith(OFFICIAL_PREFIX)}
-    return blob.get("arch", "resnet50"), state
 
 
 @torch.no_grad()

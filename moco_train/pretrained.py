@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from .backbones import head_prefix
 from .checkpoint import CheckpointError, encoder_weights, load_file
 
 
@@ -23,10 +24,11 @@ def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bo
         raise CheckpointError(f"{path}: was trained with {stem[weights.cifar_stem]}, but this run uses "
                               f"{stem[cifar_stem]}; set --cifar-stem or --crop-size to match")
     own = encoder.state_dict()
-    head = {k: v for k, v in weights.state.items() if k.startswith("fc.")}
-    own_head = {k for k in own if k.startswith("fc.")}
+    prefix = head_prefix(arch)
+    head = {k: v for k, v in weights.state.items() if k.startswith(prefix)}
+    own_head = {k for k in own if k.startswith(prefix)}
     head_fits = head.keys() == own_head and all(own[k].shape == v.shape for k, v in head.items())
-    state = {k: v for k, v in weights.state.items() if not k.startswith("fc.") or head_fits}
+    state = {k: v for k, v in weights.state.items() if not k.startswith(prefix) or head_fits}
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a shape mismatch

@@ -10,6 +10,8 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,17 @@ from tqdm import tqdm
 
 from . import distributed
 from .builder import BN_MODES, MoCo, build_encoder
+from .builder_v3 import MoCoV3, build_base_encoder
 from .checkpoint import CHECKPOINT_FORMAT, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_export
-from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size, default_temperature
+from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size, resolve
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
 from .export import export_model
 from .pretrained import init_encoder
-from .transforms import Preprocessing, TwoCropsTransform, is_small, train_augmentation
+from .optim import build_optimizer, cosine_momentum, lr_factor
+from .transforms import Preprocessing, TwoCropsTransform, is_small, train_augmentation, v3_augmentations
+from .vit import VIT_ARCHS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,16 +115,6 @@ def resolve_bn(bn: str, bn_splits: int, world_size: int) -> tuple[str, int]:
     return mode, bn_splits // world_size
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
-    """Per-step learning-rate multiplier: half-cosine over the run, or ×0.1 at each --schedule epoch."""
-    def factor(step: int) -> float:
-        if cfg.cos:
-            return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-        epoch = step // steps_per_epoch
-        return 0.1 ** sum(epoch >= milestone for milestone in cfg.schedule)
-    return factor
-
-
 class JsonLog:
     """Appends one JSON object per line to run_dir/log.jsonl (rank 0 only)."""
 
@@ -146,7 +141,8 @@ class Trainer:
         self.main = self.rank == 0
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        self.bn, self.local_bn_splits = resolve_bn(cfg.bn, cfg.bn_splits, self.world)
+        # v3 has no queue and no key shuffle: plain BatchNorm in the backbone, global BN in its MLPs.
+        self.bn, self.local_bn_splits = ("none", 1) if cfg.moco_v3 else resolve_bn(cfg.bn, cfg.bn_splits, self.world)
         if cfg.batch_size % self.world:
             raise DataError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
@@ -176,11 +172,21 @@ class Trainer:
             raise DataError(f"{cfg.data}: none of the {len(paths)} image files can be read")
         geometry = detect_geometry(good)
         input_size = cfg.crop_size or (geometry.size if geometry.small else 224)
+        if cfg.arch in VIT_ARCHS:
+            if not cfg.moco_v3:
+                raise DataError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3")
+            vit_size = VIT_ARCHS[cfg.arch].img_size
+            if cfg.crop_size not in (None, vit_size):
+                raise DataError(f"-a {cfg.arch} takes {vit_size} px crops, not --crop-size {cfg.crop_size}")
+            input_size = vit_size
         # The stem follows the crop the network sees, not the files: large photos trained at
         # --crop-size 64 need the CIFAR stem too, or the last feature map is 2x2.
-        self.cifar_stem = is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on"
+        self.cifar_stem = cfg.arch not in VIT_ARCHS and (
+            is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on")
         self.preprocessing = Preprocessing.for_input_size(input_size)
-        transform = TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
+        self.recipe = resolve(cfg, is_small(input_size))
+        transform = TwoCropsTransform(*v3_augmentations(self.preprocessing)) if cfg.moco_v3 else \
+            TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
         self.dataset = UnlabeledImages(good, transform, cfg.seed)
         self.sampler = EpochSampler(len(good), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -190,39 +196,49 @@ class Trainer:
         self.loader: DataLoader | None = None
 
     def _build_model(self) -> None:
-        cfg = self.cfg
-        keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
-        self.moco_k = cfg.moco_k or auto_queue_size(len(self.dataset), keys_per_step)
-        if self.moco_k < keys_per_step:
-            raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
-        encoder = build_encoder(cfg.arch, cfg.moco_dim, cfg.mlp, self.cifar_stem,
-                                bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
+        cfg, recipe = self.cfg, self.recipe
+        if cfg.moco_v3:
+            self.moco_k = None
+            encoder = build_base_encoder(cfg.arch, recipe.moco_dim, cfg.moco_mlp_dim, self.cifar_stem,
+                                         cfg.stop_grad_conv1)
+        else:
+            keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
+            self.moco_k = cfg.moco_k or auto_queue_size(len(self.dataset), keys_per_step)
+            if self.moco_k < keys_per_step:
+                raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
+            encoder = build_encoder(cfg.arch, recipe.moco_dim, cfg.mlp, self.cifar_stem,
+                                    bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
         self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem) if cfg.init else "random"
-        self.moco_t = default_temperature(cfg, is_small(self.preprocessing.input_size))
-        self.model = MoCo(encoder, dim=cfg.moco_dim, K=self.moco_k, m=cfg.moco_m, T=self.moco_t,
-                          symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
+        if cfg.moco_v3:
+            self.model = MoCoV3(encoder, dim=recipe.moco_dim, mlp_dim=cfg.moco_mlp_dim, T=recipe.moco_t,
+                                m=recipe.moco_m).to(self.device)
+        else:
+            self.model = MoCo(encoder, dim=recipe.moco_dim, K=self.moco_k, m=recipe.moco_m, T=recipe.moco_t,
+                              symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.compiled = resolve_compile(cfg.compile, self.total_steps)
         if self.compiled:  # in place: parameter names, state dicts and checkpoints are unchanged
-            self.model.encoder_q.compile()
-            self.model.encoder_k.compile()
+            for encoder in self.model.encoders():
+                encoder.compile()
         self.net: nn.Module = self.model
         if distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             # The whole MoCo module, as in the official code, so that one DDP forward covers both
-            # query passes of --symmetric. Only f_q has gradients; every f_q parameter is used
-            # (find_unused_parameters off). Parameters and buffers are synced from rank 0 at
-            # construction; no buffer broadcast at each forward: the queue stays identical on all
-            # ranks by construction (gathered keys) and would cost K x dim floats per step, and BN
-            # running statistics are not used in training (rank 0's are checkpointed and exported).
+            # query passes (--symmetric, v3). Only f_q (and v3's predictor) has gradients, and every
+            # such parameter is used (find_unused_parameters off). Parameters and buffers are synced
+            # from rank 0 at construction; no buffer broadcast at each forward: the queue stays
+            # identical on all ranks by construction (gathered keys) and would cost K x dim floats
+            # per step, and BN running statistics are not used in training (rank 0's are
+            # checkpointed and exported).
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False,
                                                            find_unused_parameters=False,
                                                            gradient_as_bucket_view=True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(cfg, self.steps_per_epoch, self.total_steps))
+        params = [p for p in self.model.parameters() if p.requires_grad]  # not f_k, nor a frozen patch projection
+        self.optimizer = build_optimizer(recipe.optimizer, params, recipe.lr, recipe.weight_decay, cfg.momentum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=recipe.warmup_epochs, cos=cfg.cos or cfg.moco_v3, schedule=cfg.schedule))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
@@ -233,7 +249,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "rng": rng_state(), "args": self.cfg.to_dict(), "arch": self.cfg.arch, "cifar_stem": self.cifar_stem,
-            "moco_k": self.moco_k, "preprocessing": self.preprocessing.to_dict(),
+            "moco_k": self.moco_k, "recipe": asdict(self.recipe), "preprocessing": self.preprocessing.to_dict(),
         }
 
     def save(self) -> None:
@@ -285,6 +301,8 @@ class Trainer:
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         im_q = im_q.to(self.device, non_blocking=True, memory_format=fmt)
         im_k = im_k.to(self.device, non_blocking=True, memory_format=fmt)
+        if self.recipe.moco_m_cos:  # from the step count, so a resumed run continues the same schedule
+            self.model.m = cosine_momentum(self.global_step, self.total_steps, self.recipe.moco_m)
         with self._autocast():
             logits, labels = self.net(im_q, im_k)
             loss = self.model.loss(logits, labels)
@@ -334,7 +352,7 @@ class Trainer:
         if cfg.resume:
             self.resume(cfg.resume)
         self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
-                       moco_t=self.moco_t,
+                       method="v3" if cfg.moco_v3 else "v1/v2", **asdict(self.recipe),
                        cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
                        device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
                        world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world, init=self.init_source,

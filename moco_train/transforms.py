@@ -5,7 +5,7 @@ import random
 from dataclasses import asdict, dataclass
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,11 +94,38 @@ def train_augmentation(p: Preprocessing, aug_plus: bool) -> T.Compose:
     return T.Compose(ops + [T.ToTensor(), normalize])
 
 
-class TwoCropsTransform:
-    """Two independent augmentations of one image: the query and its positive key."""
+class Solarize:
+    """Invert the pixels above the threshold (BYOL's augmentation)."""
 
-    def __init__(self, base: T.Compose) -> None:
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img, threshold=128)
+
+
+def v3_augmentations(p: Preprocessing) -> tuple[T.Compose, T.Compose]:
+    """MoCo v3's asymmetric pair, BYOL's recipe: crop scale (0.08, 1) (moco-v3's --crop-min), colour
+    jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, flip; Gaussian blur always on the first
+    view and with p 0.1 on the second, which is solarized with p 0.2. Small crops get no blur (see
+    train_augmentation)."""
+    def view(blur: float, solarize: float) -> T.Compose:
+        ops = [T.RandomResizedCrop(p.input_size, scale=(0.08, 1.0)),
+               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+               T.RandomGrayscale(p=0.2)]
+        if not is_small(p.input_size):
+            ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=blur))
+        if solarize:
+            ops.append(T.RandomApply([Solarize()], p=solarize))
+        return T.Compose(ops + [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(p.mean, p.std)])
+
+    return view(blur=1.0, solarize=0.0), view(blur=0.1, solarize=0.2)
+
+
+class TwoCropsTransform:
+    """Two independent augmentations of one image: the query and its positive key (MoCo v3: one
+    view from each of two augmentations)."""
+
+    def __init__(self, base: T.Compose, second: T.Compose | None = None) -> None:
         self.base = base
+        self.second = second or base
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        return [self.base(img), self.base(img)]
+        return [self.base(img), self.second(img)]

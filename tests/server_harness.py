@@ -33,13 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
 
 
-def make_export(directory: str | Path, seed: int = 0, name: str = "encoder.pt", head_dim: int | None = None) -> Path:
-    """Write a real export (resnet18, CIFAR stem, 32x32 input, random weights from `seed`): 512-d
-    pooled features, or with head_dim a MoCo v1 linear projection head serving head_dim-d embeddings."""
+def make_export(directory: str | Path, seed: int = 0, name: str = "encoder.pt", head_dim: int | None = None,
+                arch: str = "resnet18") -> Path:
+    """Write a real export (32x32 input, random weights from `seed`): resnet18 with the CIFAR stem,
+    512-d pooled features, or with head_dim a MoCo v1 linear projection head serving head_dim-d
+    embeddings; or arch="vit_tiny_32", a MoCo v3 ViT serving its 192-d class token."""
     path = Path(directory) / name
     torch.manual_seed(seed)
-    model = build_backbone("resnet18", cifar_stem=True, head="linear" if head_dim else "none", head_dim=head_dim or 0)
-    save_export(path, model.state_dict(), arch="resnet18", cifar_stem=True, keep_head=bool(head_dim),
+    cifar_stem = arch != "vit_tiny_32"
+    model = build_backbone(arch, cifar_stem=cifar_stem, head="linear" if head_dim else "none", head_dim=head_dim or 0)
+    save_export(path, model.state_dict(), arch=arch, cifar_stem=cifar_stem, keep_head=bool(head_dim),
                 preprocessing=Preprocessing.for_input_size(32), source=f"tests.server_harness seed={seed}")
     return path
 

@@ -123,6 +123,30 @@ def test_resume_is_exact_with_the_knn_monitor_on(images, labelled, tmp_path):
     assert len(epochs) == 2 and all("knn_top1" in r for r in epochs)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_32"])
+def test_moco_v3_resumes_exactly(images, tmp_path, arch):
+    """v3: LARS (ResNet) or AdamW (ViT) state, the warm-up/cosine lr and the momentum schedule, which
+    is a function of the step count, all continue exactly from a mid-run checkpoint (both schedules
+    span the whole run, so the interrupted run is the same 2-epoch run stopped after its first epoch)."""
+    def v3(run_dir: Path, resume: str | None = None) -> Trainer:
+        cfg = TrainConfig(data=str(images), run_dir=str(run_dir), epochs=2, batch_size=8, moco_v3=True, arch=arch,
+                          moco_mlp_dim=32, moco_dim=16, warmup_epochs=1, crop_size=16 if arch == "resnet18" else None,
+                          workers=0, keep=10, resume=resume, progress=False)
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return trainer
+
+    straight = v3(tmp_path / "straight")
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint_00000004.pt", tmp_path / "resumed")  # after epoch 1 of 2
+    resumed = v3(tmp_path / "resumed", resume="auto")
+    assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
+    assert resumed.recipe.optimizer == ("lars" if arch == "resnet18" else "adamw")
+    assert_identical(dict(resumed.model.state_dict()), dict(straight.model.state_dict()))
+    for a, b in zip(resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rotation_keeps_the_newest(images, tmp_path):
     cfg = config(images, tmp_path, epochs=1)
     cfg.save_every_steps, cfg.keep = 1, 2

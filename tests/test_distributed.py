@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from moco_train import distributed
 from moco_train.builder import MoCo, build_encoder
+from moco_train.builder_v3 import MoCoV3, build_mlp
 from moco_train.checkpoint import load_checkpoint
 from moco_train.config import TrainConfig
 from moco_train.launch import free_port
@@ -55,6 +57,30 @@ def child_collectives(out: Path) -> dict:
     return {"im_k": im_k, "shuffled": shuffled, "eval_shuffled": eval_shuffled, "eval_plain": eval_plain,
             "train_shuffled": train_shuffled, "train_plain": train_plain,
             "queue": queue_model.queue.clone(), "queue_ptr": queue_model.queue_ptr.clone()}
+
+
+def v3_model() -> MoCoV3:
+    """A tiny MoCo v3: a linear "backbone" on 2x2 images with the projection MLP, and the predictor
+    (their BatchNorms are global under DDP); the same weights in every process."""
+    torch.manual_seed(0)
+    return MoCoV3(nn.Sequential(nn.Flatten(), nn.Linear(12, 16), build_mlp(2, 16, 32, 8)), dim=8, mlp_dim=32, T=0.2)
+
+
+def v3_views(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + rank)
+    return torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 3, 2, 2, generator=g)
+
+
+def child_v3(out: Path) -> dict:
+    """One v3 step on this rank's 4 images: logits against the keys of both ranks, and the local
+    gradients (DDP would average them)."""
+    init_distributed("cpu")
+    model = v3_model()
+    logits, labels = model(*v3_views(distributed.get_rank()))
+    loss = model.loss(logits, labels)
+    loss.backward()
+    return {"logits": logits.detach(), "labels": labels, "loss": loss.detach(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
 def child_train(spec: dict) -> dict:
@@ -169,6 +195,28 @@ def test_two_processes_match_one_process_with_equal_bn_groups(image_list, two_pr
     assert one[1] > 10 * one[0]  # step 2 really differs from step 1 (new queue, updated weights)
 
 
+def test_moco_v3_contrasts_against_the_keys_of_every_process(tmp_path):
+    """2 processes of 4 images = one process of 8: the logits of rank r are the rows of its images
+    against all 8 keys, with the positives at 4r + i; the mean of the ranks' losses is the global
+    loss, and the mean of their gradients (what DDP applies) is the global gradient, because the
+    MLPs' BatchNorm statistics are all-reduced with autograd (GlobalBatchNorm1d)."""
+    ranks = run_ranks("v3", {}, tmp_path, nproc=2)
+    model = v3_model()
+    views = [v3_views(r) for r in range(2)]
+    logits, labels = model(torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views]))
+    loss = model.loss(logits, labels)
+    loss.backward()
+    for r, result in enumerate(ranks):
+        rows = torch.cat([torch.arange(4 * r, 4 * r + 4), torch.arange(8 + 4 * r, 8 + 4 * r + 4)])
+        torch.testing.assert_close(result["logits"], logits[rows].detach(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(result["labels"], torch.arange(4 * r, 4 * r + 4).repeat(2))
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            mean = (ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2
+            torch.testing.assert_close(mean, param.grad, rtol=1e-4, atol=1e-6)
+
+
 KILL_RUN = ["--max-steps", 16, "-b", 16, "--moco-k", 64, "--crop-size", 16, "-j", 0, "--amp", "off", "--seed", 5,
             "--save-every-steps", 3, "--no-progress", "--resume", "auto"]
 
@@ -270,5 +318,5 @@ def test_torchrun_restarts_a_killed_worker_and_resumes_exactly(image_list, refer
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, spec, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    result = child_collectives(out) if mode == "collectives" else child_train(spec)
+    result = {"collectives": child_collectives, "v3": child_v3}[mode](out) if mode != "train" else child_train(spec)
     torch.save(result, out / f"rank{distributed.get_rank()}.pt")

@@ -31,12 +31,13 @@ def _subset(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, demo_data: Path):
+@pytest.fixture(scope="module", params=["resnet18", "vit_tiny_32"])
+def setup(request, tmp_path_factory: pytest.TempPathFactory, demo_data: Path):
+    """A served export with a labelled bank: a ResNet (MoCo v1/v2) and a ViT (MoCo v3)."""
     root = tmp_path_factory.mktemp("knn")
     bank = _subset(demo_data / "train", root / "bank", PER_CLASS_BANK)
     queries = _subset(demo_data / "test", root / "queries", PER_CLASS_QUERIES)
-    model = make_export(root, seed=3)
+    model = make_export(root, seed=3, arch=request.param)
     with ServerProcess(model, root / "store") as server:
         stub = server.stub()
         items = [pb.Item(id=f"{p.parent.name}/{p.name}", image=p.read_bytes(), label=p.parent.name)

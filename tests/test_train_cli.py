@@ -51,7 +51,7 @@ def trained(demo_data, tmp_path_factory):
     listing.write_text("\n".join(str(p) for p in images) + "\n")
     run_dir = tmp / "run"
     proc = moco_train("train", listing, "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
-                      "-j", 0, "--v2", "--seed", 1)
+                      "-j", 0, "--v2", "--moco-t", 0.2, "--seed", 1)
     return tmp, run_dir, proc
 
 
@@ -146,7 +146,7 @@ def test_compiled_encoders_train_like_eager_ones(trained):
     tmp, eager_dir, _ = trained
     run_dir = tmp / "compiled"
     moco_train("train", tmp / "images.txt", "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
-               "-j", 0, "--v2", "--seed", 1, "--compile", "on", "--no-progress")
+               "-j", 0, "--v2", "--moco-t", 0.2, "--seed", 1, "--compile", "on", "--no-progress")
     logs = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
             for name, d in (("eager", eager_dir), ("compiled", run_dir))}
     assert logs["compiled"][0]["compiled"] is True and logs["eager"][0]["compiled"] is False  # 3 steps < auto's minimum

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms as T
 
-from moco_train.config import TrainConfig, default_temperature
+from moco_train.config import Recipe, TrainConfig, resolve
 from moco_train.trainer import Trainer
 from moco_train.transforms import GaussianBlur, Preprocessing, train_augmentation
 
@@ -56,12 +56,21 @@ def test_the_stem_follows_the_crop_size_not_the_image_size(tmp_path: Path):
     assert not large.cifar_stem and large.preprocessing.input_size == 224
 
 
-def test_default_temperature_follows_the_recipe():
+def test_method_defaults_resolve_from_the_recipe():
     def cfg(**kwargs) -> TrainConfig:
         return TrainConfig(data="d", run_dir="r", **kwargs)
 
-    assert default_temperature(cfg(), small=True) == 0.07  # v1
+    assert resolve(cfg(), small=True).moco_t == 0.07  # v1
     v2 = cfg()
     v2.apply_v2()
-    assert (default_temperature(v2, small=False), default_temperature(v2, small=True)) == (0.2, 0.1)
-    assert default_temperature(cfg(moco_t=0.5, mlp=True, aug_plus=True), small=True) == 0.5  # --moco-t wins
+    assert (resolve(v2, small=False).moco_t, resolve(v2, small=True).moco_t) == (0.2, 0.1)
+    assert resolve(cfg(moco_t=0.5, mlp=True, aug_plus=True), small=True).moco_t == 0.5  # --moco-t wins
+    assert resolve(v2, small=True) == Recipe(lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                                             moco_dim=128, moco_m=0.999, moco_m_cos=False, moco_t=0.1)
+    # v3 (facebookresearch/moco-v3): AdamW for ViTs, LARS for ResNets, lr scaled by batch / 256.
+    vit = resolve(cfg(moco_v3=True, arch="vit_small", batch_size=512), small=False)
+    assert vit == Recipe(lr=3e-4, weight_decay=0.1, optimizer="adamw", warmup_epochs=10, moco_dim=256, moco_m=0.99,
+                         moco_m_cos=True, moco_t=0.2)
+    resnet = resolve(cfg(moco_v3=True, arch="resnet50", batch_size=1024, moco_m_cos=False), small=False)
+    assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.moco_t, resnet.moco_m_cos) == \
+        ("lars", 1.2, 1e-6, 1.0, False)

@@ -1,0 +1,126 @@
+"""MoCo v3 (Chen, Xie and He, ICCV 2021, Algorithm 1): no queue; the keys are the momentum
+encoder's outputs for the whole batch of every process, and the loss is symmetric.
+
+    f_q: base encoder + projection MLP + prediction MLP;  f_k: momentum copy of base + projection
+    for x in loader:
+        x1, x2 = aug(x), aug(x)
+        q1, q2 = f_q(x1), f_q(x2)
+        k1, k2 = f_k(x1), f_k(x2)
+        loss = ctr(q1, k2) + ctr(q2, k1)
+        loss.backward(); update(f_q); f_k = m*f_k + (1-m)*f_q
+    def ctr(q, k):
+        logits = mm(q, k.t())            # [N, N·world] pairs, positives on this process's diagonal
+        labels = range(N) + N·rank
+        return 2τ · CrossEntropyLoss(logits / τ, labels)
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed
+from .backbones import build_resnet, feature_dim
+from .vit import VIT_ARCHS, build_vit
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of all processes, on any device and backend (torch's
+    SyncBatchNorm runs on GPUs only): the mean, then the variance, are all-reduced with autograd
+    (torch.distributed.nn), so the gradient flows through the global statistics as in SyncBN.
+    In one process, or in eval mode, it is BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        n = x.shape[0] * distributed.get_world_size()
+        mean = all_reduce(x.sum(0)) / n
+        var = all_reduce(((x - mean) ** 2).sum(0)) / n  # two passes: no E[x²] - E[x]² cancellation
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP: (Linear without bias, BN, ReLU) per hidden layer, then Linear and, for the
+    projector, a BN without affine parameters. Its indices (0, 1, 3, 4, 6, 7) are the official ones."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        dim_in = input_dim if i == 0 else mlp_dim
+        dim_out = output_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if i < num_layers - 1:
+            layers += [GlobalBatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(GlobalBatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def build_base_encoder(arch: str, dim: int, mlp_dim: int, cifar_stem: bool, stop_grad_conv1: bool) -> nn.Module:
+    """A ViT whose `head` is the 3-layer projection MLP, or a ResNet whose `fc` is the 2-layer one
+    (zero-initialised last BN of each residual block, as the official v3 ResNet recipe)."""
+    if arch in VIT_ARCHS:
+        encoder = build_vit(arch, stop_grad_conv1=stop_grad_conv1)
+        encoder.head = build_mlp(3, encoder.embed_dim, mlp_dim, dim)
+        return encoder
+    encoder = build_resnet(arch, cifar_stem=cifar_stem, zero_init_residual=True)
+    encoder.fc = build_mlp(2, feature_dim(encoder), mlp_dim, dim)
+    return encoder
+
+
+class MoCoV3(nn.Module):
+    """base_encoder (f_q without the predictor), momentum_encoder (f_k) and predictor, named as in
+    the official code. forward(x1, x2) returns both directions' logits stacked (2N, N·world) and
+    their labels, like MoCo.forward; `loss` turns them into ctr(q1, k2) + ctr(q2, k1). The momentum
+    m is set by the trainer before each step (cosine schedule from --moco-m to 1)."""
+
+    def __init__(self, base_encoder: nn.Module, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
+                 m: float = 0.99) -> None:
+        super().__init__()
+        self.T, self.m = T, m
+        self.base_encoder = base_encoder
+        self.momentum_encoder = copy.deepcopy(base_encoder)
+        for param in self.momentum_encoder.parameters():
+            param.requires_grad = False  # not updated by gradient
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
+
+    def encoders(self) -> tuple[nn.Module, nn.Module]:
+        """(f_q without the predictor, f_k)."""
+        return self.base_encoder, self.momentum_encoder
+
+    @torch.no_grad()
+    def _update_momentum_encoder(self) -> None:
+        """θ_k ← m·θ_k + (1 − m)·θ_q over all parameters at once (as MoCo v1/v2's update)."""
+        params_k = list(self.momentum_encoder.parameters())
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, list(self.base_encoder.parameters()), alpha=1.0 - self.m)
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q·k / τ against the keys of every process, in float32 even under autocast."""
+        with torch.autocast(q.device.type, enabled=False):
+            q = F.normalize(q.float(), dim=1)
+            k = F.normalize(distributed.concat_all_gather(k.float()), dim=1)
+            return q @ k.T / self.T
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q1 = self.predictor(self.base_encoder(x1))
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():
+            self._update_momentum_encoder()
+            k1 = self.momentum_encoder(x1)
+            k2 = self.momentum_encoder(x2)
+        n = q1.shape[0]
+        labels = torch.arange(n, device=q1.device) + n * distributed.get_rank()  # positives: this slice's diagonal
+        logits = torch.cat([self._logits(q1, k2), self._logits(q2, k1)])
+        return logits, torch.cat([labels, labels])
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """ctr(q1, k2) + ctr(q2, k1), each a mean cross-entropy times 2τ (which keeps the gradient's
+        scale independent of τ, as in the official code)."""
+        return F.cross_entropy(logits.float(), labels) * 2 * (2 * self.T)
