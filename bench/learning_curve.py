@@ -42,21 +42,16 @@ import torch
 import torch.nn as nn
 
 from moco_train.backbones import build_backbone
-from moco_train.checkpoint import list_checkpoints, load_checkpoint, to_export
-from moco_train.export import embed, export_model
-from moco_train.images import decode_image
-from moco_train.knn import knn_classify, topk_accuracy
+from moco_train.checkpoint import list_checkpoints
 from moco_train.trainer import cpu_has_native_bf16
-from moco_train.transforms import Preprocessing, eval_transform
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_cifar import ensure_cifar  # noqa: E402
+from cifar import (KNN_K, KNN_TAUS, cached, checkpoint_model, ensure_cifar, eval_data, knn_scores,  # noqa: E402
+                   raw_pixel_scores, train_timeline)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = dict(batch_size=128, lr=0.06, momentum=0.9, wd=5e-4, moco_k=4096, moco_m=0.99, dim=128, bn_splits=8,
               workers=2, seed=0)
-KNN_K = 200
-KNN_TAUS = (0.05, 0.07, 0.1, 0.2)
 
 
 def cosine(step: int, total: int) -> float:
@@ -76,21 +71,6 @@ def train_ours(args, run_dir: Path) -> None:
            "--compile", "off", "--save-every-steps", str(args.eval_every), "--keep", "0", "--resume", "auto",
            "--no-progress"]
     subprocess.run(cmd, cwd=REPO, check=True)
-
-
-def ours_timeline(run_dir: Path) -> dict[int, float]:
-    """Training seconds at each logged step: per session (start or resume), from its start record
-    to the step, summed over sessions, so time spent stopped between sessions does not count."""
-    elapsed, session_start, offset, last = {}, None, 0.0, 0.0
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["event"] == "start":
-            offset, session_start = offset + last, r["time"]
-            last = 0.0
-        elif r["event"] == "step" and session_start is not None:
-            last = r["time"] - session_start
-            elapsed[r["step"]] = offset + last
-    return elapsed
 
 
 # -- lightly -------------------------------------------------------------------------------------
@@ -178,62 +158,6 @@ def train_lightly(args, out: Path) -> None:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def eval_images(cifar: Path, split: str, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 3, 32, 32) float32 images preprocessed as every export of a 32 px model preprocesses
-    them (the shared eval transform), and (N,) labels; decoded once and cached."""
-    path = cache / f"{split}.pt"
-    if path.exists():
-        blob = torch.load(path, weights_only=True)
-        return blob["images"], blob["labels"]
-    transform = eval_transform(Preprocessing.for_input_size(32))
-    classes = sorted(d.name for d in (cifar / split).iterdir() if d.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((cifar / split / name).iterdir()):
-            images.append(transform(decode_image(f)))
-            labels.append(label)
-    blob = {"images": torch.stack(images), "labels": torch.tensor(labels)}
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(blob, path)
-    return blob["images"], blob["labels"]
-
-
-@torch.inference_mode()
-def features(model: nn.Module, images: torch.Tensor, bf16: bool, batch: int = 500) -> torch.Tensor:
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    with amp:
-        return torch.cat([embed(model, images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def knn_scores(model: nn.Module, data: dict, bf16: bool) -> dict:
-    """kNN top-1/top-5 for each vote temperature, test images against the training bank."""
-    start = time.perf_counter()
-    bank = features(model, data["train"][0], bf16)
-    queries = features(model, data["test"][0], bf16)
-    result = {"embed_seconds": round(time.perf_counter() - start, 1), "precision": "bf16" if bf16 else "fp32"}
-    for tau in KNN_TAUS:
-        scores = knn_classify(queries, bank, data["train"][1], 10, k=KNN_K, tau=tau, chunk_size=1000)
-        acc = topk_accuracy(scores, data["test"][1])
-        result[f"tau_{tau}"] = {"top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2)}
-    return result
-
-
-def cached(path: Path, compute) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    print(f"{path.name}: {json.dumps(value)}", flush=True)
-    return value
-
-
-def ours_model(path: Path) -> nn.Module:
-    """The f_q backbone of a moco-train checkpoint, through the export code that serving uses."""
-    model, _ = export_model(to_export(load_checkpoint(path), str(path)))
-    return model
-
-
 def backbone_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
     model = build_backbone("resnet18", cifar_stem=True)
     model.load_state_dict(state, strict=True)
@@ -247,7 +171,7 @@ def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
     for path in list_checkpoints(work / "ours"):
         step = int(path.stem.split("_")[1])
         curves["ours"].append({"step": step, **cached(evals / f"ours_{step:08d}.json",
-                                                       lambda: knn_scores(ours_model(path), data, bf16))})
+                                                       lambda: knn_scores(checkpoint_model(path), data, bf16))})
     for path in sorted((work / "lightly").glob("backbone_*.pt")):
         step = int(path.stem.split("_")[1])
         model = backbone_from_state(torch.load(path, weights_only=True))
@@ -260,19 +184,8 @@ def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
     final = list_checkpoints(work / "ours")
     if bf16 and final and final[-1].stem == f"checkpoint_{args.epochs * args.steps_per_epoch:08d}":
         baselines["ours_final_fp32"] = cached(evals / "ours_final_fp32.json",
-                                              lambda: knn_scores(ours_model(final[-1]), data, False))
+                                              lambda: knn_scores(checkpoint_model(final[-1]), data, False))
     return {"curves": curves, "baselines": baselines}
-
-
-def raw_pixel_scores(data: dict) -> dict:
-    """kNN on the L2-normalised preprocessed pixels (3,072-d)."""
-    flat = {split: nn.functional.normalize(data[split][0].flatten(1), dim=1) for split in ("train", "test")}
-    result = {"precision": "fp32"}
-    for tau in KNN_TAUS:
-        scores = knn_classify(flat["test"], flat["train"], data["train"][1], 10, k=KNN_K, tau=tau, chunk_size=1000)
-        acc = topk_accuracy(scores, data["test"][1])
-        result[f"tau_{tau}"] = {"top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2)}
-    return result
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -344,9 +257,9 @@ def main() -> None:
         if "ours" not in args.skip:
             train_ours(args, args.work / "ours")
     bf16 = cpu_has_native_bf16()
-    data = {split: eval_images(args.cifar, split, args.work / "images") for split in ("train", "test")}
+    data = eval_data(args.cifar, args.work / "images")
     measured = evaluate_all(args, args.work, data, bf16)
-    attach_times(measured["curves"]["ours"], ours_timeline(args.work / "ours"), args.steps_per_epoch)
+    attach_times(measured["curves"]["ours"], train_timeline(args.work / "ours"), args.steps_per_epoch)
     attach_times(measured["curves"]["lightly"], lightly_timeline(args.work / "lightly"), args.steps_per_epoch)
     import lightly
     report = {

@@ -63,7 +63,7 @@ from moco_train.trainer import cpu_has_native_bf16
 from moco_train.transforms import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_cifar import class_subset, ensure_cifar  # noqa: E402
+from cifar import class_subset, ensure_cifar  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LR, MOMENTUM, WD, KEY_MOMENTUM, TAU, DIM = 0.06, 0.9, 5e-4, 0.99, 0.2, 128

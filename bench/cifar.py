@@ -1,0 +1,134 @@
+"""CIFAR-10 for the training benchmarks: the shared archive unpacked once, and kNN evaluation of
+encoders on it (InstDisc vote of moco_train.knn, k=200, several temperatures), cached per encoder."""
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from moco_train.checkpoint import load_checkpoint, to_export
+from moco_train.export import embed, export_model
+from moco_train.images import decode_image
+from moco_train.knn import knn_classify, topk_accuracy
+from moco_train.transforms import Preprocessing, eval_transform
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+KNN_K = 200
+KNN_TAUS = (0.05, 0.07, 0.1, 0.2)
+
+
+def ensure_cifar(root: Path) -> Path:
+    """/tmp/cifar10/{train,test}/<class>/*.jpg, unpacked from the shared archive if missing."""
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(root, filter="data")
+    return root
+
+
+def class_subset(root: Path, per_class: int, out: Path) -> Path:
+    """A labelled folder of the first `per_class` images (sorted names) of each class, as symlinks."""
+    if per_class >= min(len(list(d.iterdir())) for d in root.iterdir() if d.is_dir()):
+        return root
+    shutil.rmtree(out, ignore_errors=True)
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        (out / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.iterdir())[:per_class]:
+            (out / class_dir.name / f.name).symlink_to(f)
+    return out
+
+
+def eval_data(cifar: Path, cache: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"train": (images, labels), "test": ...}: the kNN bank and queries."""
+    return {split: eval_images(cifar, split, cache) for split in ("train", "test")}
+
+
+def eval_images(cifar: Path, split: str, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 32, 32) float32 images preprocessed as every export of a 32 px model preprocesses
+    them (the shared eval transform), and (N,) labels; decoded once and cached."""
+    path = cache / f"{split}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        return blob["images"], blob["labels"]
+    transform = eval_transform(Preprocessing.for_input_size(32))
+    classes = sorted(d.name for d in (cifar / split).iterdir() if d.is_dir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((cifar / split / name).iterdir()):
+            images.append(transform(decode_image(f)))
+            labels.append(label)
+    blob = {"images": torch.stack(images), "labels": torch.tensor(labels)}
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, path)
+    return blob["images"], blob["labels"]
+
+
+@torch.inference_mode()
+def features(model: nn.Module, images: torch.Tensor, bf16: bool, batch: int = 500) -> torch.Tensor:
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with amp:
+        return torch.cat([embed(model, images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def knn_scores(model: nn.Module, data: dict, bf16: bool) -> dict:
+    """kNN top-1/top-5 for each vote temperature, test images against the training bank."""
+    start = time.perf_counter()
+    bank = features(model, data["train"][0], bf16)
+    queries = features(model, data["test"][0], bf16)
+    result = {"embed_seconds": round(time.perf_counter() - start, 1), "precision": "bf16" if bf16 else "fp32"}
+    for tau in KNN_TAUS:
+        scores = knn_classify(queries, bank, data["train"][1], 10, k=KNN_K, tau=tau, chunk_size=1000)
+        acc = topk_accuracy(scores, data["test"][1])
+        result[f"tau_{tau}"] = {"top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2)}
+    return result
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """compute()'s JSON, computed once: read back from `path` when it exists."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    print(f"{path.name}: {json.dumps(value)}", flush=True)
+    return value
+
+
+def checkpoint_model(path: Path) -> nn.Module:
+    """The f_q backbone of a moco-train checkpoint, through the export code that serving uses."""
+    model, _ = export_model(to_export(load_checkpoint(path), str(path)))
+    return model
+
+
+def raw_pixel_scores(data: dict) -> dict:
+    """kNN on the L2-normalised preprocessed pixels (3,072-d)."""
+    flat = {split: nn.functional.normalize(data[split][0].flatten(1), dim=1) for split in ("train", "test")}
+    result = {"precision": "fp32"}
+    for tau in KNN_TAUS:
+        scores = knn_classify(flat["test"], flat["train"], data["train"][1], 10, k=KNN_K, tau=tau, chunk_size=1000)
+        acc = topk_accuracy(scores, data["test"][1])
+        result[f"tau_{tau}"] = {"top1": round(acc["top1"], 2), "top5": round(acc["top5"], 2)}
+    return result
+
+
+def train_timeline(run_dir: Path) -> dict[int, float]:
+    """Training seconds at each step of a moco-train run's log.jsonl: per session (start or resume),
+    from its start record to the step, summed over sessions, so time stopped between sessions does
+    not count."""
+    elapsed, session_start, offset, last = {}, None, 0.0, 0.0
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["event"] == "start":
+            offset, session_start = offset + last, r["time"]
+            last = 0.0
+        elif r["event"] == "step" and session_start is not None:
+            last = r["time"] - session_start
+            elapsed[r["step"]] = offset + last
+    return elapsed

@@ -1,0 +1,149 @@
+"""MoCo v3 next to MoCo v2 on CIFAR-10 at the same wall-clock budget: kNN top-1 against images seen.
+
+Three `moco-train train` runs, one after the other, each alone on the machine, on the 50,000
+CIFAR-10 training images (labels never used), batch 128, bf16 autocast where the CPU has it:
+  * v2-resnet18:   MoCo v2 with bench/learning_curve.py's recipe (SGD lr 0.06, wd 5e-4, K 4096,
+                   m 0.99, τ 0.1, the small-image augmentation);
+  * v3-resnet18:   --moco-v3 -a resnet18 (CIFAR stem): LARS lr 0.15 (0.3 x 128/256), wd 1e-6,
+                   τ 0.2 (solo-learn's CIFAR value; the paper's 1.0 is for ResNet-50 on ImageNet);
+  * v3-vit_tiny_32: --moco-v3 -a vit_tiny_32 (patch 4, width 192, 12 blocks, frozen patch
+                   projection): AdamW lr 5e-4 (1.5e-4 x batch/256 = 7.5e-5 is tuned for 300
+                   ImageNet epochs, far too slow for a budget of minutes), wd 0.1, τ 0.2.
+v3 runs use the default 4096-wide MLPs, momentum 0.99 -> 1 (cosine) and warm up over the first
+10% of their steps. Each run gets --budget-minutes of training: a 12-step probe measures its
+img/s and --max-steps fills the budget, so every run's lr and momentum schedules span its own
+run. kNN top-1 (k=200, the shared moco_train.knn) of the checkpoints at 1/4, 1/2, 3/4 and all of
+the budget, on the 10,000 test images against the 50,000 training images (bench/cifar.py).
+lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not in this run.
+
+    BVENV=$(scripts/ensure_bench_venv.sh)
+    nohup $BVENV/bin/python bench/moco_v3.py > ~/.cache/moco-retrieval/moco_v3.log 2>&1 &
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moco_train.checkpoint import list_checkpoints
+from moco_train.trainer import cpu_has_native_bf16
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar import KNN_TAUS, cached, checkpoint_model, ensure_cifar, eval_data, knn_scores, train_timeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 128
+COMMON = ["-b", str(BATCH), "-j", "2", "--compile", "off", "--seed", "0", "--no-progress", "--keep", "0"]
+RUNS = {
+    "v2-resnet18": ["--v2", "--lr", "0.06", "--wd", "5e-4", "--moco-k", "4096", "--moco-m", "0.99", "--moco-t", "0.1"],
+    "v3-resnet18": ["--moco-v3", "-a", "resnet18", "--moco-t", "0.2"],
+    "v3-vit_tiny_32": ["--moco-v3", "-a", "vit_tiny_32", "--lr", "5e-4", "--moco-t", "0.2"],
+}
+
+
+def train(args, name: str, flags: list[str], run_dir: Path, steps: int, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "moco_train", "train", str(args.cifar / "train"), "--run-dir", str(run_dir),
+           "--max-steps", str(steps), *COMMON, *flags, *extra]
+    print("$ " + " ".join(cmd[3:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
+
+
+def probe_rate(args, name: str, flags: list[str]) -> float:
+    """Images/s of a run, from a short probe (steps 5-12, after warm-up of the caches)."""
+    def measure() -> dict:
+        run_dir = args.work / f"probe-{name}"
+        train(args, name, flags, run_dir, 12, ["--save-every-steps", "0"])
+        times = [r["time"] for r in step_records(run_dir)]
+        return {"img_per_s": BATCH * (len(times) - 5) / (times[-1] - times[4])}
+    return cached(args.work / "eval" / f"probe-{name}.json", measure)["img_per_s"]
+
+
+def run(args, name: str, flags: list[str], data: dict, bf16: bool) -> dict:
+    rate = probe_rate(args, name, flags)
+    steps = int(args.budget_minutes * 60 * rate / BATCH)
+    steps_per_epoch = 50_000 // BATCH
+    run_dir = args.work / name
+    warmup = ["--warmup-epochs", f"{0.1 * steps / steps_per_epoch:.4f}"] if "--moco-v3" in flags else []
+    if not any(p.stem == f"checkpoint_{steps:08d}" for p in list_checkpoints(run_dir)):
+        train(args, name, flags, run_dir, steps,
+              ["--save-every-steps", str(max(1, steps // 4)), "--resume", "auto", *warmup])
+    timeline = train_timeline(run_dir)
+    points = []
+    for path in list_checkpoints(run_dir):
+        step = int(path.stem.split("_")[1])
+        scores = cached(args.work / "eval" / f"{name}_{step:08d}.json",
+                        lambda: knn_scores(checkpoint_model(path), data, bf16))
+        points.append({"step": step, "images_seen": step * BATCH,
+                       "train_seconds": round(timeline[step], 1), **scores})
+    return {"flags": flags, "probe_img_per_s": round(rate, 2), "steps": steps, "points": points}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tau = f"tau_{report['setup']['knn_tau']}"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for name, result in report["runs"].items():
+        points = result["points"]
+        for ax, x in zip(axes, ("images_seen", "train_seconds")):
+            ax.plot([p[x] / (1e3 if x == "images_seen" else 60) for p in points], [p[tau]["top1"] for p in points],
+                    "o-", label=name)
+    axes[0].set_xlabel("images seen (thousands)")
+    axes[1].set_xlabel("training minutes")
+    for ax in axes:
+        ax.set_ylabel(f"kNN top-1 % (k=200, τ={report['setup']['knn_tau']})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(f"MoCo v3 vs v2 on CIFAR-10, {report['setup']['budget_minutes']} CPU minutes each "
+                 "(kNN on the 10k test images, 50k bank)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moco-retrieval" / "moco_v3")
+    parser.add_argument("--budget-minutes", type=float, default=20.0, help="training time of each run")
+    parser.add_argument("--knn-tau", type=float, default=0.1, help="vote temperature of the plotted curves")
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "moco_v3.json")
+    args = parser.parse_args()
+    ensure_cifar(args.cifar)
+    bf16 = cpu_has_native_bf16()
+    data = eval_data(args.cifar, args.work / "images")
+    runs = {name: run(args, name, RUNS[name], data, bf16) for name in args.runs}
+    report = {
+        "benchmark": "moco_v3",
+        "setup": {"batch_size": BATCH, "budget_minutes": args.budget_minutes, "knn_tau": args.knn_tau,
+                  "knn_taus": KNN_TAUS, "common_flags": COMMON,
+                  "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
+                  "lightly": "lightly 1.6 has no MoCo v3 modules; not run"},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+                    "native_bf16": bf16, "torch": torch.__version__},
+        "runs": runs,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out.with_suffix(".png"))
+    print(json.dumps({name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in r["points"]]
+                      for name, r in runs.items()}))
+
+
+if __name__ == "__main__":
+    main()
