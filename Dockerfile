@@ -41,10 +41,10 @@ RUN grep -v '^faiss-cpu' requirements.txt > requirements-gpu.txt \
 
 # The project itself, without its declared dependencies (which name faiss-cpu).
 COPY pyproject.toml README.md ./
+COPY moco_retrieval/ moco_retrieval/
 COPY moco_train/ moco_train/
-COPY retrieval/ retrieval/
 COPY retrieval_server/ retrieval_server/
-COPY clients/ clients/
+COPY retrieval_client/ retrieval_client/
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --create-home --uid 10001 --user-group moco \
     && mkdir -p /data /runs /store \

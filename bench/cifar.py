@@ -1,5 +1,5 @@
 """CIFAR-10 for the training benchmarks: the shared archive unpacked once, and kNN evaluation of
-encoders on it (InstDisc vote of moco_train.knn, k=200, several temperatures), cached per encoder."""
+encoders on it (InstDisc vote of moco_retrieval.knn, k=200, several temperatures), cached per encoder."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,10 @@ import torch
 import torch.nn as nn
 
 from moco_train.checkpoint import load_checkpoint, to_export
-from moco_train.export import embed, export_model
-from moco_train.images import decode_image
-from moco_train.knn import knn_classify, topk_accuracy
-from moco_train.transforms import Preprocessing, eval_transform
-
+from moco_retrieval.export import embed, export_model
+from moco_retrieval.images import decode_image
+from moco_retrieval.knn import knn_classify, topk_accuracy
+from moco_retrieval.preprocessing import Preprocessing, eval_transform
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 KNN_K = 200

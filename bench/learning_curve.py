@@ -12,7 +12,7 @@ Both trainers get the same setup, taken from RECIPE below:
   * data: the 50,000 CIFAR-10 training JPEGs (labels never used), decoded in 2 DataLoader workers.
 Ours is `moco-train train`, resumable with `--resume auto`; lightly is driven by the loop of its
 MoCo examples. Every --eval-every steps the encoder is saved; kNN top-1/top-5 (InstDisc, k=200, the
-shared moco_train.knn) of every saved encoder is measured on the 10,000 test images against all
+shared moco_retrieval.knn) of every saved encoder is measured on the 10,000 test images against all
 50,000 training images, for several vote temperatures. Baselines: the same network at random init
 and raw pixels. Features are computed under bf16 autocast where the CPU has native bf16 (2x faster);
 the last point of ours is also measured in float32 (recorded as `final_fp32`).
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moco_train.backbones import build_backbone
+from moco_retrieval.architectures import build_backbone
 from moco_train.checkpoint import list_checkpoints
 from moco_train.trainer import cpu_has_native_bf16
 

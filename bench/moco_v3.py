@@ -12,7 +12,7 @@ CIFAR-10 training images (labels never used), batch 128, bf16 autocast where the
 v3 runs use the default 4096-wide MLPs, momentum 0.99 -> 1 (cosine) and warm up over the first
 10% of their steps. Each run gets --budget-minutes of training: a 12-step probe measures its
 img/s and --max-steps fills the budget, so every run's lr and momentum schedules span its own
-run. kNN top-1 (k=200, the shared moco_train.knn) of the checkpoints at 1/4, 1/2, 3/4 and all of
+run. kNN top-1 (k=200, the shared moco_retrieval.knn) of the checkpoints at 1/4, 1/2, 3/4 and all of
 the budget, on the 10,000 test images against the 50,000 training images (bench/cifar.py).
 lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not in this run.
 

@@ -33,13 +33,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
-from moco_train.backbones import build_backbone
-from moco_train.export import embed, load_export, save_export
-from moco_train.images import decode_image
-from moco_train.knn import knn_vote
-from moco_train.transforms import Preprocessing, eval_transform
-from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.architectures import build_backbone
+from moco_retrieval.export import embed, load_export, save_export
+from moco_retrieval.images import decode_image
+from moco_retrieval.knn import knn_vote
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.preprocessing import Preprocessing, eval_transform
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 10_000                       # vectors are generated (and ingested) 10k at a time
@@ -155,7 +155,7 @@ class ServerTarget:
 
 class FaissTarget:
     """The same exact inner-product search in-process: the floor any server can reach. Classify is
-    the labelled-only search plus the shared InstDisc vote (moco_train.knn)."""
+    the labelled-only search plus the shared InstDisc vote (moco_retrieval.knn)."""
 
     def __init__(self, dim: int) -> None:
         self.all = faiss.IndexFlatIP(dim)

@@ -28,7 +28,7 @@ workers; shared pages count once per process), sampled every 0.2 s. Mixed precis
 autocast) runs only on CPUs that compute bf16 natively (elsewhere it is emulated: about 26x slower
 than fp32 per step on the AVX2 machine of bench/results/train_throughput.json) and is recorded as
 skipped otherwise. Quality: the 1-process fp32 case runs --quality-steps steps for ours (compiled)
-and lightly, then the InstDisc kNN (k=200, tau=0.07, moco_train.knn) top-1 on the first
+and lightly, then the InstDisc kNN (k=200, tau=0.07, moco_retrieval.knn) top-1 on the first
 --queries-per-class CIFAR-10 test images per class against the first --bank-per-class training
 images per class, for both encoders and the random initialisation. Finally what each option buys
 (ours, 1 process, fp32, eager): channels_last, no data workers, and plain BN (--bn none: what the
@@ -54,14 +54,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from moco_train.backbones import build_resnet
+from moco_retrieval.architectures import build_resnet
 from moco_train.checkpoint import find_resume, to_export
 from moco_train.evaluate import knn_evaluate
-from moco_train.export import export_model, make_export
+from moco_retrieval.export import export_model, make_export
 from moco_train.launch import free_port
 from moco_train.trainer import cpu_has_native_bf16
-from moco_train.transforms import Preprocessing
-
+from moco_retrieval.preprocessing import Preprocessing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar import class_subset, ensure_cifar  # noqa: E402
 

@@ -2,25 +2,32 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_retrieval.architectures import build_resnet, feature_dim
+
 from . import distributed
-from .backbones import build_resnet, feature_dim
+from .split_bn import SplitBatchNorm2d
 
 BN_MODES = ("split", "shuffle", "sync", "none")
 
 
 def build_encoder(arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1,
                   sync_bn: bool = False) -> nn.Module:
-    """A ResNet whose fc is the projection head: Linear(dim), or MoCo v2's MLP (fc.0, ReLU, fc.2)."""
-    encoder = build_resnet(arch, num_classes=dim, cifar_stem=cifar_stem, bn_splits=bn_splits, sync_bn=sync_bn)
+    """A ResNet whose fc is the projection head: Linear(dim), or MoCo v2's MLP (fc.0, ReLU, fc.2).
+
+    bn_splits > 1: SplitBatchNorm2d everywhere (single-device shuffle-BN emulation); sync_bn:
+    SyncBatchNorm (multi-process alternative to shuffle-BN, on GPUs)."""
+    norm_layer = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else None
+    encoder = build_resnet(arch, num_classes=dim, cifar_stem=cifar_stem, norm_layer=norm_layer)
     if mlp:
         dim_mlp = feature_dim(encoder)
         encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), encoder.fc)
-    return encoder
+    return nn.SyncBatchNorm.convert_sync_batchnorm(encoder) if sync_bn else encoder
 
 
 class MoCo(nn.Module):

@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .backbones import build_resnet, feature_dim
-from .vit import VIT_ARCHS, build_vit
+from moco_retrieval.architectures import build_resnet, feature_dim
+from moco_retrieval.vit import VIT_ARCHS, build_vit
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

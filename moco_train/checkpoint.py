@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .export import EXPORT_FORMAT, ExportError, ExportMeta, make_export
-from .fileio import atomic_torch_save
-from .transforms import Preprocessing
+from moco_retrieval.export import EXPORT_FORMAT, ExportError, ExportMeta, make_export
+from moco_retrieval.fileio import atomic_torch_save
+from moco_retrieval.preprocessing import Preprocessing
 
 CHECKPOINT_FORMAT = "moco-retrieval.checkpoint"
 CHECKPOINT_VERSION = 1

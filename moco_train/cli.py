@@ -13,10 +13,10 @@ from .checkpoint import CheckpointError, load_file, to_export, to_official
 from .config import TrainConfig
 from .curves import RunLogError
 from .data import DataError
-from .export import ExportError, export_model
-from .fileio import atomic_torch_save
-from .knn import DEFAULT_K, DEFAULT_TAU
-from .options import add_options, from_args
+from moco_retrieval.export import ExportError, export_model
+from moco_retrieval.fileio import atomic_torch_save
+from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
+from moco_retrieval.options import add_options, from_args
 
 USER_ERRORS = (DataError, CheckpointError, ExportError, RunLogError, OSError)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .backbones import RESNET_ARCHS
+from moco_retrieval.architectures import RESNET_ARCHS
 from .builder import BN_MODES
-from .knn import DEFAULT_K, DEFAULT_TAU
-from .options import option
-from .vit import VIT_ARCHS
+from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
+from moco_retrieval.options import option
+from moco_retrieval.vit import VIT_ARCHS
 
 # The queue holds at most this share of the dataset (see auto_queue_size).
 QUEUE_SHARE = 0.1

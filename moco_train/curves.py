@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .fileio import atomic_write
+from moco_retrieval.fileio import atomic_write
 
 
 class RunLogError(ValueError):

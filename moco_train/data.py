@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .images import ImageDecodeError, decode_image, is_image_path
-from .transforms import SMALL_IMAGE_MAX
+from moco_retrieval.images import ImageDecodeError, decode_image, is_image_path
+from moco_retrieval.preprocessing import SMALL_IMAGE_MAX
 
 
 class DataError(ValueError):

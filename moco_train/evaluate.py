@@ -10,9 +10,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .data import DataError, LabelledImages, collate_labelled
-from .export import ExportMeta, embed
-from .knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accuracy
-from .transforms import eval_transform
+from moco_retrieval.export import ExportMeta, embed
+from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accuracy
+from moco_retrieval.preprocessing import eval_transform
 
 
 @dataclass

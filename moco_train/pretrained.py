@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .backbones import head_prefix
+from moco_retrieval.architectures import head_prefix
 from .checkpoint import CheckpointError, encoder_weights, load_file
 
 

@@ -29,11 +29,12 @@ from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size, resolve
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
-from .export import export_model
+from moco_retrieval.export import export_model
 from .pretrained import init_encoder
 from .optim import build_optimizer, cosine_momentum, lr_factor
-from .transforms import Preprocessing, TwoCropsTransform, is_small, train_augmentation, v3_augmentations
-from .vit import VIT_ARCHS
+from moco_retrieval.preprocessing import Preprocessing, is_small
+from .transforms import TwoCropsTransform, train_augmentation, v3_augmentations
+from moco_retrieval.vit import VIT_ARCHS
 
 
 def resolve_device(name: str) -> torch.device:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moco_train.images import ImageDecodeError
+from moco_retrieval.images import ImageDecodeError
 
 from .encoder import Encoder
 from .metrics import ServerMetrics

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moco_train.images import DEFAULT_MAX_PIXELS
-from moco_train.knn import DEFAULT_K, DEFAULT_TAU
+from moco_retrieval.images import DEFAULT_MAX_PIXELS
+from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
 
 ENV_PREFIX = "RETRIEVAL_"
 # FAISS GPU indexes cannot return more neighbours than this.

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moco_train.export import embed, load_export
-from moco_train.images import decode_image
-from moco_train.transforms import eval_transform
-
+from moco_retrieval.export import embed, load_export
+from moco_retrieval.images import decode_image
+from moco_retrieval.preprocessing import eval_transform
 
 def pick_device(device: str) -> str:
     if device == "auto":

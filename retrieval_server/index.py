@@ -20,7 +20,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 
-from moco_train.fileio import fsync_dir
+from moco_retrieval.fileio import fsync_dir
 
 from .store import Store
 

@@ -20,9 +20,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moco_train.export import ExportError
-from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.export import ExportError
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 
 from . import __version__
 from .auth import AuthInterceptor

@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import torch
 
-from moco_train.images import ImageDecodeError, ImageTooLargeError
-from moco_train.knn import knn_vote
-from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
+from moco_retrieval.knn import knn_vote
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 
 from . import __version__
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull

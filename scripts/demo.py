@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from clients.client import RetrievalClient
-from moco_train.images import is_image_path
+from retrieval_client.client import RetrievalClient
+from moco_retrieval.images import is_image_path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "demo"

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moco_train.backbones import build_backbone
-from moco_train.export import save_export
-from moco_train.transforms import Preprocessing
-from retrieval.v1 import retrieval_pb2_grpc
+from moco_retrieval.architectures import build_backbone
+from moco_retrieval.export import save_export
+from moco_retrieval.api.v1 import retrieval_pb2_grpc
+from moco_retrieval.preprocessing import Preprocessing
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0

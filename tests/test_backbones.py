@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moco_train.backbones import SplitBatchNorm2d, build_backbone, build_resnet, feature_dim
+from moco_retrieval.architectures import build_backbone, build_resnet, feature_dim
+from moco_train.builder import build_encoder
+from moco_train.split_bn import SplitBatchNorm2d
 
 
 def test_cifar_stem_keeps_resolution():
@@ -62,7 +64,7 @@ def test_split_batchnorm_needs_a_divisible_batch():
 
 
 def test_split_and_sync_bn_resnets():
-    split = build_resnet("resnet18", cifar_stem=True, bn_splits=4)
+    split = build_encoder("resnet18", 128, mlp=False, cifar_stem=True, bn_splits=4)
     assert isinstance(split.bn1, SplitBatchNorm2d) and split.bn1.num_splits == 4
-    sync = build_resnet("resnet18", sync_bn=True)
+    sync = build_encoder("resnet18", 128, mlp=False, cifar_stem=False, sync_bn=True)
     assert isinstance(sync.bn1, nn.SyncBatchNorm)

@@ -14,10 +14,10 @@ from PIL import Image
 from moco_train.builder_v3 import GlobalBatchNorm1d, MoCoV3, build_base_encoder, build_mlp
 from moco_train.checkpoint import load_file, to_export
 from moco_train.config import TrainConfig
-from moco_train.export import embed, export_model
+from moco_retrieval.export import embed, export_model
 from moco_train.optim import LARS, cosine_momentum, lr_factor
 from moco_train.trainer import Trainer
-from moco_train.vit import VIT_ARCHS, build_vit, sincos_position_embedding
+from moco_retrieval.vit import VIT_ARCHS, build_vit, sincos_position_embedding
 
 
 def tiny_base(dim: int = 8) -> nn.Module:

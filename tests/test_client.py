@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import AsyncRetrievalClient, RetrievalClient, RetrievalError, UpsertItem
+from retrieval_client import AsyncRetrievalClient, RetrievalClient, RetrievalError, UpsertItem
 from server_harness import ServerProcess, make_export
 
 MAX_MESSAGE_MB = 1

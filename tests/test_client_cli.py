@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clients import RetrievalClient
-from clients.sheet import sheet_size
+from retrieval_client import RetrievalClient
+from retrieval_client.sheet import sheet_size
 from server_harness import ServerProcess, make_export
 
 TOKEN = "s3cret-token"
@@ -29,7 +29,7 @@ CLASSES = ("airplane", "cat", "ship")
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "clients", *args], env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "retrieval_client", *args], env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -261,7 +261,7 @@ def test_index_survives_a_server_killed_mid_run(export, demo_data, tmp_path):
     server = ServerProcess(export, store).start()
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
-        index = subprocess.Popen([sys.executable, "-m", "clients", "index", str(folder), "--batch-size", "8",
+        index = subprocess.Popen([sys.executable, "-m", "retrieval_client", "index", str(folder), "--batch-size", "8",
                                   "--timeout", "3", "--address", server.address],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with RetrievalClient(server.address) as c:

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from moco_train.data import (DataError, EpochSampler, LabelledImages, UnlabeledImages, collate_pairs,
                              detect_geometry, find_images, validate)
-from moco_train.transforms import Preprocessing, TwoCropsTransform, eval_transform, train_augmentation
-
+from moco_retrieval.preprocessing import Preprocessing, eval_transform
+from moco_train.transforms import TwoCropsTransform, train_augmentation
 
 def noise_image(seed: int, size: int = 16, mode: str = "RGB") -> Image.Image:
     arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -106,9 +106,10 @@ def image_like_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_installed_project_imports_from_the_image_environment(image_like_env: Path) -> None:
-    code = ("import moco_train, retrieval_server, clients, retrieval.v1.retrieval_pb2_grpc, torch, torchvision, faiss, grpc\n"
+    code = ("import moco_retrieval, moco_train, retrieval_server, retrieval_client, moco_retrieval.api.v1.retrieval_pb2_grpc\n"
+            "import torch, torchvision, faiss, grpc\n"
             "import retrieval_server.healthcheck\n"
-            "print(moco_train.__file__, retrieval_server.__file__, clients.__file__, retrieval.__file__)")
+            "print(moco_retrieval.__file__, moco_train.__file__, retrieval_server.__file__, retrieval_client.__file__)")
     result = subprocess.run([str(image_like_env / "bin" / "python"), "-c", code], capture_output=True, text=True,
                             cwd=image_like_env, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr

@@ -7,12 +7,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from moco_train.backbones import build_backbone
+from moco_retrieval.architectures import build_backbone
 from moco_train.builder import build_encoder
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export, to_official
 from moco_train.config import TrainConfig
-from moco_train.export import ExportError, embed, export_model, load_export
-from moco_train.fileio import atomic_torch_save
+from moco_retrieval.export import ExportError, embed, export_model, load_export
+from moco_retrieval.fileio import atomic_torch_save
 from moco_train.trainer import Trainer
 
 

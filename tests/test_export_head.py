@@ -6,9 +6,8 @@ import torch
 
 from moco_train.builder import build_encoder
 from moco_train.checkpoint import to_export
-from moco_train.export import ExportError, embed, export_model, load_export, save_export
-from moco_train.transforms import Preprocessing
-
+from moco_retrieval.export import ExportError, embed, export_model, load_export, save_export
+from moco_retrieval.preprocessing import Preprocessing
 
 @pytest.mark.parametrize("mlp", [False, True])
 def test_keep_head_reproduces_encoder_output(tmp_path, mlp):

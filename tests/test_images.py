@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moco_train.images import ImageDecodeError, ImageTooLargeError, decode_image, is_image_path
+from moco_retrieval.images import ImageDecodeError, ImageTooLargeError, decode_image, is_image_path
 
 
 def save(img: Image.Image, path: Path, **kwargs) -> Path:

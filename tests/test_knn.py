@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moco_train.knn import knn_classify, knn_vote, topk_accuracy
+from moco_retrieval.knn import knn_classify, knn_vote, topk_accuracy
 
 
 def test_vote_weights_each_neighbour_by_exp_similarity_over_tau():

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import grpc
 import pytest
 
-from retrieval.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from tests.server_harness import ServerProcess, make_export, png_bytes
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from PIL import Image
 
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export
 from moco_train.config import TrainConfig
-from moco_train.fileio import atomic_torch_save
+from moco_retrieval.fileio import atomic_torch_save
 from moco_train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from retrieval.v1 import retrieval_pb2 as pb
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 from retrieval_server.store import Store
 from server_harness import (REPO, ServerProcess, make_export, png_bytes, run_server_expecting_failure, serve_command,
                             server_env)

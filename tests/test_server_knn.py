@@ -1,5 +1,5 @@
 """Classify is the InstDisc vote of `moco-train knn`: same encoder, same bank, same queries, same
-predictions and vote shares (the shared moco_train.knn code, FAISS instead of a torch matmul)."""
+predictions and vote shares (the shared moco_retrieval.knn code, FAISS instead of a torch matmul)."""
 from __future__ import annotations
 
 import csv
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from moco_train.knn import knn_classify
-from retrieval.v1 import retrieval_pb2 as pb
+from moco_retrieval.knn import knn_classify
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from server_harness import REPO, ServerProcess, make_export, server_env
 
 PER_CLASS_BANK, PER_CLASS_QUERIES, K, TAU = 8, 3, 20, 0.07

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from retrieval.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
 
 from server_harness import ServerProcess, make_export, png_bytes
 

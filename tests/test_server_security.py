@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from retrieval.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from server_harness import ServerProcess, make_export, png_bytes
 
 TOKEN, READ_ONLY = "s3cret-full", "s3cret-read"

@@ -9,8 +9,8 @@ from torchvision import transforms as T
 
 from moco_train.config import Recipe, TrainConfig, resolve
 from moco_train.trainer import Trainer
-from moco_train.transforms import GaussianBlur, Preprocessing, train_augmentation
-
+from moco_retrieval.preprocessing import Preprocessing
+from moco_train.transforms import GaussianBlur, train_augmentation
 
 def ops(compose: T.Compose) -> list:
     """Every transform in a Compose, RandomApply unwrapped."""

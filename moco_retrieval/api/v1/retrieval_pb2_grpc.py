@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from retrieval.v1 import retrieval_pb2 as retrieval_dot_v1_dot_retrieval__pb2
+from moco_retrieval.api.v1 import retrieval_pb2 as retrieval_dot_v1_dot_retrieval__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

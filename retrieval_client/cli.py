@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 from tqdm import tqdm
 
-from moco_train.images import is_image_path
+from moco_retrieval.images import is_image_path
 
 from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError,
                      UpsertItem)

@@ -1,7 +1,7 @@
 """AsyncRetrievalClient: RetrievalClient's API for asyncio (grpc.aio).
 
 The unary methods are the very ones of the blocking client (the shared Op generators of
-clients.client, awaited here), and upsert_many drives the same _UpsertSession (batching, the
+retrieval_client.client, awaited here), and upsert_many drives the same _UpsertSession (batching, the
 message-size check, acknowledgements, resending, backoff); only the transport differs.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable, Iterable, Sequence
 import grpc
 from grpc import aio
 
-from retrieval.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 
 from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Classification, ItemFailure, Op, Proposal,
                      RetrievalError, UpsertItem, UpsertResult, _BatchSource, _ClientBase, _proposal,

@@ -1,12 +1,10 @@
-"""Backbones: any torchvision ResNet (with the CIFAR stem and split BatchNorm), and the exported
-encoder built from a ResNet or a ViT."""
+"""The architectures an export can name: any torchvision ResNet (optionally with the CIFAR stem) and
+the ViTs of moco_retrieval.vit, and the exported encoder (backbone, or a MoCo v1/v2 head) built from them."""
 from __future__ import annotations
 
-from functools import partial
+from typing import Callable
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 from .vit import VIT_ARCHS, build_vit
@@ -17,60 +15,21 @@ RESNET_ARCHS = tuple(
 )
 
 
-class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that normalises the batch in `num_splits` contiguous groups while training.
-
-    On one device this emulates the per-GPU BatchNorm of MoCo's multi-GPU shuffle-BN: with the
-    key batch shuffled, no group's statistics tell a query which key is its positive. Group g
-    holds samples [g*n, (g+1)*n), as process g would under DDP. Parameters and buffers are those
-    of nn.BatchNorm2d, so state dicts are interchangeable; in eval mode it is plain BatchNorm.
-    """
-
-    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        splits = self.num_splits
-        if not self.training or splits == 1:
-            return super().forward(x)
-        n, c, h, w = x.shape
-        if n % splits:
-            raise ValueError(f"split BatchNorm needs a batch divisible by {splits}, got {n}")
-        # (S*m, C, H, W) -> (m, S*C, H, W): channel block g holds group g's samples.
-        grouped = x.reshape(splits, n // splits, c, h, w).transpose(0, 1).reshape(n // splits, splits * c, h, w)
-        running_mean = self.running_mean.repeat(splits)
-        running_var = self.running_var.repeat(splits)
-        out = F.batch_norm(
-            grouped, running_mean, running_var,
-            self.weight.repeat(splits), self.bias.repeat(splits),
-            True, self.momentum if self.momentum is not None else 0.1, self.eps,
-        )
-        with torch.no_grad():
-            self.running_mean.copy_(running_mean.view(splits, c).mean(0))
-            self.running_var.copy_(running_var.view(splits, c).mean(0))
-            self.num_batches_tracked.add_(1)
-        return out.reshape(n // splits, splits, c, h, w).transpose(0, 1).reshape(n, c, h, w)
-
-
 def build_resnet(arch: str, num_classes: int = 1000, cifar_stem: bool = False,
-                 bn_splits: int = 1, sync_bn: bool = False, zero_init_residual: bool = False) -> nn.Module:
+                 norm_layer: Callable[[int], nn.Module] | None = None, zero_init_residual: bool = False) -> nn.Module:
     """A torchvision ResNet with random weights (never downloaded).
 
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for images of 64 px or less.
-    bn_splits > 1: SplitBatchNorm2d everywhere (single-device shuffle-BN emulation).
-    sync_bn: convert BatchNorm to SyncBatchNorm (multi-process alternative to shuffle-BN).
+    norm_layer: the BatchNorm to use (training passes split or synchronised BatchNorm).
+    zero_init_residual: the last BN of each residual block starts at zero (MoCo v3's ResNets).
     """
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(RESNET_ARCHS)}")
-    norm_layer = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else None
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, norm_layer=norm_layer,
                                          zero_init_residual=zero_init_residual)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
 

@@ -18,7 +18,7 @@ from urllib.request import url2pathname
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from moco_train.images import ImageDecodeError, decode_image
+from moco_retrieval.images import ImageDecodeError, decode_image
 
 THUMB = 128
 CAPTION = 34

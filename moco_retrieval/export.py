@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .backbones import backbone_dim, build_backbone, head_prefix
+from .architectures import backbone_dim, build_backbone, head_prefix
 from .fileio import atomic_torch_save
-from .transforms import Preprocessing
+from .preprocessing import Preprocessing
 
 EXPORT_FORMAT = "moco-retrieval.encoder"
 EXPORT_VERSION = 1

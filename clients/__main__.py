@@ -1,4 +1,0 @@
-"""`python -m clients` is `retrieval-client`."""
-from .cli import main
-
-raise SystemExit(main())
