@@ -1,70 +1,28 @@
-"""The FAISS mirror of the store: inner product on L2-normalised float32 vectors, int64 ids = store
-rows. Two indexes: every item (the --index-factory type) for Search, and the human-labelled items
-(always exact Flat) for Classify, so the kNN vote is exact whatever the main index is.
-
-The CPU indexes are the source of truth; a GPU replica (when GPUs are used) is re-cloned after
-removals, which GPU indexes handle poorly. Untrained factories (IVF, PQ) serve from an exact flat
-index until enough vectors arrive to train them. Snapshots (faiss.write_index, atomic) record the
-store version they cover; at start the rows and tombstones after it are replayed.
+"""The FAISS mirror of the store, as one object that takes its own locks: inner product on
+L2-normalised float32 vectors, int64 ids = store rows. Two indexes: every item (the --index-factory
+type) for Search, and the human-labelled items (always exact Flat) for Classify, so the kNN vote is
+exact whatever the main index is. Callers write with apply_* (in store-version order) and read with
+search and vote; snapshots are in snapshot.py, the FAISS wrapper in faiss_index.py.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-import threading
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import faiss
 import numpy as np
+import torch
 
-from moco_retrieval.fileio import fsync_dir
+from moco_retrieval.knn import knn_vote
 
+from .faiss_index import GPU_MAX_K, FaissIndex
+from .rwlock import RWLock
+from .snapshot import SnapshotPointer, read_snapshot, write_snapshot
 from .store import Store
 
-log = logging.getLogger(__name__)
-SNAPSHOT_POINTER = "snapshot.json"
 
-
-class RWLock:
-    """Many concurrent searches, or one writer (FAISS CPU search is thread-safe, add/remove are not)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+class NoLabels(LookupError):
+    """The vote needs human-labelled items and there are none."""
 
 
 class ClassTable:
@@ -85,128 +43,26 @@ class ClassTable:
         return np.where(rows >= 0, self.class_of_row[pos], -1)
 
 
-def resolve_gpus(index_gpus: str) -> int:
-    available = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if index_gpus == "auto":
-        return available
-    wanted = int(index_gpus)
-    if wanted > available:
-        raise RuntimeError(f"--index-gpus {wanted} but FAISS sees {available} GPU(s)")
-    return wanted
+@dataclass(frozen=True)
+class Hits:
+    """Nearest items of one query, best first."""
+
+    scores: np.ndarray  # (n,) float32 cosine similarities
+    rows: np.ndarray    # (n,) int64 store rows
 
 
-def _train_size(inner: faiss.Index) -> int:
-    """Vectors needed before training: FAISS wants ~39 per k-means centroid (IVF lists, PQ codes)."""
-    ivf = faiss.try_extract_index_ivf(inner)
-    centroids = ivf.nlist if ivf is not None else 1
-    pq = getattr(faiss.downcast_index(ivf if ivf is not None else inner), "pq", None)
-    if pq is not None:
-        centroids = max(centroids, pq.ksub)
-    return 39 * centroids
+@dataclass(frozen=True)
+class Vote:
+    """InstDisc votes of Q queries among the labelled items (moco_retrieval.knn.knn_vote)."""
+
+    classes: list[str]  # C class names, sorted
+    shares: np.ndarray  # (Q, C) float64 vote shares, each row sums to 1
+    scores: np.ndarray  # (Q, k) float32 similarities of the voting neighbours, best first
+    rows: np.ndarray    # (Q, k) int64 their store rows (-1: padding when fewer than k are labelled)
 
 
-def _with_ids(inner: faiss.Index) -> faiss.Index:
-    """An index addressed by store rows. IVF keeps arbitrary int64 ids itself (and IndexIDMap's
-    remove_ids assumes the inner index renumbers like IndexFlat, which IVF does not), so it gets a
-    hashtable direct map for reconstruction; everything else is wrapped in IndexIDMap2."""
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return inner
-    return faiss.IndexIDMap2(inner)
-
-
-class FaissIndex:
-    """One CPU index (the truth) with an optional GPU replica and a training fallback."""
-
-    def __init__(self, dim: int, factory: str, gpus: int, cpu: faiss.Index | None = None) -> None:
-        self.dim, self.factory, self.gpus = dim, factory, gpus
-        self._needs_training = not self._new_inner().is_trained
-        self.cpu = cpu if cpu is not None else self._rebuilt(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
-        self._gpu: faiss.Index | None = None
-        self._gpu_stale = True
-
-    def _new_inner(self) -> faiss.Index:
-        return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
-
-    @property
-    def in_fallback(self) -> bool:
-        """Serving from the exact flat stand-in because the factory index is not trained yet."""
-        if not self._needs_training or not isinstance(self.cpu, faiss.IndexIDMap2):
-            return False
-        return isinstance(faiss.downcast_index(self.cpu.index), faiss.IndexFlat)
-
-    @property
-    def ntotal(self) -> int:
-        return self.cpu.ntotal
-
-    def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        self.cpu.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64))
-        if self._gpu is not None and not self._gpu_stale:
-            self._gpu.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                   np.ascontiguousarray(rows, dtype=np.int64))
-        self._maybe_train()
-
-    def remove(self, rows: np.ndarray) -> None:
-        if len(rows) == 0:
-            return
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        try:
-            self.cpu.remove_ids(rows)  # an array: the selector kind every index (IVF direct map too) accepts
-        except RuntimeError:  # e.g. HNSW has no removal: rebuild from the remaining vectors
-            keep_rows = faiss.vector_to_array(self.cpu.id_map)
-            keep = ~np.isin(keep_rows, rows)
-            vectors = self.cpu.reconstruct_batch(keep_rows[keep]) if keep.any() else np.zeros((0, self.dim), "float32")
-            self.cpu = self._rebuilt(keep_rows[keep], vectors)
-        self._gpu_stale = True
-
-    def _rebuilt(self, rows: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-        """A fresh index holding these rows: the factory's (trained on them if it needs training
-        and they are enough), else the exact flat stand-in."""
-        inner = self._new_inner()
-        if not inner.is_trained:
-            if len(rows) < _train_size(inner):
-                inner = faiss.IndexFlatIP(self.dim)
-            else:
-                log.info("training %s on %d vectors", self.factory, len(rows))
-                inner.train(vectors)
-        index = _with_ids(inner)
-        if len(rows):
-            index.add_with_ids(vectors, rows)
-        return index
-
-    def _maybe_train(self) -> None:
-        if not self.in_fallback or self.cpu.ntotal < _train_size(self._new_inner()):
-            return
-        rows = faiss.vector_to_array(self.cpu.id_map).astype(np.int64)
-        vectors = np.ascontiguousarray(self.cpu.reconstruct_batch(rows), dtype=np.float32)
-        self.cpu = self._rebuilt(rows, vectors)
-        self._gpu_stale = True
-
-    def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k) float32, rows (Q, k) int64 with -1 padding). GPU replica when there is one
-        and no selector is needed (GPU indexes take no IDSelector)."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if params is None and self.gpus > 0:
-            return self._replica().search(queries, k)  # the caller keeps k <= 2048 (GPU limit)
-        if params is None:
-            return self.cpu.search(queries, k)
-        return self.cpu.search(queries, k, params=params)
-
-    def _replica(self) -> faiss.Index:
-        if self._gpu is None or self._gpu_stale:
-            self._gpu = None
-            try:
-                self._gpu = faiss.index_cpu_to_all_gpus(self.cpu, ngpu=self.gpus)
-            except RuntimeError as exc:  # e.g. HNSW has no GPU version: serve this index from the CPU
-                log.warning("%s cannot run on GPU (%s); searching it on the CPU", self.factory, exc)
-                self.gpus = 0
-                return self.cpu
-            self._gpu_stale = False
-        return self._gpu
+def _drop(scores: np.ndarray, rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return scores[keep][:k], rows[keep][:k]
 
 
 class ItemIndex:
@@ -219,43 +75,60 @@ class ItemIndex:
         self.labels: dict[int, str] = {}
         self._classes: ClassTable | None = None
         self.version = 0
-        self.lock = RWLock()
-        if gpus:  # GPU indexes are not thread-safe, even for searches
-            self.search_lock = self.lock.write
-        else:
-            self.search_lock = self.lock.read
+        self._lock = RWLock()
+        # GPU indexes are not thread-safe, even for searches.
+        self._search_lock = self._lock.write if gpus else self._lock.read
 
     @property
     def device(self) -> str:
         return "gpu" if self.items.gpus else "cpu"
 
-    # -- mutations: the caller holds self.lock.write() -------------------------------------------
-    def upsert(self, version: int, rows: np.ndarray, vectors: np.ndarray, labels: list[str | None],
-               existed: np.ndarray) -> None:
+    @property
+    def item_count(self) -> int:
+        return self.items.ntotal
+
+    @property
+    def labelled_count(self) -> int:
+        return len(self.labels)
+
+    # -- writes, in store-version order ------------------------------------------------------------
+    def apply_upsert(self, version: int, rows: np.ndarray, vectors: np.ndarray, labels: list[str | None],
+                     existed: np.ndarray) -> None:
         """New or overwritten rows (existed: bool per row) with their human label after the write."""
-        self.items.remove(rows[existed])
-        self.items.add(rows, vectors)
-        self.labelled.remove(np.array([r for r in rows.tolist() if r in self.labels], dtype=np.int64))
-        keep = np.array([lab is not None for lab in labels], dtype=bool)
-        self.labelled.add(rows[keep], vectors[keep])
-        self._set_labels(rows, labels)
-        self.version = version
+        with self._lock.write():
+            self.items.remove(rows[existed])
+            self.items.add(rows, vectors)
+            self.labelled.remove(self._labelled_among(rows))
+            keep = np.array([lab is not None for lab in labels], dtype=bool)
+            self.labelled.add(rows[keep], vectors[keep])
+            self._set_labels(rows, labels)
+            self.version = version
 
-    def remove(self, version: int, rows: np.ndarray) -> None:
-        self.items.remove(rows)
-        self.labelled.remove(np.array([r for r in rows.tolist() if r in self.labels], dtype=np.int64))
-        self._set_labels(rows, [None] * len(rows))
-        self.version = version
+    def apply_delete(self, version: int, rows: np.ndarray) -> None:
+        with self._lock.write():
+            self.items.remove(rows)
+            self.labelled.remove(self._labelled_among(rows))
+            self._set_labels(rows, [None] * len(rows))
+            self.version = version
 
-    def relabel(self, rows: np.ndarray, labels: list[str | None], store: Store) -> None:
-        """Human labels changed: move rows in or out of the labelled index (exact vectors from the store)."""
-        new_rows = np.array([r for r, lab in zip(rows.tolist(), labels) if lab is not None and r not in self.labels],
-                            dtype=np.int64)
-        gone = np.array([r for r, lab in zip(rows.tolist(), labels) if lab is None and r in self.labels],
-                        dtype=np.int64)
-        self.labelled.remove(gone)
-        self.labelled.add(new_rows, store.vectors_of(new_rows))
-        self._set_labels(rows, labels)
+    def apply_labels(self, rows: np.ndarray, labels: list[str | None], vectors: np.ndarray) -> None:
+        """Human labels changed (None: cleared); `vectors` are the stored embeddings of the rows
+        whose new label is not None, in order (exact, so the labelled index stays exact)."""
+        labelled = np.array([lab is not None for lab in labels], dtype=bool)
+        with self._lock.write():
+            new = np.array([r not in self.labels for r in rows.tolist()], dtype=bool) & labelled
+            gone = np.array([r in self.labels for r in rows.tolist()], dtype=bool) & ~labelled
+            self.labelled.remove(rows[gone])
+            self.labelled.add(rows[new], vectors[new[labelled]])
+            self._set_labels(rows, labels)
+
+    def _k_search(self, k: int, exclude: int | None) -> int:
+        """k, plus one for a query that is itself stored (within the GPU limit)."""
+        k_search = k + (exclude is not None)
+        return min(k_search, GPU_MAX_K) if self.gpus else k_search
+
+    def _labelled_among(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([r for r in rows.tolist() if r in self.labels], dtype=np.int64)
 
     def _set_labels(self, rows: np.ndarray, labels: list[str | None]) -> None:
         self._classes = None
@@ -265,80 +138,73 @@ class ItemIndex:
             else:
                 self.labels[row] = lab
 
-    # -- searches: the caller holds self.search_lock() -------------------------------------------
-    def classes(self) -> ClassTable:
-        """The labelled rows' class indices, cached until a label changes."""
-        if self._classes is None:
-            self._classes = ClassTable(self.labels)
-        return self._classes
+    # -- reads ---------------------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, k: int, labels: set[str] | None = None, exclude: int | None = None,
+               min_score: float | None = None) -> Hits:
+        """The k nearest items to one normalised vector: all items, or the human-labelled ones whose
+        label is in `labels`; `exclude` (the query's own row) and scores below min_score left out."""
+        k_search = self._k_search(k, exclude)
+        with self._search_lock():
+            if labels:
+                allowed = np.array([r for r, lab in self.labels.items() if lab in labels], dtype=np.int64)
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+                scores, rows = self.labelled.search(vector[None], k_search, params)
+            else:
+                scores, rows = self.items.search(vector[None], k_search)
+        keep = rows[0] >= 0
+        if exclude is not None:
+            keep &= rows[0] != exclude
+        if min_score is not None:
+            keep &= scores[0] >= min_score
+        return Hits(*_drop(scores[0], rows[0], keep, k))
 
-    def label_selector(self, allowed: set[str]) -> faiss.SearchParameters:
-        rows = np.array([r for r, lab in self.labels.items() if lab in allowed], dtype=np.int64)
-        return faiss.SearchParameters(sel=faiss.IDSelectorBatch(rows))
+    def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
+        """The InstDisc vote of each normalised query (Q, D) among its k nearest labelled items;
+        `exclude` (one query only) leaves a stored query's own row out. Raises NoLabels."""
+        with self._search_lock():
+            if self._classes is None:
+                self._classes = ClassTable(self.labels)
+            table = self._classes
+            if not table.names:
+                raise NoLabels("no labelled items: label some with Upsert or SetLabels")
+            scores, rows = self.labelled.search(queries, self._k_search(k, exclude))
+        classes = table.lookup(rows)
+        if exclude is not None:
+            keep = rows[0] != exclude
+            scores, rows, classes = scores[0][keep][None, :k], rows[0][keep][None, :k], classes[0][keep][None, :k]
+        shares = knn_vote(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(classes), len(table.names),
+                          tau)
+        return Vote(table.names, shares.numpy(), scores, rows)
 
-    # -- building --------------------------------------------------------------------------------
+    # -- building and snapshots ----------------------------------------------------------------------
     def load(self, store: Store, snapshot_dir: Path) -> str:
         """Fill from a snapshot plus the store rows after it, or from the store alone. Returns how."""
         snap = read_snapshot(snapshot_dir, store_id=store.store_id, factory=self.factory, dim=self.dim,
                              max_version=store.version)
-        if snap is None:
-            how = "rebuilt from the store"
-            for rows, _ids, _labels, vectors in store.embeddings():
-                self.items.add(rows, vectors)
-        else:
-            base, cpu = snap
-            self.items = FaissIndex(self.dim, self.factory, self.gpus, cpu=cpu)
-            self.items.remove(store.tombstones_after(base))
-            for rows, _ids, _labels, vectors in store.embeddings("version > ?", (base,)):
-                self.items.remove(rows)
-                self.items.add(rows, vectors)
-            how = f"snapshot v{base} + {store.version - base} later versions"
-        for rows, _ids, labels, vectors in store.embeddings("label IS NOT NULL"):
-            self.labelled.add(rows, vectors)
-            self._set_labels(rows, labels)
-        self.version = store.version
+        with self._lock.write():
+            if snap is None:
+                how = "rebuilt from the store"
+                for chunk in store.embeddings():
+                    self.items.add(chunk.rows, chunk.vectors)
+            else:
+                base, cpu = snap
+                self.items = FaissIndex(self.dim, self.factory, self.gpus, cpu=cpu)
+                self.items.remove(store.tombstones_after(base))
+                for chunk in store.embeddings("version > ?", (base,)):
+                    self.items.remove(chunk.rows)
+                    self.items.add(chunk.rows, chunk.vectors)
+                how = f"snapshot v{base} + {store.version - base} later versions"
+            for chunk in store.embeddings("label IS NOT NULL"):
+                self.labelled.add(chunk.rows, chunk.vectors)
+                self._set_labels(chunk.rows, chunk.labels)
+            self.version = store.version
         return how
 
     def save_snapshot(self, snapshot_dir: Path, store_id: str) -> int:
-        """Write the items index atomically with the version it covers; the caller holds a read lock."""
-        version = self.version
-        snapshot_dir.mkdir(parents=True, exist_ok=True)
-        name = f"items-v{version}.faiss"
-        for stale in snapshot_dir.glob(".items-v*.faiss.tmp"):  # left by a kill during an earlier write
-            stale.unlink(missing_ok=True)
-        tmp = snapshot_dir / f".{name}.tmp"
-        faiss.write_index(self.items.cpu, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, snapshot_dir / name)
-        pointer = {"version": version, "file": name, "store_id": store_id, "factory": self.factory,
-                   "dim": self.dim}
-        tmp_pointer = snapshot_dir / f".{SNAPSHOT_POINTER}.tmp"
-        with open(tmp_pointer, "w") as f:
-            json.dump(pointer, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_pointer, snapshot_dir / SNAPSHOT_POINTER)
-        fsync_dir(snapshot_dir)
-        for old in snapshot_dir.glob("items-v*.faiss"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        """Write the items index with the version it covers (under the read lock: searches go on)."""
+        with self._lock.read():
+            version = self.version
+            write_snapshot(snapshot_dir, self.items.cpu, SnapshotPointer(
+                version=version, file=f"items-v{version}.faiss", store_id=store_id, factory=self.factory,
+                dim=self.dim))
         return version
-
-
-def read_snapshot(snapshot_dir: Path, *, store_id: str, factory: str, dim: int,
-                  max_version: int) -> tuple[int, faiss.Index] | None:
-    """(version, CPU index) of a usable snapshot, or None (missing, of another store or factory, corrupt)."""
-    pointer_path = snapshot_dir / SNAPSHOT_POINTER
-    try:
-        pointer = json.loads(pointer_path.read_text())
-        if (pointer["store_id"], pointer["factory"], pointer["dim"]) != (store_id, factory, dim):
-            return None
-        if pointer["version"] > max_version:
-            return None
-        index = faiss.read_index(str(snapshot_dir / pointer["file"]))
-        return int(pointer["version"]), index
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        if pointer_path.exists():
-            log.warning("ignoring index snapshot: %s", exc)
-        return None

@@ -29,7 +29,8 @@ from .auth import AuthInterceptor
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .encoder import Encoder
-from .index import ItemIndex, resolve_gpus
+from .faiss_index import resolve_gpus
+from .index import ItemIndex
 from .metrics import MetricsInterceptor, ServerMetrics
 from .service import RetrievalService
 from .store import Store
@@ -104,8 +105,8 @@ def _load(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
     except RuntimeError as exc:
         raise StartupError(f"index: {exc}") from exc
     how = index.load(store, cfg.store)
-    log.info("index %s (%s) on %s: %d items, %s", cfg.index_factory, how, index.device, index.items.ntotal,
-             f"{len(index.labels)} labelled")
+    log.info("index %s (%s) on %s: %d items, %d labelled", cfg.index_factory, how, index.device, index.item_count,
+             index.labelled_count)
     batcher = DynamicBatcher(encoder, metrics, max_batch_size=cfg.max_batch_size,
                              max_delay_s=cfg.max_queue_delay_ms / 1000.0, capacity=cfg.max_queue,
                              decode_threads=cfg.decode_threads)

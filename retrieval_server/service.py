@@ -11,10 +11,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
-import torch
 
 from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
-from moco_retrieval.knn import knn_vote
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 
@@ -22,7 +20,8 @@ from . import __version__
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .encoder import Encoder
-from .index import ItemIndex
+from .faiss_index import GPU_MAX_K
+from .index import ItemIndex, NoLabels, Vote
 from .metrics import ServerMetrics
 from .store import NewItem, Store, UnknownIds
 
@@ -84,7 +83,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                  index: ItemIndex, metrics: ServerMetrics) -> None:
         self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = cfg, encoder, batcher, store, index, metrics
         self.dim = encoder.dim
-        self.max_k = min(cfg.max_k, 2048) if index.gpus else cfg.max_k
+        self.max_k = min(cfg.max_k, GPU_MAX_K) if index.gpus else cfg.max_k
         self._writes = threading.Lock()  # store commit + index update, in version order
         self._changed_since_snapshot = 0
         self._snapshot_lock = threading.Lock()
@@ -210,11 +209,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                          metadata=dict(request.items[i].metadata)) for i in positions]
         if items:
             with self._writes:
-                version, written = self.store.upsert(items)
-                rows = np.array([w[0] for w in written], dtype=np.int64)
-                with self.index.lock.write():
-                    self.index.upsert(version, rows, np.stack([it.embedding for it in items]),
-                                      [w[1] for w in written], np.array([w[2] for w in written], dtype=bool))
+                done = self.store.upsert(items)
+                self.index.apply_upsert(done.version, np.array([w.row for w in done.items], dtype=np.int64),
+                                        np.stack([it.embedding for it in items]), [w.label for w in done.items],
+                                        np.array([w.existed for w in done.items], dtype=bool))
                 self._after_write(len(items))
         errors.sort(key=lambda e: e.index)
         return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
@@ -223,13 +221,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         with self._writes:
             try:
-                version, rows = self.store.delete(list(request.ids), request.ignore_missing)
+                done = self.store.delete(list(request.ids), request.ignore_missing)
             except UnknownIds as exc:
                 raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
-            with self.index.lock.write():
-                self.index.remove(version, np.array(rows, dtype=np.int64))
-            self._after_write(len(rows))
-        return pb.DeleteResponse(deleted=len(rows))
+            self.index.apply_delete(done.version, np.array(done.rows, dtype=np.int64))
+            self._after_write(len(done.rows))
+        return pb.DeleteResponse(deleted=len(done.rows))
 
     @_unary
     def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
@@ -247,9 +244,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             except UnknownIds as exc:
                 raise RpcError(Code.NOT_FOUND, f"{exc}; no label changed") from exc
             if not predicted:
-                with self.index.lock.write():
-                    self.index.relabel(np.array([c[0] for c in changed], dtype=np.int64), [c[1] for c in changed],
-                                       self.store)
+                rows = np.array([c.row for c in changed], dtype=np.int64)
+                labelled = rows[[c.label is not None for c in changed]]
+                self.index.apply_labels(rows, [c.label for c in changed], self.store.vectors_of(labelled))
         self._update_gauges()
         return pb.SetLabelsResponse(updated=len(changed))
 
@@ -276,14 +273,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             self._snapshot_lock.release()
 
     def _snapshot(self) -> int:
-        with self.index.lock.read():
-            version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
+        version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
         self.store.prune_tombstones(version)
         return version
 
     def _update_gauges(self) -> None:
-        self.m.index_items.set(self.index.items.ntotal)
-        self.m.labelled_items.set(len(self.index.labels))
+        self.m.index_items.set(self.index.item_count)
+        self.m.labelled_items.set(self.index.labelled_count)
 
     # -- reads ------------------------------------------------------------------------------------
     @_unary
@@ -314,84 +310,61 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                                        predicted_label=r.predicted_label or "", metadata=r.metadata))
         return out
 
-    @staticmethod
-    def _top(scores: np.ndarray, rows: np.ndarray, k: int, exclude: int | None,
-             min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        keep = rows >= 0
-        if exclude is not None:
-            keep &= rows != exclude
-        if min_score is not None:
-            keep &= scores >= min_score
-        return scores[keep][:k], rows[keep][:k]
-
     @_unary
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         k = self._k(request, DEFAULT_SEARCH_K)
         if request.HasField("min_score") and math.isnan(request.min_score):
             raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
         vector, exclude = self._query(request.query, context)
-        k_search = min(k + (exclude is not None), self.max_k + 1 if not self.index.gpus else 2048)
         start = time.perf_counter()
-        with self.index.search_lock():
-            if request.labels:
-                params = self.index.label_selector(set(request.labels))
-                scores, rows = self.index.labelled.search(vector[None], k_search, params)
-            else:
-                scores, rows = self.index.items.search(vector[None], k_search)
+        hits = self.index.search(vector, k, labels=set(request.labels), exclude=exclude,
+                                 min_score=request.min_score if request.HasField("min_score") else None)
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
-        scores, rows = self._top(scores[0], rows[0], k, exclude,
-                                 request.min_score if request.HasField("min_score") else None)
-        return pb.SearchResponse(neighbors=self._neighbors(scores, rows))
+        return pb.SearchResponse(neighbors=self._neighbors(hits.scores, hits.rows))
 
-    def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, exclude: int | None = None
-              ) -> tuple[list[str], torch.Tensor, np.ndarray, np.ndarray]:
-        """(class names, vote shares (Q, C), neighbour scores (Q, k), rows (Q, k)) among labelled items."""
+    def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, exclude: int | None = None) -> Vote:
         start = time.perf_counter()
-        with self.index.search_lock():
-            table = self.index.classes()
-            if not table.names:
-                raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
-            scores, rows = self.index.labelled.search(queries, k + (exclude is not None))
-        names, idx = table.names, table.lookup(rows)
+        try:
+            vote = self.index.vote(queries, k, tau, exclude)
+        except NoLabels as exc:
+            raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.m.index_search_seconds.labels(op).observe(time.perf_counter() - start)
-        if exclude is not None:  # a stored query leaves itself out (only one query then)
-            keep = rows[0] != exclude
-            scores, rows, idx = scores[0][keep][None, :k], rows[0][keep][None, :k], idx[0][keep][None, :k]
-        shares = knn_vote(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(idx), len(names), tau)
-        return names, shares, scores, rows
+        return vote
 
     @_unary
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
         vector, exclude = self._query(request.query, context)
-        names, shares, scores, rows = self._vote(vector[None], k, tau, "classify", exclude)
-        row_shares = shares[0]
-        best = int(torch.argmax(row_shares))  # first maximum: ties go to the first label in sorted order
-        voted = sorted((c for c in range(len(names)) if row_shares[c] > 0), key=lambda c: (-row_shares[c], c))
+        vote = self._vote(vector[None], k, tau, "classify", exclude)
+        shares, names = vote.shares[0], vote.classes
+        best = int(np.argmax(shares))  # first maximum: ties go to the first label in sorted order
+        voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
+        valid = vote.rows[0] >= 0
         return pb.ClassifyResponse(
-            label=names[best], confidence=float(row_shares[best]),
-            scores=[pb.ClassScore(label=names[c], score=float(row_shares[c])) for c in voted],
-            neighbors=self._neighbors(*self._top(scores[0], rows[0], k, None)))
+            label=names[best], confidence=float(shares[best]),
+            scores=[pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted],
+            neighbors=self._neighbors(vote.scores[0][valid], vote.rows[0][valid]))
 
     @_streaming
     def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext
                     ) -> Iterator[pb.LabelProposal]:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
-        if not self.index.labels:
+        if not self.index.labelled_count:
             raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
         last_id = None
         while context.is_active():
-            rows, ids, vectors = self.store.unlabelled_after(last_id, LABEL_CORPUS_CHUNK)
-            if not ids:
+            chunk = self.store.unlabelled_after(last_id, LABEL_CORPUS_CHUNK)
+            if chunk is None:
                 return
-            last_id = ids[-1]
-            names, shares, _scores, _rows = self._vote(vectors, k, tau, "label_corpus")
-            best = shares.argmax(dim=1)  # first maximum: ties go to the first label in sorted order
-            confidence = shares.gather(1, best[:, None])[:, 0]
-            proposals = [(row, item_id, names[b], c) for row, item_id, b, c in
-                         zip(rows.tolist(), ids, best.tolist(), confidence.tolist()) if c >= request.min_confidence]
+            last_id = chunk.ids[-1]
+            vote = self._vote(chunk.vectors, k, tau, "label_corpus")
+            best = vote.shares.argmax(axis=1)  # first maximum: ties go to the first label in sorted order
+            confidence = vote.shares[np.arange(len(best)), best]
+            proposals = [(row, item_id, vote.classes[b], c) for row, item_id, b, c in
+                         zip(chunk.rows.tolist(), chunk.ids, best.tolist(), confidence.tolist())
+                         if c >= request.min_confidence]
             if request.apply and proposals:
                 self.store.set_predicted_rows([(row, lab, conf) for row, _i, lab, conf in proposals])
             for _row, item_id, lab, conf in proposals:

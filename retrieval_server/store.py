@@ -60,6 +60,44 @@ class UnknownIds(KeyError):
         return f"unknown id{'s' if len(self.ids) > 1 else ''}: {shown}{more}"
 
 
+@dataclass(frozen=True)
+class Written:
+    """One upserted item: its store row, its human label after the write (an upsert without a
+    label keeps the stored one), and whether its id was stored before."""
+
+    row: int
+    label: str | None
+    existed: bool
+
+
+@dataclass(frozen=True)
+class Upserted:
+    version: int          # the transaction's store version
+    items: list[Written]  # in the order of the upserted items
+
+
+@dataclass(frozen=True)
+class Deleted:
+    version: int
+    rows: list[int]       # the deleted store rows, sorted
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    row: int
+    label: str | None     # None: cleared
+
+
+@dataclass(frozen=True)
+class EmbeddingChunk:
+    """Consecutive stored items, for rebuilding the index and LabelCorpus."""
+
+    rows: np.ndarray          # (n,) int64
+    ids: list[str]
+    labels: list[str | None]  # human labels
+    vectors: np.ndarray       # (n, D) float32, C-contiguous
+
+
 @dataclass
 class NewItem:
     id: str
@@ -158,9 +196,8 @@ class Store:
         return version
 
     # -- writes (each one transaction; the caller serialises them with the index) -----------------
-    def upsert(self, items: list[NewItem]) -> tuple[int, list[tuple[int, str | None, bool]]]:
-        """Insert or overwrite items in one transaction.
-        Returns (version, [(row, label after, whether the id existed)])."""
+    def upsert(self, items: list[NewItem]) -> Upserted:
+        """Insert or overwrite items in one transaction."""
         out = []
         with self._write_lock, _transaction(self._writer) as c:
             version = self._bump(c)
@@ -173,11 +210,11 @@ class Store:
                     "RETURNING row, label",
                     (item.id, item.label, json.dumps(item.metadata, sort_keys=True), _blob(item.embedding), version),
                 ).fetchone()
-                out.append((r[0], r[1], item.id in existing))
-        return version, out
+                out.append(Written(row=r[0], label=r[1], existed=item.id in existing))
+        return Upserted(version, out)
 
-    def delete(self, ids: list[str], ignore_missing: bool) -> tuple[int, list[int]]:
-        """Delete items (all-or-nothing unless ignore_missing). Returns (version, deleted rows)."""
+    def delete(self, ids: list[str], ignore_missing: bool) -> Deleted:
+        """Delete items (all-or-nothing unless ignore_missing)."""
         with self._write_lock, _transaction(self._writer) as c:
             found = self._rows_of(c, ids)
             missing = [i for i in ids if i not in found]
@@ -187,10 +224,10 @@ class Store:
             version = self._bump(c)
             c.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in rows])
             c.executemany("INSERT OR REPLACE INTO tombstones(row, version) VALUES (?, ?)", [(r, version) for r in rows])
-        return version, rows
+        return Deleted(version, rows)
 
-    def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> list[tuple[int, str | None]]:
-        """Set (or clear, with None) human or predicted labels, all-or-nothing. Returns [(row, label)]."""
+    def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> list[LabelChange]:
+        """Set (or clear, with None) human or predicted labels of (id, label, confidence), all-or-nothing."""
         with self._write_lock, _transaction(self._writer) as c:
             found = self._rows_of(c, [a[0] for a in assignments])
             missing = [a[0] for a in assignments if a[0] not in found]
@@ -202,7 +239,7 @@ class Store:
             else:
                 c.executemany("UPDATE items SET label = ? WHERE row = ?",
                               [(lab, found[i]) for i, lab, _ in assignments])
-        return [(found[i], lab) for i, lab, _ in assignments]
+        return [LabelChange(found[i], lab) for i, lab, _ in assignments]
 
     def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
         """Store LabelCorpus proposals by row (rows deleted meanwhile are skipped)."""
@@ -229,31 +266,29 @@ class Store:
         rows = [int(r) for r in rows]
         return {r[0]: _row(r, False) for r in _select_in(self._reader, f"SELECT {self._COLUMNS} FROM items", "row", rows)}
 
-    def embeddings(self, where: str = "1", params: tuple = (), chunk: int = 8192,
-                   order: str = "row", extra: tuple = ()) -> Iterator[tuple[np.ndarray, list[str], list[str | None], np.ndarray]]:
-        """(rows int64, ids, labels, embeddings float32 (n, D)) in chunks, for rebuilding and LabelCorpus."""
-        cur = self._reader.execute(f"SELECT row, id, label, embedding FROM items WHERE {where} ORDER BY {order}",
-                                   params + extra)
+    def embeddings(self, where: str = "1", params: tuple = (), chunk: int = 8192, order: str = "row",
+                   limit: int | None = None) -> Iterator[EmbeddingChunk]:
+        """The items matching `where`, by `order`, in chunks (at most `limit` items in all)."""
+        sql = f"SELECT row, id, label, embedding FROM items WHERE {where} ORDER BY {order}"
+        if limit is not None:
+            sql, params = sql + " LIMIT ?", params + (limit,)
+        cur = self._reader.execute(sql, params)
         while batch := cur.fetchmany(chunk):
             rows = np.fromiter((b[0] for b in batch), dtype=np.int64, count=len(batch))
             vectors = np.frombuffer(b"".join(b[3] for b in batch), dtype="<f4").reshape(len(batch), -1)
-            yield rows, [b[1] for b in batch], [b[2] for b in batch], np.ascontiguousarray(vectors, dtype=np.float32)
+            yield EmbeddingChunk(rows, [b[1] for b in batch], [b[2] for b in batch],
+                                 np.ascontiguousarray(vectors, dtype=np.float32))
 
-    def unlabelled_after(self, last_id: str | None, limit: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """The next `limit` items without a human label, by id (keyset paging: no cursor kept open)."""
-        got = next(self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit,
-                                   order="id LIMIT ?", extra=(limit,)), None)
-        if got is None:
-            return np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32)
-        return got[0], got[1], got[3]
+    def unlabelled_after(self, last_id: str | None, limit: int) -> EmbeddingChunk | None:
+        """The next `limit` items without a human label, by id (keyset paging: no cursor kept
+        open), or None after the last."""
+        return next(self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit, order="id",
+                                    limit=limit), None)
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """Embeddings (n, D) float32 of stored rows, in the given order."""
-        found: dict[int, np.ndarray] = {}
-        for start in range(0, len(rows), 500):
-            chunk = tuple(int(r) for r in rows[start:start + 500])
-            for got, _ids, _labels, vectors in self.embeddings(f"row IN ({','.join('?' * len(chunk))})", chunk):
-                found.update(zip(got.tolist(), vectors))
+        found = {r[0]: np.frombuffer(r[1], dtype="<f4")
+                 for r in _select_in(self._reader, "SELECT row, embedding FROM items", "row", [int(r) for r in rows])}
         dim = int(self.get_meta("dim") or 0)
         return np.array([found[int(r)] for r in rows], dtype=np.float32).reshape(len(rows), dim)
 

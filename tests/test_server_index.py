@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval_server.index import ItemIndex, resolve_gpus
+from retrieval_server.faiss_index import resolve_gpus
+from retrieval_server.index import ItemIndex
 from retrieval_server.store import NewItem, Store, UnknownIds
 
 DIM = 16
@@ -30,13 +31,14 @@ class Mirror:
         self.index.load(self.store, directory)
 
     def upsert(self, ids: list[str], vectors: np.ndarray, labels: list[str | None]) -> None:
-        version, written = self.store.upsert([NewItem(i, v, lab) for i, v, lab in zip(ids, vectors, labels)])
-        rows = np.array([w[0] for w in written], dtype=np.int64)
-        self.index.upsert(version, rows, vectors, [w[1] for w in written], np.array([w[2] for w in written]))
+        done = self.store.upsert([NewItem(i, v, lab) for i, v, lab in zip(ids, vectors, labels)])
+        rows = np.array([w.row for w in done.items], dtype=np.int64)
+        self.index.apply_upsert(done.version, rows, vectors, [w.label for w in done.items],
+                                np.array([w.existed for w in done.items]))
 
     def delete(self, ids: list[str]) -> None:
-        version, rows = self.store.delete(ids, ignore_missing=False)
-        self.index.remove(version, np.array(rows, dtype=np.int64))
+        done = self.store.delete(ids, ignore_missing=False)
+        self.index.apply_delete(done.version, np.array(done.rows, dtype=np.int64))
 
     def nearest_ids(self, queries: np.ndarray, labelled: bool = False) -> list[str]:
         scores, rows = (self.index.labelled if labelled else self.index.items).search(queries, 1)
@@ -125,11 +127,11 @@ def test_gpu_replica_is_refreshed_from_the_cpu_truth(monkeypatch: pytest.MonkeyP
     index = ItemIndex(DIM, "Flat", gpus=2)
     vectors = _vectors(30, 0)
     rows = np.arange(1, 31, dtype=np.int64)
-    index.upsert(1, rows[:20], vectors[:20], [None] * 20, np.zeros(20, bool))
+    index.apply_upsert(1, rows[:20], vectors[:20], [None] * 20, np.zeros(20, bool))
     assert index.items.search(vectors[:3], 1)[1][:, 0].tolist() == [1, 2, 3] and gpus.clones == 1
-    index.upsert(2, rows[20:], vectors[20:], [None] * 10, np.zeros(10, bool))  # adds go to the replica too
+    index.apply_upsert(2, rows[20:], vectors[20:], [None] * 10, np.zeros(10, bool))  # adds go to the replica too
     assert index.items.search(vectors[25:26], 1)[1][0, 0] == 26 and gpus.clones == 1
-    index.remove(3, rows[:5])  # removals re-clone from the CPU index
+    index.apply_delete(3, rows[:5])  # removals re-clone from the CPU index
     found = index.items.search(vectors[:5], 1)[1][:, 0]
     assert not np.isin(found, rows[:5]).any() and gpus.clones == 2
 
@@ -138,6 +140,6 @@ def test_index_without_gpu_version_searches_on_cpu(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", FakeGpus(refuse=(faiss.IndexHNSWFlat,)))
     index = ItemIndex(DIM, "HNSW8", gpus=1)
     vectors = _vectors(10, 0)
-    index.upsert(1, np.arange(10, dtype=np.int64), vectors, [None] * 10, np.zeros(10, bool))
+    index.apply_upsert(1, np.arange(10, dtype=np.int64), vectors, [None] * 10, np.zeros(10, bool))
     assert index.items.search(vectors[4:5], 1)[1][0, 0] == 4
     assert index.device == "cpu"
