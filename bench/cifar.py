@@ -1,22 +1,24 @@
 """CIFAR-10 for the training benchmarks: the shared archive unpacked once, and kNN evaluation of
 encoders on it (InstDisc vote of moco_retrieval.knn, k=200, several temperatures), cached per encoder."""
+
 from __future__ import annotations
 
 import json
 import shutil
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from moco_train.checkpoint import load_checkpoint, to_export
 from moco_retrieval.export import embed, export_model
 from moco_retrieval.images import decode_image
 from moco_retrieval.knn import knn_classify, topk_accuracy
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
+from moco_train.checkpoint import load_checkpoint, to_export
+
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 KNN_K = 200
@@ -73,7 +75,7 @@ def eval_images(cifar: Path, split: str, cache: Path) -> tuple[torch.Tensor, tor
 def features(model: nn.Module, images: torch.Tensor, bf16: bool, batch: int = 500) -> torch.Tensor:
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with amp:
-        return torch.cat([embed(model, images[i:i + batch]) for i in range(0, len(images), batch)])
+        return torch.cat([embed(model, images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def knn_scores(model: nn.Module, data: dict, bf16: bool) -> dict:
@@ -89,21 +91,21 @@ def knn_scores(model: nn.Module, data: dict, bf16: bool) -> dict:
     return result
 
 
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    """compute()'s JSON, computed once: read back from `path` when it exists."""
+def cached(path: Path, compute: Callable[..., dict], *args: object) -> dict:
+    """compute(*args)'s JSON, computed once: read back from `path` when it exists."""
     if path.exists():
         return json.loads(path.read_text())
-    value = compute()
+    value = compute(*args)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value))
     print(f"{path.name}: {json.dumps(value)}", flush=True)
     return value
 
 
-def checkpoint_model(path: Path) -> nn.Module:
-    """The f_q backbone of a moco-train checkpoint, through the export code that serving uses."""
+def checkpoint_scores(path: Path, data: dict, bf16: bool) -> dict:
+    """knn_scores of a moco-train checkpoint's f_q backbone, through the export code that serving uses."""
     model, _ = export_model(to_export(load_checkpoint(path), str(path)))
-    return model
+    return knn_scores(model, data, bf16)
 
 
 def raw_pixel_scores(data: dict) -> dict:

@@ -1,5 +1,6 @@
 """Benchmark helpers: a closed-loop load generator with per-call latencies, latency statistics,
 process memory and a description of the machine. No timing is asserted anywhere: benchmarks report."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,8 +8,8 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -31,8 +32,9 @@ class LoadResult:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def run_load(call: Callable[[int], object], concurrency: int, max_calls: int, max_seconds: float,
-             warmup: int = 3) -> LoadResult:
+def run_load(
+    call: Callable[[int], object], concurrency: int, max_calls: int, max_seconds: float, warmup: int = 3
+) -> LoadResult:
     """Run call(i) for i = 0, 1, ... from `concurrency` threads until max_calls calls were made or
     max_seconds passed, whichever first. QPS = successful calls / wall time; a call that raises
     counts as an error and not in the latencies (the first error is re-raised when every call failed)."""
@@ -72,9 +74,16 @@ def run_load(call: Callable[[int], object], concurrency: int, max_calls: int, ma
     if failures and not latencies:
         raise failures[0]
     ms = np.asarray(latencies) * 1e3
-    return LoadResult(concurrency=concurrency, calls=len(ms), errors=len(failures), wall_s=wall,
-                      qps=len(ms) / wall, p50_ms=float(np.percentile(ms, 50)),
-                      p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean()))
+    return LoadResult(
+        concurrency=concurrency,
+        calls=len(ms),
+        errors=len(failures),
+        wall_s=wall,
+        qps=len(ms) / wall,
+        p50_ms=float(np.percentile(ms, 50)),
+        p99_ms=float(np.percentile(ms, 99)),
+        mean_ms=float(ms.mean()),
+    )
 
 
 def rss_bytes(pid: int) -> int:
@@ -111,11 +120,17 @@ def machine_info() -> dict:
 
     mem = psutil.virtual_memory()
     return {
-        "nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(), "memory_total_gb": round(mem.total / 2**30, 1),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "faiss": faiss.__version__, "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "grpcio": grpc.__version__, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "memory_total_gb": round(mem.total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "faiss": faiss.__version__,
+        "faiss_omp_threads": faiss.omp_get_max_threads(),
+        "grpcio": grpc.__version__,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -24,6 +24,7 @@ checkpoint, skips what was measured, and rewrites the JSON and the plot.
     nohup $BVENV/bin/python bench/learning_curve.py > ~/.cache/moco-retrieval/learning_curve.log 2>&1 &
     $BVENV/bin/python bench/learning_curve.py --report    # JSON + plot from what is measured so far
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,16 +43,26 @@ import torch
 import torch.nn as nn
 
 from moco_retrieval.architectures import build_backbone
+from moco_retrieval.devices import cpu_has_native_bf16
 from moco_train.checkpoint import list_checkpoints
-from moco_train.trainer import cpu_has_native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import (KNN_K, KNN_TAUS, cached, checkpoint_model, ensure_cifar, eval_data, knn_scores,  # noqa: E402
-                   raw_pixel_scores, train_timeline)
+from cifar import (  # noqa: E402
+    KNN_K,
+    KNN_TAUS,
+    cached,
+    checkpoint_scores,
+    ensure_cifar,
+    eval_data,
+    knn_scores,
+    raw_pixel_scores,
+    train_timeline,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = dict(batch_size=128, lr=0.06, momentum=0.9, wd=5e-4, moco_k=4096, moco_m=0.99, dim=128, bn_splits=8,
-              workers=2, seed=0)
+RECIPE = dict(
+    batch_size=128, lr=0.06, momentum=0.9, wd=5e-4, moco_k=4096, moco_m=0.99, dim=128, bn_splits=8, workers=2, seed=0
+)
 
 
 def cosine(step: int, total: int) -> float:
@@ -63,13 +74,51 @@ def cosine(step: int, total: int) -> float:
 def train_ours(args, run_dir: Path) -> None:
     """`moco-train train` with the recipe; --resume auto continues an interrupted run exactly."""
     r = RECIPE
-    cmd = [sys.executable, "-m", "moco_train", "train", str(args.cifar / "train"), "--run-dir", str(run_dir),
-           "--epochs", str(args.epochs), "-b", str(r["batch_size"]), "--lr", str(r["lr"]),
-           "--momentum", str(r["momentum"]), "--wd", str(r["wd"]), "--moco-k", str(r["moco_k"]),
-           "--moco-m", str(r["moco_m"]), "--moco-dim", str(r["dim"]), "--moco-t", str(args.moco_t), "--v2",
-           "--bn", "split", "--bn-splits", str(r["bn_splits"]), "-j", str(r["workers"]), "--seed", str(r["seed"]),
-           "--compile", "off", "--save-every-steps", str(args.eval_every), "--keep", "0", "--resume", "auto",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moco_train",
+        "train",
+        str(args.cifar / "train"),
+        "--run-dir",
+        str(run_dir),
+        "--epochs",
+        str(args.epochs),
+        "-b",
+        str(r["batch_size"]),
+        "--lr",
+        str(r["lr"]),
+        "--momentum",
+        str(r["momentum"]),
+        "--wd",
+        str(r["wd"]),
+        "--moco-k",
+        str(r["moco_k"]),
+        "--moco-m",
+        str(r["moco_m"]),
+        "--moco-dim",
+        str(r["dim"]),
+        "--moco-t",
+        str(args.moco_t),
+        "--v2",
+        "--bn",
+        "split",
+        "--bn-splits",
+        str(r["bn_splits"]),
+        "-j",
+        str(r["workers"]),
+        "--seed",
+        str(r["seed"]),
+        "--compile",
+        "off",
+        "--save-every-steps",
+        str(args.eval_every),
+        "--keep",
+        "0",
+        "--resume",
+        "auto",
+        "--no-progress",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
@@ -97,9 +146,15 @@ def lightly_worker(args) -> None:
         deactivate_requires_grad(m)
     transform = MoCoV2Transform(input_size=32, min_scale=0.08, gaussian_blur=0.0)
     dataset = torchvision.datasets.ImageFolder(str(args.cifar / "train"), transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=r["batch_size"], shuffle=True, drop_last=True,
-                                         num_workers=r["workers"], persistent_workers=True,
-                                         generator=torch.Generator().manual_seed(r["seed"]))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=r["batch_size"],
+        shuffle=True,
+        drop_last=True,
+        num_workers=r["workers"],
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(r["seed"]),
+    )
     criterion = NTXentLoss(temperature=args.moco_t, memory_bank_size=(r["moco_k"], r["dim"]))
     params = list(backbone.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(params, lr=r["lr"], momentum=r["momentum"], weight_decay=r["wd"])
@@ -151,17 +206,32 @@ def train_lightly(args, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("backbone_*.pt"):
         stale.unlink()
-    cmd = [sys.executable, __file__, "--lightly-worker", "--out", str(out), "--cifar", str(args.cifar),
-           "--epochs", str(args.epochs), "--lightly-epochs", str(args.lightly_epochs),
-           "--eval-every", str(args.eval_every), "--moco-t", str(args.moco_t)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--lightly-worker",
+        "--out",
+        str(out),
+        "--cifar",
+        str(args.cifar),
+        "--epochs",
+        str(args.epochs),
+        "--lightly-epochs",
+        str(args.lightly_epochs),
+        "--eval-every",
+        str(args.eval_every),
+        "--moco-t",
+        str(args.moco_t),
+    ]
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def backbone_from_state(state: dict[str, torch.Tensor]) -> nn.Module:
+def state_scores(path: Path, data: dict, bf16: bool) -> dict:
+    """knn_scores of a saved lightly backbone state dict (the same ResNet-18 as ours' export)."""
     model = build_backbone("resnet18", cifar_stem=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return knn_scores(model.eval(), data, bf16)
 
 
 def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
@@ -170,21 +240,23 @@ def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
     curves: dict[str, list[dict]] = {"ours": [], "lightly": []}
     for path in list_checkpoints(work / "ours"):
         step = int(path.stem.split("_")[1])
-        curves["ours"].append({"step": step, **cached(evals / f"ours_{step:08d}.json",
-                                                       lambda: knn_scores(checkpoint_model(path), data, bf16))})
+        curves["ours"].append(
+            {"step": step, **cached(evals / f"ours_{step:08d}.json", checkpoint_scores, path, data, bf16)}
+        )
     for path in sorted((work / "lightly").glob("backbone_*.pt")):
         step = int(path.stem.split("_")[1])
-        model = backbone_from_state(torch.load(path, weights_only=True))
-        curves["lightly"].append({"step": step, **cached(evals / f"lightly_{step:08d}.json",
-                                                          lambda: knn_scores(model, data, bf16))})
+        curves["lightly"].append(
+            {"step": step, **cached(evals / f"lightly_{step:08d}.json", state_scores, path, data, bf16)}
+        )
     torch.manual_seed(RECIPE["seed"])  # ours' initial f_q: the trainer seeds, then builds the encoder
     init = build_backbone("resnet18", cifar_stem=True).eval()
-    baselines = {"random_init": cached(evals / "random_init.json", lambda: knn_scores(init, data, bf16)),
-                 "raw_pixels": cached(evals / "raw_pixels.json", lambda: raw_pixel_scores(data))}
+    baselines = {
+        "random_init": cached(evals / "random_init.json", knn_scores, init, data, bf16),
+        "raw_pixels": cached(evals / "raw_pixels.json", raw_pixel_scores, data),
+    }
     final = list_checkpoints(work / "ours")
     if bf16 and final and final[-1].stem == f"checkpoint_{args.epochs * args.steps_per_epoch:08d}":
-        baselines["ours_final_fp32"] = cached(evals / "ours_final_fp32.json",
-                                              lambda: knn_scores(checkpoint_model(final[-1]), data, False))
+        baselines["ours_final_fp32"] = cached(evals / "ours_final_fp32.json", checkpoint_scores, final[-1], data, False)
     return {"curves": curves, "baselines": baselines}
 
 
@@ -205,6 +277,7 @@ def attach_times(points: list[dict], timeline: dict[int, float], steps_per_epoch
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -213,11 +286,15 @@ def plot(report: dict, path: Path) -> None:
     for name, color in (("ours", "tab:blue"), ("lightly", "tab:orange")):
         points = report["curves"][name]
         if points:
-            ax.plot([p["images_seen"] / 1e3 for p in points], [p[tau]["top1"] for p in points], "o-",
-                    color=color, label=f"{name} (moco-train)" if name == "ours" else "lightly 1.6 MoCo")
+            ax.plot(
+                [p["images_seen"] / 1e3 for p in points],
+                [p[tau]["top1"] for p in points],
+                "o-",
+                color=color,
+                label=f"{name} (moco-train)" if name == "ours" else "lightly 1.6 MoCo",
+            )
     for name, style in (("random_init", ":"), ("raw_pixels", "--")):
-        ax.axhline(report["baselines"][name][tau]["top1"], color="gray", linestyle=style,
-                   label=name.replace("_", " "))
+        ax.axhline(report["baselines"][name][tau]["top1"], color="gray", linestyle=style, label=name.replace("_", " "))
     ax.set_xlabel("images seen (thousands; 50k = 1 epoch)")
     ax.set_ylabel(f"kNN top-1 % (k={KNN_K}, τ={report['setup']['knn_tau']})")
     ax.set_title("MoCo v2 on CIFAR-10, ResNet-18: kNN on the 10k test images, 50k bank")
@@ -233,9 +310,15 @@ def main() -> None:
     parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moco-retrieval" / "learning_curve")
     parser.add_argument("--epochs", type=int, default=10, help="ours' run length (both trainers' lr schedule)")
-    parser.add_argument("--lightly-epochs", type=int, default=2,
-                        help="lightly trains the first N epochs of the same schedule (the equal-budget pair)")
-    parser.add_argument("--eval-every", type=int, default=None, help="steps between saved encoders (default: half an epoch)")
+    parser.add_argument(
+        "--lightly-epochs",
+        type=int,
+        default=2,
+        help="lightly trains the first N epochs of the same schedule (the equal-budget pair)",
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="steps between saved encoders (default: half an epoch)"
+    )
     parser.add_argument("--moco-t", type=float, default=0.1, help="InfoNCE temperature of both trainers")
     parser.add_argument("--knn-tau", type=float, default=0.1, help="vote temperature of the reported curve")
     parser.add_argument("--skip", nargs="*", default=[], choices=("ours", "lightly"), help="phases not to run now")
@@ -262,23 +345,44 @@ def main() -> None:
     attach_times(measured["curves"]["ours"], train_timeline(args.work / "ours"), args.steps_per_epoch)
     attach_times(measured["curves"]["lightly"], lightly_timeline(args.work / "lightly"), args.steps_per_epoch)
     import lightly
+
     report = {
         "benchmark": "learning_curve",
-        "setup": {**RECIPE, "arch": "resnet18 (CIFAR stem) + MLP head", "moco_t": args.moco_t, "epochs": args.epochs,
-                  "steps_per_epoch": args.steps_per_epoch, "lightly_epochs": args.lightly_epochs,
-                  "eval_every_steps": args.eval_every, "knn_k": KNN_K, "knn_tau": args.knn_tau, "knn_taus": KNN_TAUS,
-                  "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
-                  "labels": "never used in pretraining; only as the kNN bank's and queries' classes"},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                    "native_bf16": bf16, "torch": torch.__version__, "lightly": lightly.__version__},
+        "setup": {
+            **RECIPE,
+            "arch": "resnet18 (CIFAR stem) + MLP head",
+            "moco_t": args.moco_t,
+            "epochs": args.epochs,
+            "steps_per_epoch": args.steps_per_epoch,
+            "lightly_epochs": args.lightly_epochs,
+            "eval_every_steps": args.eval_every,
+            "knn_k": KNN_K,
+            "knn_tau": args.knn_tau,
+            "knn_taus": KNN_TAUS,
+            "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
+            "labels": "never used in pretraining; only as the kNN bank's and queries' classes",
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)),
+            "native_bf16": bf16,
+            "torch": torch.__version__,
+            "lightly": lightly.__version__,
+        },
         **measured,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
-    print(json.dumps({name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in points]
-                      for name, points in measured["curves"].items()}))
+    print(
+        json.dumps(
+            {
+                name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in points]
+                for name, points in measured["curves"].items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

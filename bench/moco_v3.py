@@ -19,6 +19,7 @@ lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not
     BVENV=$(scripts/ensure_bench_venv.sh)
     nohup $BVENV/bin/python bench/moco_v3.py > ~/.cache/moco-retrieval/moco_v3.log 2>&1 &
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,11 @@ from pathlib import Path
 
 import torch
 
+from moco_retrieval.devices import cpu_has_native_bf16
 from moco_train.checkpoint import list_checkpoints
-from moco_train.trainer import cpu_has_native_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import KNN_TAUS, cached, checkpoint_model, ensure_cifar, eval_data, knn_scores, train_timeline  # noqa: E402
+from cifar import KNN_TAUS, cached, checkpoint_scores, ensure_cifar, eval_data, train_timeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 128
@@ -49,8 +50,20 @@ RUNS = {
 
 
 def train(args, name: str, flags: list[str], run_dir: Path, steps: int, extra: list[str]) -> None:
-    cmd = [sys.executable, "-m", "moco_train", "train", str(args.cifar / "train"), "--run-dir", str(run_dir),
-           "--max-steps", str(steps), *COMMON, *flags, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moco_train",
+        "train",
+        str(args.cifar / "train"),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(steps),
+        *COMMON,
+        *flags,
+        *extra,
+    ]
     print("$ " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -61,11 +74,13 @@ def step_records(run_dir: Path) -> list[dict]:
 
 def probe_rate(args, name: str, flags: list[str]) -> float:
     """Images/s of a run, from a short probe (steps 5-12, after warm-up of the caches)."""
+
     def measure() -> dict:
         run_dir = args.work / f"probe-{name}"
         train(args, name, flags, run_dir, 12, ["--save-every-steps", "0"])
         times = [r["time"] for r in step_records(run_dir)]
         return {"img_per_s": BATCH * (len(times) - 5) / (times[-1] - times[4])}
+
     return cached(args.work / "eval" / f"probe-{name}.json", measure)["img_per_s"]
 
 
@@ -76,21 +91,26 @@ def run(args, name: str, flags: list[str], data: dict, bf16: bool) -> dict:
     run_dir = args.work / name
     warmup = ["--warmup-epochs", f"{0.1 * steps / steps_per_epoch:.4f}"] if "--moco-v3" in flags else []
     if not any(p.stem == f"checkpoint_{steps:08d}" for p in list_checkpoints(run_dir)):
-        train(args, name, flags, run_dir, steps,
-              ["--save-every-steps", str(max(1, steps // 4)), "--resume", "auto", *warmup])
+        train(
+            args,
+            name,
+            flags,
+            run_dir,
+            steps,
+            ["--save-every-steps", str(max(1, steps // 4)), "--resume", "auto", *warmup],
+        )
     timeline = train_timeline(run_dir)
     points = []
     for path in list_checkpoints(run_dir):
         step = int(path.stem.split("_")[1])
-        scores = cached(args.work / "eval" / f"{name}_{step:08d}.json",
-                        lambda: knn_scores(checkpoint_model(path), data, bf16))
-        points.append({"step": step, "images_seen": step * BATCH,
-                       "train_seconds": round(timeline[step], 1), **scores})
+        scores = cached(args.work / "eval" / f"{name}_{step:08d}.json", checkpoint_scores, path, data, bf16)
+        points.append({"step": step, "images_seen": step * BATCH, "train_seconds": round(timeline[step], 1), **scores})
     return {"flags": flags, "probe_img_per_s": round(rate, 2), "steps": steps, "points": points}
 
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -99,16 +119,23 @@ def plot(report: dict, path: Path) -> None:
     for name, result in report["runs"].items():
         points = result["points"]
         for ax, x in zip(axes, ("images_seen", "train_seconds")):
-            ax.plot([p[x] / (1e3 if x == "images_seen" else 60) for p in points], [p[tau]["top1"] for p in points],
-                    "o-", label=name)
+            ax.plot(
+                [p[x] / (1e3 if x == "images_seen" else 60) for p in points],
+                [p[tau]["top1"] for p in points],
+                "o-",
+                label=name,
+            )
     axes[0].set_xlabel("images seen (thousands)")
     axes[1].set_xlabel("training minutes")
     for ax in axes:
         ax.set_ylabel(f"kNN top-1 % (k=200, τ={report['setup']['knn_tau']})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.suptitle(f"MoCo v3 vs v2 on CIFAR-10, {report['setup']['budget_minutes']} CPU minutes each "
-                 "(kNN on the 10k test images, 50k bank)", fontsize=10)
+    fig.suptitle(
+        f"MoCo v3 vs v2 on CIFAR-10, {report['setup']['budget_minutes']} CPU minutes each "
+        "(kNN on the 10k test images, 50k bank)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -129,20 +156,32 @@ def main() -> None:
     runs = {name: run(args, name, RUNS[name], data, bf16) for name in args.runs}
     report = {
         "benchmark": "moco_v3",
-        "setup": {"batch_size": BATCH, "budget_minutes": args.budget_minutes, "knn_tau": args.knn_tau,
-                  "knn_taus": KNN_TAUS, "common_flags": COMMON,
-                  "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
-                  "lightly": "lightly 1.6 has no MoCo v3 modules; not run"},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                    "native_bf16": bf16, "torch": torch.__version__},
+        "setup": {
+            "batch_size": BATCH,
+            "budget_minutes": args.budget_minutes,
+            "knn_tau": args.knn_tau,
+            "knn_taus": KNN_TAUS,
+            "common_flags": COMMON,
+            "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
+            "lightly": "lightly 1.6 has no MoCo v3 modules; not run",
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)),
+            "native_bf16": bf16,
+            "torch": torch.__version__,
+        },
         "runs": runs,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
-    print(json.dumps({name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in r["points"]]
-                      for name, r in runs.items()}))
+    print(
+        json.dumps(
+            {name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in r["points"]] for name, r in runs.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Every system is measured one after the other on the same vectors and queries, in
 ratios are comparable even on a noisy shared machine; absolute numbers are not. Results go to
 bench/results/server_bench.json (rewritten after every stage) and a markdown summary is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,27 +23,29 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
-from moco_retrieval.architectures import build_backbone
-from moco_retrieval.export import embed, load_export, save_export
-from moco_retrieval.images import decode_image
-from moco_retrieval.knn import knn_vote
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.architectures import build_backbone
+from moco_retrieval.export import embed, load_export, make_export
+from moco_retrieval.fileio import atomic_torch_save, atomic_write
+from moco_retrieval.images import decode_image
+from moco_retrieval.knn import knn_vote
+from moco_retrieval.net import free_port
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
+from retrieval_server.process import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
-CHUNK = 10_000                       # vectors are generated (and ingested) 10k at a time
+CHUNK = 10_000  # vectors are generated (and ingested) 10k at a time
 NUM_CLASSES = 10
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
@@ -69,43 +72,17 @@ def item_id(i: int) -> str:
 
 
 # ---------------------------------------------------------------- the systems
-class ServerProcess:
-    """`retrieval-server serve` in a child process; start-up = spawn to ready file + health SERVING."""
+class BenchServer(ServerProcess):
+    """The shared launcher, plus what the benchmark reads off the running server. Start-up time is
+    spawn to ready file (health is SERVING by then); stop() is SIGTERM's graceful drain + snapshot."""
 
     def __init__(self, model: Path, store: Path, work: Path, extra: list[str]) -> None:
-        self.model, self.store, self.work, self.extra = model, store, work, extra
-        self.proc: subprocess.Popen | None = None
-        self.port = self.metrics_port = 0
+        super().__init__(model, store, *extra, cwd=REPO, log_dir=work, timeout=1800.0)
 
-    def start(self, timeout_s: float = 1800.0) -> float:
-        ready = self.work / "server.ready.json"
-        ready.unlink(missing_ok=True)
-        log = open(self.work / "server.log", "ab")
-        cmd = [sys.executable, "-m", "retrieval_server", "serve", "--model", str(self.model), "--store", str(self.store), "--port", "0",
-               "--metrics-port", "0", "--ready-file", str(ready), *self.extra]
-        start = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.work / 'server.log'}")
-            if time.perf_counter() - start > timeout_s:
-                raise RuntimeError("server did not become ready in time")
-            time.sleep(0.02)
-        endpoints = json.loads(ready.read_text())
-        self.port, self.metrics_port = int(endpoints["port"]), int(endpoints["metrics_port"])
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status != \
-                    health_pb2.HealthCheckResponse.SERVING:
-                time.sleep(0.02)
-        return time.perf_counter() - start
-
-    def stop(self) -> tuple[float, int]:
+    def stop_timed(self) -> tuple[float, int]:
         """SIGTERM (graceful: flush + snapshot); returns (seconds to exit, exit code)."""
-        assert self.proc is not None
         start = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=600)
+        code = self.stop(signal.SIGTERM, timeout=600)
         return time.perf_counter() - start, code
 
     def rss(self) -> int:
@@ -133,9 +110,13 @@ class ServerTarget:
     def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
         def requests():
             for s in range(0, len(x), self.upsert_batch):
-                yield pb.UpsertRequest(items=[
-                    pb.Item(id=item_id(start + j), embedding=pb.Vector(values=x[j].tolist()), label=labels[j])
-                    for j in range(s, min(s + self.upsert_batch, len(x)))])
+                yield pb.UpsertRequest(
+                    items=[
+                        pb.Item(id=item_id(start + j), embedding=pb.Vector(values=x[j].tolist()), label=labels[j])
+                        for j in range(s, min(s + self.upsert_batch, len(x)))
+                    ]
+                )
+
         failed = sum(ack.failed for ack in self.stub.Upsert(requests()))
         if failed:
             raise RuntimeError(f"server rejected {failed} items")
@@ -145,8 +126,7 @@ class ServerTarget:
         return lambda i: [int(n.id[1:]) for n in self.stub.Search(reqs[i % len(reqs)], timeout=600).neighbors]
 
     def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
-        reqs = [pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k, tau=tau)
-                for q in queries]
+        reqs = [pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k, tau=tau) for q in queries]
         return lambda i: self.stub.Classify(reqs[i % len(reqs)], timeout=600).label
 
     def close(self) -> None:
@@ -171,15 +151,17 @@ class FaissTarget:
     def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
         def call(i: int) -> list[int]:
             j = i % len(queries)
-            return self.all.search(queries[j:j + 1], k)[1][0].tolist()
+            return self.all.search(queries[j : j + 1], k)[1][0].tolist()
+
         return call
 
     def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
         def call(i: int) -> str:
             j = i % len(queries)
-            sims, idx = self.labelled.search(queries[j:j + 1], k)
+            sims, idx = self.labelled.search(queries[j : j + 1], k)
             votes = knn_vote(torch.from_numpy(sims), torch.from_numpy(self.classes[idx]), NUM_CLASSES, tau)
             return f"class{int(votes.argmax())}"
+
         return call
 
 
@@ -190,12 +172,12 @@ class MilvusTarget:
     def __init__(self, work: Path, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(work / "milvus"), "--port", str(port)],
-            stdout=open(work / "milvus.log", "ab"), stderr=subprocess.STDOUT)
+            stdout=open(work / "milvus.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.perf_counter() + 120
         while True:
             try:
@@ -203,7 +185,7 @@ class MilvusTarget:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.perf_counter() > deadline:
-                    raise RuntimeError(f"Milvus Lite did not start; see {work / 'milvus.log'}")
+                    raise RuntimeError(f"Milvus Lite did not start; see {work / 'milvus.log'}") from None
                 time.sleep(0.1)
         self.client = MilvusClient(uri=f"http://127.0.0.1:{port}")
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -224,8 +206,9 @@ class MilvusTarget:
         self.client.flush(MILVUS_COLLECTION)
 
     def _search(self, q: list[list[float]], k: int, flt: str = "") -> list:
-        return self.client.search(MILVUS_COLLECTION, data=q, limit=k, filter=flt, output_fields=["label"],
-                                  search_params={"metric_type": "IP"})[0]
+        return self.client.search(
+            MILVUS_COLLECTION, data=q, limit=k, filter=flt, output_fields=["label"], search_params={"metric_type": "IP"}
+        )[0]
 
     def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
         data = [[q.tolist()] for q in queries]
@@ -239,6 +222,7 @@ class MilvusTarget:
             sims = torch.tensor([[hit["distance"] for hit in hits]])
             classes = torch.tensor([[int(hit["entity"]["label"][5:]) for hit in hits]])
             return f"class{int(knn_vote(sims, classes, NUM_CLASSES, tau).argmax())}"
+
         return call
 
     def rss(self) -> int:
@@ -257,8 +241,17 @@ def make_model(path: Path, dim: int) -> Path:
     `moco-train export --keep-head` serves (128-d for --moco-dim 128)."""
     head = "none" if dim == 512 else "linear"
     model = build_backbone("resnet18", cifar_stem=True, head=head, head_dim=dim)
-    save_export(path, model.state_dict(), arch="resnet18", cifar_stem=True, keep_head=head != "none",
-                preprocessing=Preprocessing.for_input_size(32), source="bench/server_bench.py (random weights)")
+    atomic_torch_save(
+        make_export(
+            model.state_dict(),
+            arch="resnet18",
+            cifar_stem=True,
+            keep_head=head != "none",
+            preprocessing=Preprocessing.for_input_size(32),
+            source="bench/server_bench.py (random weights)",
+        ),
+        path,
+    )
     return path
 
 
@@ -269,23 +262,32 @@ def demo_images(n: int) -> list[bytes]:
     return [paths[i % len(paths)].read_bytes() for i in range(n)]
 
 
-def direct_embed(net: torch.nn.Module, transform: Callable, images: list[bytes], batch_size: int,
-                 max_s: float) -> tuple[float, float]:
+def direct_embed(
+    net: torch.nn.Module, transform: Callable, images: list[bytes], batch_size: int, max_s: float
+) -> tuple[float, float]:
     """(images/s with decoding + preprocessing, images/s of the forward alone) in-process, batched."""
     forward_s, done = 0.0, 0
     start = time.perf_counter()
     while done < len(images) and time.perf_counter() - start < max_s:
-        batch = torch.stack([transform(decode_image(b)) for b in images[done:done + batch_size]])
+        batch = torch.stack([transform(decode_image(b)) for b in images[done : done + batch_size]])
         t = time.perf_counter()
-        with torch.inference_mode():     # as the server's encoder
+        with torch.inference_mode():  # as the server's encoder
             embed(net, batch)
         forward_s += time.perf_counter() - t
         done += len(batch)
     return done / (time.perf_counter() - start), done / forward_s
 
 
-def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, images: list[bytes],
-                concurrencies: list[int], batch_sizes: list[int], case_s: float, rounds: int) -> dict:
+def bench_embed(
+    server: ServerTarget,
+    process: BenchServer,
+    model: Path,
+    images: list[bytes],
+    concurrencies: list[int],
+    batch_sizes: list[int],
+    case_s: float,
+    rounds: int,
+) -> dict:
     """Single-image Embed calls from N threads (dynamic batching on the server) vs the same model
     in-process: decode + eval preprocessing + batched forward, and the batched forward alone, at
     several batch sizes and with 1 or all torch threads; the best is the baseline (on a busy CPU
@@ -296,7 +298,7 @@ def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, image
     transform = eval_transform(meta.preprocessing)
     default_threads = torch.get_num_threads()
     configs = [(t, b) for t in sorted({1, default_threads}) for b in batch_sizes]
-    direct_embed(net, transform, images[:max(batch_sizes)], max(batch_sizes), case_s)   # warm-up
+    direct_embed(net, transform, images[: max(batch_sizes)], max(batch_sizes), case_s)  # warm-up
     reqs = [pb.EmbedRequest(images=[b]) for b in images]
     direct: dict[tuple[int, int], list[tuple[float, float]]] = {cfg: [] for cfg in configs}
     served: dict[int, list[LoadResult]] = {c: [] for c in concurrencies}
@@ -305,33 +307,59 @@ def bench_embed(server: ServerTarget, process: ServerProcess, model: Path, image
         for threads, b in configs:
             torch.set_num_threads(threads)
             direct[threads, b].append(direct_embed(net, transform, images, b, case_s))
-            print(f"  embed round {r}: direct {threads} thread(s) batch {b} {direct[threads, b][-1][0]:.1f} img/s "
-                  f"({direct[threads, b][-1][1]:.1f} forward only)", flush=True)
+            print(
+                f"  embed round {r}: direct {threads} thread(s) batch {b} {direct[threads, b][-1][0]:.1f} img/s "
+                f"({direct[threads, b][-1][1]:.1f} forward only)",
+                flush=True,
+            )
         torch.set_num_threads(default_threads)
         for c in concurrencies:
             before = process.metrics()
             res = run_load(lambda i: server.stub.Embed(reqs[i % len(reqs)], timeout=600), c, len(images), case_s)
             after = process.metrics()
-            delta = {name: after[name] - before.get(name, 0.0) for name in
-                     ("retrieval_batch_size_sum", "retrieval_batch_size_count", "retrieval_inference_seconds_sum")}
+            delta = {
+                name: after[name] - before.get(name, 0.0)
+                for name in (
+                    "retrieval_batch_size_sum",
+                    "retrieval_batch_size_count",
+                    "retrieval_inference_seconds_sum",
+                )
+            }
             # mean images per forward, and images/s of the server's forwards alone (its metrics)
-            batching[c].append((delta["retrieval_batch_size_sum"] / delta["retrieval_batch_size_count"],
-                                delta["retrieval_batch_size_sum"] / delta["retrieval_inference_seconds_sum"]))
+            batching[c].append(
+                (
+                    delta["retrieval_batch_size_sum"] / delta["retrieval_batch_size_count"],
+                    delta["retrieval_batch_size_sum"] / delta["retrieval_inference_seconds_sum"],
+                )
+            )
             served[c].append(res)
-            print(f"  embed round {r}: server c={c} {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms, "
-                  f"mean batch {batching[c][-1][0]:.1f}, forward {batching[c][-1][1]:.1f} img/s", flush=True)
+            print(
+                f"  embed round {r}: server c={c} {res.qps:.1f} img/s p50 {res.p50_ms:.1f} ms, "
+                f"mean batch {batching[c][-1][0]:.1f}, forward {batching[c][-1][1]:.1f} img/s",
+                flush=True,
+            )
     out: dict = {"images": len(images), "rounds": rounds, "direct": [], "server": []}
     for (threads, b), runs in direct.items():
-        out["direct"].append({"torch_threads": threads, "batch_size": b,
-                              "end_to_end_images_per_s": round(float(np.median([d[0] for d in runs])), 2),
-                              "forward_only_images_per_s": round(float(np.median([d[1] for d in runs])), 2),
-                              "rounds": [[round(e2e, 2), round(fwd, 2)] for e2e, fwd in runs]})
+        out["direct"].append(
+            {
+                "torch_threads": threads,
+                "batch_size": b,
+                "end_to_end_images_per_s": round(float(np.median([d[0] for d in runs])), 2),
+                "forward_only_images_per_s": round(float(np.median([d[1] for d in runs])), 2),
+                "rounds": [[round(e2e, 2), round(fwd, 2)] for e2e, fwd in runs],
+            }
+        )
     for c, runs in served.items():
         mid = sorted(runs, key=lambda res: res.qps)[len(runs) // 2]
-        out["server"].append(mid.to_dict() | {
-            "images_per_s": round(mid.qps, 2), "rounds_images_per_s": [round(res.qps, 2) for res in runs],
-            "mean_batch_size": round(float(np.median([b[0] for b in batching[c]])), 2),
-            "server_forward_only_images_per_s": round(float(np.median([b[1] for b in batching[c]])), 2)})
+        out["server"].append(
+            mid.to_dict()
+            | {
+                "images_per_s": round(mid.qps, 2),
+                "rounds_images_per_s": [round(res.qps, 2) for res in runs],
+                "mean_batch_size": round(float(np.median([b[0] for b in batching[c]])), 2),
+                "server_forward_only_images_per_s": round(float(np.median([b[1] for b in batching[c]])), 2),
+            }
+        )
     best_direct = max(out["direct"], key=lambda d: d["end_to_end_images_per_s"])
     best = max(r["images_per_s"] for r in out["server"])
     out["direct_best"] = best_direct
@@ -358,12 +386,18 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
         for c in args.concurrency:
             row: dict = {"concurrency": c}
             for name, target in targets.items():
-                call = (target.search_call(queries, args.k) if op == "search"
-                        else target.classify_call(queries, args.classify_k, args.tau))
+                call = (
+                    target.search_call(queries, args.k)
+                    if op == "search"
+                    else target.classify_call(queries, args.classify_k, args.tau)
+                )
                 res: LoadResult = run_load(call, c, args.max_calls, args.case_seconds, warmup=2)
                 row[name] = res.to_dict()
-                print(f"  {size:>8} {op:8} c={c:<3} {name:7} {res.qps:9.1f} qps  p50 {res.p50_ms:8.2f} ms  "
-                      f"p99 {res.p99_ms:8.2f} ms  ({res.calls} calls)", flush=True)
+                print(
+                    f"  {size:>8} {op:8} c={c:<3} {name:7} {res.qps:9.1f} qps  p50 {res.p50_ms:8.2f} ms  "
+                    f"p99 {res.p99_ms:8.2f} ms  ({res.calls} calls)",
+                    flush=True,
+                )
             if "faiss" in row:
                 row["overhead_p50_server_over_faiss"] = ratio(row["server"]["p50_ms"], row["faiss"]["p50_ms"])
                 row["qps_faiss_over_server"] = ratio(row["faiss"]["qps"], row["server"]["qps"])
@@ -378,52 +412,71 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
 # ---------------------------------------------------------------- report
 def markdown(results: dict) -> str:
     systems = [s for s in SYSTEMS if s in results["settings"]["systems"]]
-    lines = [f"Machine: {results['machine']['nproc']} CPUs, shared; dimension {results['settings']['dim']}; "
-             f"Search k={results['settings']['k']}, Classify k={results['settings']['classify_k']}. "
-             "Ratios are the result; absolute numbers are noisy.", ""]
+    lines = [
+        f"Machine: {results['machine']['nproc']} CPUs, shared; dimension {results['settings']['dim']}; "
+        f"Search k={results['settings']['k']}, Classify k={results['settings']['classify_k']}. "
+        "Ratios are the result; absolute numbers are noisy.",
+        "",
+    ]
     for op in ("search", "classify"):
         head = "| vectors | clients | " + " | ".join(f"{s} QPS | {s} p50/p99 ms" for s in systems)
         head += " | server p50 / FAISS p50 | server QPS / Milvus QPS |"
-        lines += [f"**{op.capitalize()}** (over gRPC vs in-process FAISS vs Milvus Lite)", "", head,
-                  "|" + "---|" * (head.count("|") - 1)]
+        lines += [
+            f"**{op.capitalize()}** (over gRPC vs in-process FAISS vs Milvus Lite)",
+            "",
+            head,
+            "|" + "---|" * (head.count("|") - 1),
+        ]
         for size in results["sizes"]:
             for row in size[op]:
                 cells = [f"{row[s]['qps']:.1f} | {row[s]['p50_ms']:.2f} / {row[s]['p99_ms']:.2f}" for s in systems]
-                lines.append(f"| {size['size']:,} | {row['concurrency']} | " + " | ".join(cells) +
-                             f" | {row.get('overhead_p50_server_over_faiss', '-')} | "
-                             f"{row.get('qps_server_over_milvus', '-')} |")
+                lines.append(
+                    f"| {size['size']:,} | {row['concurrency']} | "
+                    + " | ".join(cells)
+                    + f" | {row.get('overhead_p50_server_over_faiss', '-')} | "
+                    f"{row.get('qps_server_over_milvus', '-')} |"
+                )
         lines.append("")
-    lines += ["**Memory and ingest**", "", "| vectors | server RSS MB | RSS over empty / raw vectors | "
-              "store on disk MB | server ingest items/s | Milvus ingest items/s | Milvus RSS MB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "**Memory and ingest**",
+        "",
+        "| vectors | server RSS MB | RSS over empty / raw vectors | "
+        "store on disk MB | server ingest items/s | Milvus ingest items/s | Milvus RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for size in results["sizes"]:
         m = size["memory"]
-        lines.append(f"| {size['size']:,} | {m['server_rss_mb']} | {m['server_rss_over_empty_per_raw']} | "
-                     f"{m['store_disk_mb']} | {size['ingest_items_per_s'].get('server', '-')} | "
-                     f"{size['ingest_items_per_s'].get('milvus', '-')} | {m.get('milvus_rss_mb', '-')} |")
+        lines.append(
+            f"| {size['size']:,} | {m['server_rss_mb']} | {m['server_rss_over_empty_per_raw']} | "
+            f"{m['store_disk_mb']} | {size['ingest_items_per_s'].get('server', '-')} | "
+            f"{size['ingest_items_per_s'].get('milvus', '-')} | {m.get('milvus_rss_mb', '-')} |"
+        )
     lines.append("")
     if "restart" in results:
         r = results["restart"]
-        lines.append(f"Start-up on a store of {r['items']:,} items: {r['startup_s']} s to SERVING "
-                     f"(empty store: {results['startup_empty_s']} s); RSS after restart {r['rss_mb']} MB.")
+        lines.append(
+            f"Start-up on a store of {r['items']:,} items: {r['startup_s']} s to SERVING "
+            f"(empty store: {results['startup_empty_s']} s); RSS after restart {r['rss_mb']} MB."
+        )
     if "embed" in results:
         e = results["embed"]
-        per_c = ", ".join(f"{r['concurrency']} clients {r['images_per_s']} (mean batch {r['mean_batch_size']})"
-                          for r in e["server"])
+        per_c = ", ".join(
+            f"{r['concurrency']} clients {r['images_per_s']} (mean batch {r['mean_batch_size']})" for r in e["server"]
+        )
         d = e["direct_best"]
-        lines.append(f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process, "
-                     f"best of batch sizes {'/'.join(str(b) for b in sorted({x['batch_size'] for x in e['direct']}))} x 1 or all "
-                     f"torch threads ({d['torch_threads']} thread(s), batch {d['batch_size']}): "
-                     f"{d['end_to_end_images_per_s']} with decoding, {d['forward_only_images_per_s']} forward only "
-                     f"(best server / best direct: {e['server_best_over_direct_best_end_to_end']}).")
+        lines.append(
+            f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process, "
+            f"best of batch sizes {'/'.join(str(b) for b in sorted({x['batch_size'] for x in e['direct']}))} x 1 "
+            "or all "
+            f"torch threads ({d['torch_threads']} thread(s), batch {d['batch_size']}): "
+            f"{d['end_to_end_images_per_s']} with decoding, {d['forward_only_images_per_s']} forward only "
+            f"(best server / best direct: {e['server_best_over_direct_best_end_to_end']})."
+        )
     return "\n".join(lines)
 
 
 def write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write(path, lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -448,13 +501,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64, help="server --max-batch-size (dynamic batching)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="server --max-queue-delay-ms")
     p.add_argument("--model", type=Path, help="export to serve (default: a random-weight resnet18, CIFAR stem)")
-    p.add_argument("--dim", type=int, default=128, help="vector dimension of the default model: 128 (MoCo "
-                   "projection head, `moco-train export --keep-head`) or 512 (resnet18 pooled features)")
+    p.add_argument(
+        "--dim",
+        type=int,
+        default=128,
+        help="vector dimension of the default model: 128 (MoCo "
+        "projection head, `moco-train export --keep-head`) or 512 (resnet18 pooled features)",
+    )
     p.add_argument("--no-milvus", action="store_true", help="leave Milvus Lite out")
     p.add_argument("--work-dir", type=Path, help="store, Milvus data and logs (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="results JSON (default: bench/results/server_bench.json; with --quick "
-                   "the work dir, so a smoke run never replaces the committed results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="results JSON (default: bench/results/server_bench.json; with --quick "
+        "the work dir, so a smoke run never replaces the committed results)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.concurrency, args.embed_concurrency = "10000", "1,4", "1,16"
@@ -474,19 +536,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def describe(args: argparse.Namespace, info: pb.InfoResponse, label_every: int) -> dict:
     dim = info.dim
     return {
-        "quick": args.quick, "dim": dim, "k": args.k, "classify_k": args.classify_k, "tau": args.tau,
-        "label_share": 1 / label_every, "num_classes": NUM_CLASSES, "concurrency": args.concurrency,
-        "case_seconds": args.case_seconds, "max_calls": args.max_calls, "queries": args.queries,
-        "upsert_batch": args.upsert_batch, "max_batch_size": args.max_batch_size,
-        "max_queue_delay_ms": args.max_queue_delay_ms, "server_index": f"{info.index_type} on {info.index_device}",
+        "quick": args.quick,
+        "dim": dim,
+        "k": args.k,
+        "classify_k": args.classify_k,
+        "tau": args.tau,
+        "label_share": 1 / label_every,
+        "num_classes": NUM_CLASSES,
+        "concurrency": args.concurrency,
+        "case_seconds": args.case_seconds,
+        "max_calls": args.max_calls,
+        "queries": args.queries,
+        "upsert_batch": args.upsert_batch,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "server_index": f"{info.index_type} on {info.index_device}",
         "model": f"{info.arch}, input {info.input_size}px, encoder on {info.model_device}",
         "systems": ["server", "faiss"] + ([] if args.no_milvus else ["milvus"]),
-        "dim_note": (f"Every system stores the served model's {dim}-d vectors ({info.arch}; 128-d is the MoCo "
-                     "projection head kept by `moco-train export --keep-head`, 512-d the pooled features). "
-                     "Memory is reported relative to the raw vectors."),
+        "dim_note": (
+            f"Every system stores the served model's {dim}-d vectors ({info.arch}; 128-d is the MoCo "
+            "projection head kept by `moco-train export --keep-head`, 512-d the pooled features). "
+            "Memory is reported relative to the raw vectors."
+        ),
         "milvus_note": "Milvus Lite 3.x: pure-Python gRPC server (own process here), FLAT = numpy brute force.",
         "faiss_note": "in-process IndexFlatIP, one query per call from the same client threads; Classify adds "
-                      "the labelled-only search and the shared InstDisc vote",
+        "the labelled-only search and the shared InstDisc vote",
         "client": "raw generated gRPC stubs, one channel shared by the client threads",
     }
 
@@ -505,27 +579,35 @@ def ingest(targets: dict, seed: int, dim: int, stored: int, size: int, label_eve
     return {name: round((size - stored) / s) for name, s in seconds.items()}
 
 
-def memory(server: ServerProcess, targets: dict, size: int, dim: int, empty_rss_mb: float) -> dict:
+def memory(server: BenchServer, targets: dict, size: int, dim: int, empty_rss_mb: float) -> dict:
     """Server RSS against the raw float32 vectors it holds (the issue's yardstick: about 2x plus the model)."""
     raw_mb = size * dim * 4 / 2**20
     rss_mb = server.rss() / 2**20
-    out = {"raw_vectors_mb": round(raw_mb, 1), "server_rss_mb": round(rss_mb, 1),
-           "server_rss_over_empty_per_raw": round((rss_mb - empty_rss_mb) / raw_mb, 3),
-           "store_disk_mb": round(sum(f.stat().st_size for f in server.store.rglob("*") if f.is_file()) / 2**20, 1)}
+    out = {
+        "raw_vectors_mb": round(raw_mb, 1),
+        "server_rss_mb": round(rss_mb, 1),
+        "server_rss_over_empty_per_raw": round((rss_mb - empty_rss_mb) / raw_mb, 3),
+        "store_disk_mb": round(sum(f.stat().st_size for f in server.store.rglob("*") if f.is_file()) / 2**20, 1),
+    }
     if "milvus" in targets:
         out["milvus_rss_mb"] = round(targets["milvus"].rss() / 2**20, 1)
     return out
 
 
-def restart(server: ServerProcess) -> dict:
+def restart(server: BenchServer) -> dict:
     """Graceful stop, then start-up on the same store (snapshot + later rows) until SERVING."""
-    stop_s, code = server.stop()
-    startup = server.start()
+    stop_s, code = server.stop_timed()
+    startup = server.start().startup_seconds
     srv = ServerTarget(server.port, 1)
     count = srv.stub.Info(pb.InfoRequest()).item_count
     srv.close()
-    out = {"items": int(count), "shutdown_s": round(stop_s, 3), "shutdown_exit_code": code,
-           "startup_s": round(startup, 3), "rss_mb": round(server.rss() / 2**20, 1)}
+    out = {
+        "items": int(count),
+        "shutdown_s": round(stop_s, 3),
+        "shutdown_exit_code": code,
+        "startup_s": round(startup, 3),
+        "rss_mb": round(server.rss() / 2**20, 1),
+    }
     server.stop()
     return out
 
@@ -540,27 +622,47 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or (work / "server_bench.json" if args.quick else RESULTS)
     model = args.model or make_model(work / "model.pt", args.dim)
     label_every = round(1 / args.label_share)
-    server = ServerProcess(model, work / "store", work, ["--index-factory", "Flat",
-                           "--max-batch-size", str(args.max_batch_size),
-                           "--max-queue-delay-ms", str(args.max_queue_delay_ms)])
+    server = BenchServer(
+        model,
+        work / "store",
+        work,
+        [
+            "--index-factory",
+            "Flat",
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-queue-delay-ms",
+            str(args.max_queue_delay_ms),
+        ],
+    )
     results: dict = {"machine": machine_info(), "sizes": []}
-    results["startup_empty_s"] = round(server.start(), 3)
+    results["startup_empty_s"] = round(server.start().startup_seconds, 3)
     results["server_rss_empty_mb"] = round(server.rss() / 2**20, 1)
     srv = ServerTarget(server.port, args.upsert_batch)
     info = srv.stub.Info(pb.InfoRequest())
     dim = info.dim
     results["settings"] = describe(args, info, label_every)
-    print(f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True)
+    print(
+        f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True
+    )
 
-    results["embed"] = bench_embed(srv, server, model, demo_images(args.embed_images), args.embed_concurrency,
-                                   args.direct_batch_sizes, args.embed_seconds, args.embed_rounds)
+    results["embed"] = bench_embed(
+        srv,
+        server,
+        model,
+        demo_images(args.embed_images),
+        args.embed_concurrency,
+        args.direct_batch_sizes,
+        args.embed_seconds,
+        args.embed_rounds,
+    )
     write(results, args.out)
 
     targets: dict = {"server": srv, "faiss": FaissTarget(dim)}
     if not args.no_milvus:
         targets["milvus"] = MilvusTarget(work, dim)
     pids = [server.proc.pid] + ([targets["milvus"].proc.pid] if "milvus" in targets else [])
-    queries = chunk_vectors(args.seed + 1, 0, dim)[:args.queries]
+    queries = chunk_vectors(args.seed + 1, 0, dim)[: args.queries]
     stored = 0
     for size in args.sizes:
         row: dict = {"ingest_items_per_s": ingest(targets, args.seed, dim, stored, size, label_every)}
@@ -569,8 +671,9 @@ def main(argv: list[str] | None = None) -> None:
         count = srv.stub.Info(pb.InfoRequest()).item_count
         if count != size:
             raise RuntimeError(f"server holds {count} items, expected {size}")
-        row["top_k_agreement_with_faiss"] = agreement({n: t.search_call(queries, args.k) for n, t in targets.items()},
-                                                      min(20, len(queries)))
+        row["top_k_agreement_with_faiss"] = agreement(
+            {n: t.search_call(queries, args.k) for n, t in targets.items()}, min(20, len(queries))
+        )
         row |= bench_size(targets, size, queries, args)
         row["memory"] = memory(server, targets, size, dim, results["server_rss_empty_mb"])
         results["sizes"].append(row)

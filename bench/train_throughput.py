@@ -37,6 +37,7 @@ single-process shuffle-BN emulation costs).
     BVENV=$(scripts/ensure_bench_venv.sh)
     nohup $BVENV/bin/python bench/train_throughput.py > /tmp/train_throughput.log 2>&1 &
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,13 @@ import psutil
 import torch
 
 from moco_retrieval.architectures import build_resnet
+from moco_retrieval.devices import cpu_has_native_bf16
+from moco_retrieval.export import export_model, make_export
+from moco_retrieval.net import free_port
+from moco_retrieval.preprocessing import Preprocessing
 from moco_train.checkpoint import find_resume, to_export
 from moco_train.evaluate import knn_evaluate
-from moco_retrieval.export import export_model, make_export
-from moco_train.launch import free_port
-from moco_train.trainer import cpu_has_native_bf16
-from moco_retrieval.preprocessing import Preprocessing
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar import class_subset, ensure_cifar  # noqa: E402
 
@@ -111,9 +113,15 @@ def lightly_worker(args: argparse.Namespace) -> None:
     transform = MoCoV2Transform(input_size=32)
     dataset = torchvision.datasets.ImageFolder(args.data, transform=transform)
     sampler = torch.utils.data.DistributedSampler(dataset, seed=args.seed, drop_last=True) if world > 1 else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size // world, shuffle=sampler is None,
-                                         sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size // world,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
     criterion = NTXentLoss(temperature=TAU, memory_bank_size=(args.moco_k, DIM), gather_distributed=world > 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp)
@@ -172,21 +180,70 @@ def rate(times: list[float], batch: int, warmup: int) -> float:
 
 def measured(times: list[float], peak_rss: int, launched: float, args) -> dict:
     """images/s after warm-up, peak RSS (MB) and seconds from launch to the end of the first step."""
-    return {"img_per_s": rate(times, args.batch_size, args.warmup), "peak_rss_mb": peak_rss / 2**20,
-            "startup_s": times[0] - launched}
+    return {
+        "img_per_s": rate(times, args.batch_size, args.warmup),
+        "peak_rss_mb": peak_rss / 2**20,
+        "startup_s": times[0] - launched,
+    }
 
 
-def run_ours(work: Path, args, nproc: int, amp: bool, steps: int, workers: int, compile: bool = False,
-             channels_last: bool = False, bn: str = "auto") -> dict:
+def run_ours(
+    work: Path,
+    args,
+    nproc: int,
+    amp: bool,
+    steps: int,
+    workers: int,
+    compile: bool = False,  # noqa: A002 - the --compile flag's name
+    channels_last: bool = False,
+    bn: str = "auto",
+) -> dict:
     run_dir = work / "ours"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "moco_train", "train", str(args.train), "--run-dir", str(run_dir),
-           "--max-steps", str(steps), "-b", str(args.batch_size), "--moco-k", str(args.moco_k),
-           "--moco-m", str(KEY_MOMENTUM), "--moco-t", str(TAU), "--mlp", "--aug-plus", "--lr", str(LR),
-           "--momentum", str(MOMENTUM), "--wd", str(WD), "--schedule", "-j", str(workers),
-           "--amp", "bf16" if amp else "off", "--seed", "0", "--no-progress", "--keep", "1",
-           "--nproc", str(nproc), "--compile", "on" if compile else "off", "--bn", bn,
-           *(["--channels-last"] if channels_last else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moco_train",
+        "train",
+        str(args.train),
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(steps),
+        "-b",
+        str(args.batch_size),
+        "--moco-k",
+        str(args.moco_k),
+        "--moco-m",
+        str(KEY_MOMENTUM),
+        "--moco-t",
+        str(TAU),
+        "--mlp",
+        "--aug-plus",
+        "--lr",
+        str(LR),
+        "--momentum",
+        str(MOMENTUM),
+        "--wd",
+        str(WD),
+        "--schedule",
+        "-j",
+        str(workers),
+        "--amp",
+        "bf16" if amp else "off",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--keep",
+        "1",
+        "--nproc",
+        str(nproc),
+        "--compile",
+        "on" if compile else "off",
+        "--bn",
+        bn,
+        *(["--channels-last"] if channels_last else []),
+    ]
     launched = time.time()
     peak = run_tree([subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)])
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -198,14 +255,35 @@ def run_lightly(work: Path, args, nproc: int, amp: bool, steps: int, workers: in
     out = work / "lightly"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, __file__, "--lightly-worker", "--data", str(args.train), "--out", str(out),
-           "--steps", str(steps), "--batch-size", str(args.batch_size), "--moco-k", str(args.moco_k),
-           "--workers", str(workers), *(["--amp"] if amp else [])]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--lightly-worker",
+        "--data",
+        str(args.train),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--moco-k",
+        str(args.moco_k),
+        "--workers",
+        str(workers),
+        *(["--amp"] if amp else []),
+    ]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
     launched = time.time()
-    peak = run_tree([subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-                     for r in range(nproc)])
+    peak = run_tree(
+        [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    )
     times = json.loads((out / "times.json").read_text())
     return {**measured(times, peak, launched, args), "out": out}
 
@@ -220,12 +298,21 @@ def compare(work: Path, args, nproc: int, amp: bool, steps: int, workers: int) -
     eager = run_ours(work, args, nproc, amp, args.steps, workers)
     compiled = run_ours(work, args, nproc, amp, steps, workers, compile=True)
     peer = run_lightly(work, args, nproc, amp, steps, workers)
-    case = {"processes": nproc, "precision": "bf16 autocast" if amp else "fp32", "steps": steps,
-            "eager_steps": args.steps, "data_workers_per_process": workers}
+    case = {
+        "processes": nproc,
+        "precision": "bf16 autocast" if amp else "fp32",
+        "steps": steps,
+        "eager_steps": args.steps,
+        "data_workers_per_process": workers,
+    }
     for name, result in (("ours_eager", eager), ("ours_compiled", compiled), ("lightly", peer)):
-        case.update({f"{name}_img_per_s": round(result["img_per_s"], 2),
-                     f"{name}_startup_s": round(result["startup_s"], 1),
-                     f"{name}_peak_rss_mb": round(result["peak_rss_mb"])})
+        case.update(
+            {
+                f"{name}_img_per_s": round(result["img_per_s"], 2),
+                f"{name}_startup_s": round(result["startup_s"], 1),
+                f"{name}_peak_rss_mb": round(result["peak_rss_mb"]),
+            }
+        )
     case["ratio_eager"] = round(eager["img_per_s"] / peer["img_per_s"], 3)
     case["ratio_compiled"] = round(compiled["img_per_s"] / peer["img_per_s"], 3)
     return case, {"ours": compiled, "lightly": peer}
@@ -237,14 +324,26 @@ def knn_quality(args, work: Path, ours: dict, peer: dict) -> dict:
     queries = class_subset(args.cifar / "test", args.queries_per_class, work / "queries")
     _, ckpt = find_resume(ours["run_dir"])
     preprocessing = Preprocessing.for_input_size(32)
-    lightly_blob = make_export(torch.load(peer["out"] / "backbone.pt", weights_only=True), arch="resnet18",
-                               cifar_stem=True, preprocessing=preprocessing, source="lightly")
+    lightly_blob = make_export(
+        torch.load(peer["out"] / "backbone.pt", weights_only=True),
+        arch="resnet18",
+        cifar_stem=True,
+        preprocessing=preprocessing,
+        source="lightly",
+    )
     torch.manual_seed(0)
-    init_blob = make_export(build_resnet("resnet18", cifar_stem=True).state_dict(), arch="resnet18",
-                            cifar_stem=True, preprocessing=preprocessing, source="random init")
-    return {"ours_knn_top1": knn_top1(to_export(ckpt, "ours"), bank, queries),
-            "lightly_knn_top1": knn_top1(lightly_blob, bank, queries),
-            "random_init_knn_top1": knn_top1(init_blob, bank, queries)}
+    init_blob = make_export(
+        build_resnet("resnet18", cifar_stem=True).state_dict(),
+        arch="resnet18",
+        cifar_stem=True,
+        preprocessing=preprocessing,
+        source="random init",
+    )
+    return {
+        "ours_knn_top1": knn_top1(to_export(ckpt, "ours"), bank, queries),
+        "lightly_knn_top1": knn_top1(lightly_blob, bank, queries),
+        "random_init_knn_top1": knn_top1(init_blob, bank, queries),
+    }
 
 
 def main() -> None:
@@ -252,13 +351,20 @@ def main() -> None:
     parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--moco-k", type=int, default=4096)
-    parser.add_argument("--train-per-class", type=int, default=5000,
-                        help="train on the first N training images of each class (5000: all; fewer "
-                             "shortens both trainers' start-up)")
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        default=5000,
+        help="train on the first N training images of each class (5000: all; fewer shortens both trainers' start-up)",
+    )
     parser.add_argument("--steps", type=int, default=8, help="steps of each throughput case")
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded from the rate")
-    parser.add_argument("--quality-steps", type=int, default=250,
-                        help="steps of the 1-process fp32 case, ours (compiled) and lightly, then kNN")
+    parser.add_argument(
+        "--quality-steps",
+        type=int,
+        default=250,
+        help="steps of the 1-process fp32 case, ours (compiled) and lightly, then kNN",
+    )
     parser.add_argument("--bank-per-class", type=int, default=500)
     parser.add_argument("--queries-per-class", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
@@ -279,6 +385,7 @@ def main() -> None:
         return
 
     import lightly
+
     start = time.time()
     ensure_cifar(args.cifar)
     work = Path(tempfile.mkdtemp(prefix="train_throughput_"))
@@ -290,8 +397,13 @@ def main() -> None:
         workers = max(1, cores // nproc)  # data workers per process, the same on both sides
         for amp in (False, True):
             if amp and not native_bf16:
-                skipped.append({"processes": nproc, "precision": "bf16 autocast",
-                                "why": "this CPU has no native bf16 (AVX512-BF16/AMX): emulated, far slower than fp32"})
+                skipped.append(
+                    {
+                        "processes": nproc,
+                        "precision": "bf16 autocast",
+                        "why": "this CPU has no native bf16 (AVX512-BF16/AMX): emulated, far slower than fp32",
+                    }
+                )
                 continue
             quality = (nproc, amp) == (1, False)
             case, results = compare(work, args, nproc, amp, args.quality_steps if quality else args.steps, workers)
@@ -300,26 +412,50 @@ def main() -> None:
             cases.append(case)
             print(json.dumps(case), flush=True)
     # What each option buys (ours, 1 process, fp32, eager).
-    for name, kwargs in [(f"default (fp32, contiguous, {cores} workers, split-BN)", {}),
-                         ("channels_last", dict(channels_last=True)), ("0 data workers", dict(workers=0)),
-                         ("plain BN (--bn none: no shuffle-BN emulation)", dict(bn="none"))]:
+    for name, kwargs in [
+        (f"default (fp32, contiguous, {cores} workers, split-BN)", {}),
+        ("channels_last", dict(channels_last=True)),
+        ("0 data workers", dict(workers=0)),
+        ("plain BN (--bn none: no shuffle-BN emulation)", dict(bn="none")),
+    ]:
         opts = {"amp": False, "workers": cores, **kwargs}
         result = run_ours(work, args, 1, steps=args.steps, **opts)
-        ablations.append({"variant": name, "img_per_s": round(result["img_per_s"], 2),
-                          "peak_rss_mb": round(result["peak_rss_mb"])})
+        ablations.append(
+            {"variant": name, "img_per_s": round(result["img_per_s"], 2), "peak_rss_mb": round(result["peak_rss_mb"])}
+        )
         print(json.dumps(ablations[-1]), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     report = {
         "benchmark": "train_throughput",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "native_bf16": native_bf16,
-                    "torch": torch.__version__, "lightly": lightly.__version__},
-        "setup": {"model": "resnet18 CIFAR stem + MLP head 512-512-128", "batch_size": args.batch_size,
-                  "moco_k": args.moco_k, "tau": TAU, "lr": LR, "weight_decay": WD, "key_momentum": KEY_MOMENTUM,
-                  "augmentation": "MoCo v2 (32 px)", "data": str(args.cifar / "train"),
-                  "train_images_per_class": args.train_per_class, "warmup_steps": args.warmup,
-                  "knn": {"k": 200, "tau": 0.07, "bank_per_class": args.bank_per_class,
-                          "queries_per_class": args.queries_per_class}},
-        "cases": cases, "skipped": skipped, "ablations_ours_1proc": ablations,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": cores,
+            "native_bf16": native_bf16,
+            "torch": torch.__version__,
+            "lightly": lightly.__version__,
+        },
+        "setup": {
+            "model": "resnet18 CIFAR stem + MLP head 512-512-128",
+            "batch_size": args.batch_size,
+            "moco_k": args.moco_k,
+            "tau": TAU,
+            "lr": LR,
+            "weight_decay": WD,
+            "key_momentum": KEY_MOMENTUM,
+            "augmentation": "MoCo v2 (32 px)",
+            "data": str(args.cifar / "train"),
+            "train_images_per_class": args.train_per_class,
+            "warmup_steps": args.warmup,
+            "knn": {
+                "k": 200,
+                "tau": 0.07,
+                "bank_per_class": args.bank_per_class,
+                "queries_per_class": args.queries_per_class,
+            },
+        },
+        "cases": cases,
+        "skipped": skipped,
+        "ablations_ours_1proc": ablations,
         "wall_s": round(time.time() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,19 +465,25 @@ def main() -> None:
 
 def summary(report: dict) -> str:
     """The README's tables, from a result file."""
-    lines = ["| processes | precision | ours eager img/s | ours compiled img/s | lightly img/s | eager / lightly | "
-             "compiled / lightly | start-up s (eager · compiled · lightly) | peak RSS MB (eager · compiled · lightly) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| processes | precision | ours eager img/s | ours compiled img/s | lightly img/s | eager / lightly | "
+        "compiled / lightly | start-up s (eager · compiled · lightly) | peak RSS MB (eager · compiled · lightly) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in report["cases"]:
-        lines.append(f"| {c['processes']} | {c['precision']} | {c['ours_eager_img_per_s']} | "
-                     f"{c['ours_compiled_img_per_s']} | {c['lightly_img_per_s']} | {c['ratio_eager']} | {c['ratio_compiled']} | "
-                     f"{c['ours_eager_startup_s']} · {c['ours_compiled_startup_s']} · {c['lightly_startup_s']} | "
-                     f"{c['ours_eager_peak_rss_mb']} · {c['ours_compiled_peak_rss_mb']} · "
-                     f"{c['lightly_peak_rss_mb']} |")
+        lines.append(
+            f"| {c['processes']} | {c['precision']} | {c['ours_eager_img_per_s']} | "
+            f"{c['ours_compiled_img_per_s']} | {c['lightly_img_per_s']} | {c['ratio_eager']} | {c['ratio_compiled']} | "
+            f"{c['ours_eager_startup_s']} · {c['ours_compiled_startup_s']} · {c['lightly_startup_s']} | "
+            f"{c['ours_eager_peak_rss_mb']} · {c['ours_compiled_peak_rss_mb']} · "
+            f"{c['lightly_peak_rss_mb']} |"
+        )
     for q in (c for c in report["cases"] if "ours_knn_top1" in c):
-        lines.append(f"\nkNN top-1 after {q['steps']} steps ({q['precision']}, {q['processes']} process): ours "
-                     f"{q['ours_knn_top1']:.1f}%, lightly {q['lightly_knn_top1']:.1f}%, random init "
-                     f"{q['random_init_knn_top1']:.1f}%")
+        lines.append(
+            f"\nkNN top-1 after {q['steps']} steps ({q['precision']}, {q['processes']} process): ours "
+            f"{q['ours_knn_top1']:.1f}%, lightly {q['lightly_knn_top1']:.1f}%, random init "
+            f"{q['random_init_knn_top1']:.1f}%"
+        )
     lines += ["\n| ours, 1 process | img/s | peak RSS MB |", "|---|---|---|"]
     lines += [f"| {a['variant']} | {a['img_per_s']} | {a['peak_rss_mb']} |" for a in report["ablations_ours_1proc"]]
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The architectures an export can name: any torchvision ResNet (optionally with the CIFAR stem) and
 the ViTs of moco_retrieval.vit, and the exported encoder (backbone, or a MoCo v1/v2 head) built from them."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 import torchvision
@@ -10,13 +11,19 @@ import torchvision
 from .vit import VIT_ARCHS, build_vit
 
 RESNET_ARCHS = tuple(
-    name for name in torchvision.models.list_models(module=torchvision.models)
+    name
+    for name in torchvision.models.list_models(module=torchvision.models)
     if name.startswith(("resnet", "resnext", "wide_resnet"))
 )
 
 
-def build_resnet(arch: str, num_classes: int = 1000, cifar_stem: bool = False,
-                 norm_layer: Callable[[int], nn.Module] | None = None, zero_init_residual: bool = False) -> nn.Module:
+def build_resnet(
+    arch: str,
+    num_classes: int = 1000,
+    cifar_stem: bool = False,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    zero_init_residual: bool = False,
+) -> nn.Module:
     """A torchvision ResNet with random weights (never downloaded).
 
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for images of 64 px or less.
@@ -25,8 +32,9 @@ def build_resnet(arch: str, num_classes: int = 1000, cifar_stem: bool = False,
     """
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(RESNET_ARCHS)}")
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, norm_layer=norm_layer,
-                                         zero_init_residual=zero_init_residual)
+    model = torchvision.models.get_model(
+        arch, weights=None, num_classes=num_classes, norm_layer=norm_layer, zero_init_residual=zero_init_residual
+    )
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

@@ -1,5 +1,6 @@
 """The export format: the query encoder f_q (by default without its projection head), plus everything
 a server needs to reproduce its features exactly. One format, one loader, shared by training and serving."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from .architectures import backbone_dim, build_backbone, head_prefix
-from .fileio import atomic_torch_save
 from .preprocessing import Preprocessing
 
 EXPORT_FORMAT = "moco-retrieval.encoder"
@@ -37,17 +37,28 @@ class ExportMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "arch": self.arch, "cifar_stem": self.cifar_stem, "feature_dim": self.feature_dim,
-            "preprocessing": self.preprocessing.to_dict(), "fingerprint": self.fingerprint,
-            "train_args": self.train_args, "source": self.source, "head": self.head,
+            "arch": self.arch,
+            "cifar_stem": self.cifar_stem,
+            "feature_dim": self.feature_dim,
+            "preprocessing": self.preprocessing.to_dict(),
+            "fingerprint": self.fingerprint,
+            "train_args": self.train_args,
+            "source": self.source,
+            "head": self.head,
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExportMeta":
-        return cls(arch=d["arch"], cifar_stem=bool(d["cifar_stem"]), feature_dim=int(d["feature_dim"]),
-                   preprocessing=Preprocessing.from_dict(d["preprocessing"]), fingerprint=d["fingerprint"],
-                   train_args=dict(d.get("train_args", {})), source=d.get("source", ""),
-                   head=d.get("head", "none"))
+    def from_dict(cls, d: dict[str, Any]) -> ExportMeta:
+        return cls(
+            arch=d["arch"],
+            cifar_stem=bool(d["cifar_stem"]),
+            feature_dim=int(d["feature_dim"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            fingerprint=d["fingerprint"],
+            train_args=dict(d.get("train_args", {})),
+            source=d.get("source", ""),
+            head=d.get("head", "none"),
+        )
 
 
 def fingerprint_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
@@ -72,14 +83,23 @@ def projection_head(encoder_state: dict[str, torch.Tensor]) -> tuple[str, int]:
         return "linear", int(encoder_state["fc.weight"].shape[0])
     if "fc.2.weight" in encoder_state and "fc.0.weight" in encoder_state and "fc.1.weight" not in encoder_state:
         return "mlp", int(encoder_state["fc.2.weight"].shape[0])
-    raise ExportError("the encoder has no projection head of MoCo v1/v2 to keep (--keep-head serves v1's linear or "
-                      "v2's MLP head; v3 and ViT exports serve the backbone)")
+    raise ExportError(
+        "the encoder has no projection head of MoCo v1/v2 to keep (--keep-head serves v1's linear or "
+        "v2's MLP head; v3 and ViT exports serve the backbone)"
+    )
 
 
-def make_export(encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
-                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None,
-                source: str = "", keep_head: bool = False) -> dict[str, Any]:
-    """The export as an in-memory dict (what save_export writes); validates the weights by building
+def make_export(
+    encoder_state: dict[str, torch.Tensor],
+    *,
+    arch: str,
+    cifar_stem: bool,
+    preprocessing: Preprocessing,
+    train_args: dict[str, Any] | None = None,
+    source: str = "",
+    keep_head: bool = False,
+) -> dict[str, Any]:
+    """The export as an in-memory dict (fileio.atomic_torch_save writes it); validates the weights by building
     the model. keep_head serves the projection head's output (e.g. 128-d, a 4x smaller index than
     ResNet-18's 512-d pooled features) instead of the pooled backbone features."""
     if keep_head:
@@ -90,20 +110,17 @@ def make_export(encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem
         state = backbone_state_dict(encoder_state, arch)
     model = build_backbone(arch, cifar_stem, head, dim)
     model.load_state_dict(state, strict=True)
-    meta = ExportMeta(arch=arch, cifar_stem=cifar_stem, feature_dim=dim,
-                      preprocessing=preprocessing, fingerprint=fingerprint_state_dict(state),
-                      train_args=dict(train_args or {}), source=source, head=head)
+    meta = ExportMeta(
+        arch=arch,
+        cifar_stem=cifar_stem,
+        feature_dim=dim,
+        preprocessing=preprocessing,
+        fingerprint=fingerprint_state_dict(state),
+        train_args=dict(train_args or {}),
+        source=source,
+        head=head,
+    )
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(), "state_dict": state}
-
-
-def save_export(path: str | Path, encoder_state: dict[str, torch.Tensor], *, arch: str, cifar_stem: bool,
-                preprocessing: Preprocessing, train_args: dict[str, Any] | None = None, source: str = "",
-                keep_head: bool = False) -> ExportMeta:
-    """Write an export atomically; validates the weights by building the model first."""
-    blob = make_export(encoder_state, arch=arch, cifar_stem=cifar_stem, preprocessing=preprocessing,
-                       train_args=train_args, source=source, keep_head=keep_head)
-    atomic_torch_save(blob, path)
-    return ExportMeta.from_dict(blob["meta"])
 
 
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:

@@ -1,10 +1,15 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, export or plot."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written checkpoint, export, snapshot,
+plot or report: a temporary file in the same directory, fsynced, renamed over the target, and the
+directory fsynced."""
+
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import IO, Any
 
 import torch
 
@@ -17,15 +22,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """write(file) into a temporary file in the same directory, fsync, rename over `path`, fsync
-    the directory: readers see the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, text: bool = False) -> Iterator[IO]:
+    """A new file that replaces `path` when the block ends, and only if it ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with os.fdopen(fd, "w" if text else "wb", **({"newline": "", "encoding": "utf-8"} if text else {})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,9 +38,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """write(binary file) into a new file that atomically replaces `path`."""
+    with atomic_open(path) as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save, atomically (see atomic_write)."""
+    """torch.save, atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,7 +1,9 @@
 """Robust image decoding shared by training data, evaluation and the server."""
+
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from pathlib import Path
@@ -28,6 +30,17 @@ def is_image_path(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under a folder, at any depth, sorted: what training, indexing and the demo
+    all read. Hidden files and folders (a leading dot: .git, .DS_Store, editors' temp files) are
+    skipped, and symbolic links to folders are followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_path(f))
+    return sorted(found)
+
+
 def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode to an RGB PIL image: EXIF orientation applied, first frame of animations,
     transparency composited on white. Raises ImageDecodeError for anything unusable."""
@@ -46,7 +59,8 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageTooLargeError(
-                        f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+                        f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+                    )
                 if width == 0 or height == 0:
                     raise ImageDecodeError(f"{name}: image has zero size")
                 img.seek(0)

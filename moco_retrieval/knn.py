@@ -1,5 +1,6 @@
 """The InstDisc weighted kNN classifier (Wu et al., CVPR 2018), shared by `moco-train knn`, the
 training monitor and the server's Classify, so that they cannot drift apart."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ DEFAULT_K = 200
 DEFAULT_TAU = 0.07
 
 
-def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int,
-             tau: float = DEFAULT_TAU) -> torch.Tensor:
+def knn_vote(
+    similarities: torch.Tensor, neighbor_labels: torch.Tensor, num_classes: int, tau: float = DEFAULT_TAU
+) -> torch.Tensor:
     """Per-class vote shares of each query.
 
     similarities: (Q, k) cosine similarities s_i of the top-k neighbours; neighbor_labels: (Q, k)
@@ -30,8 +32,15 @@ def knn_vote(similarities: torch.Tensor, neighbor_labels: torch.Tensor, num_clas
 
 
 @torch.no_grad()
-def knn_classify(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
-                 k: int = DEFAULT_K, tau: float = DEFAULT_TAU, chunk_size: int = 256) -> torch.Tensor:
+def knn_classify(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = DEFAULT_K,
+    tau: float = DEFAULT_TAU,
+    chunk_size: int = 256,
+) -> torch.Tensor:
     """Vote shares (Q, C) for L2-normalised queries (Q, D) against a normalised bank (N, D).
 
     Queries are processed in chunks so memory stays at chunk_size x N similarities.
@@ -39,7 +48,7 @@ def knn_classify(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.T
     k = min(k, bank.shape[0])
     out = []
     for start in range(0, queries.shape[0], chunk_size):
-        sims = queries[start:start + chunk_size] @ bank.T
+        sims = queries[start : start + chunk_size] @ bank.T
         top_sims, top_idx = sims.topk(k, dim=1)
         out.append(knn_vote(top_sims, bank_labels[top_idx], num_classes, tau))
     return torch.cat(out) if out else torch.zeros(0, num_classes, dtype=torch.float64)

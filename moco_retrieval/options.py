@@ -8,6 +8,7 @@ argparse parser (and, for the server, RETRIEVAL_* environment variables) is deri
 A small helper of our own rather than a dependency: argparse is what the official MoCo scripts and
 PyTorch's reference scripts use, so flags, help and errors look the same, and nothing else is needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,21 +16,27 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import MISSING, Field
+from dataclasses import MISSING
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def option(default: Any = MISSING, *flags: str, help: str, positional: bool = False,  # noqa: A002
-           metavar: str | None = None, choices: tuple | None = None, env: bool = True) -> Any:
+def option(
+    default: Any = MISSING,
+    *flags: str,
+    help: str,  # noqa: A002 - argparse's name for it
+    positional: bool = False,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    env: bool = True,
+) -> Any:
     """A dataclass field that is also a command-line option.
 
     default: MISSING makes the option required (or positional with `positional`); flags: the
     option strings (default --field-name); env: whether RETRIEVAL_<NAME> may set it (see add_options).
     """
-    meta = {"flags": flags, "help": help, "positional": positional, "metavar": metavar, "choices": choices,
-            "env": env}
+    meta = {"flags": flags, "help": help, "positional": positional, "metavar": metavar, "choices": choices, "env": env}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -7,6 +7,7 @@ Xavier-uniform initialisation with Q, K and V treated as three matrices. `stop_g
 the randomly initialised patch projection, the paper's fix for the loss spikes that start in the
 first layer's gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,8 +112,9 @@ class VisionTransformer(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(sincos_position_embedding(self.patch_embed.grid, cfg.embed_dim),
-                                      requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            sincos_position_embedding(self.patch_embed.grid, cfg.embed_dim), requires_grad=False
+        )
         self.blocks = nn.Sequential(*[Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, num_classes) if num_classes else nn.Identity()
@@ -132,7 +134,7 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
         proj = self.patch_embed.proj
-        bound = math.sqrt(6.0 / (3 * self.cfg.patch_size ** 2 + self.cfg.embed_dim))
+        bound = math.sqrt(6.0 / (3 * self.cfg.patch_size**2 + self.cfg.embed_dim))
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
 

@@ -1,4 +1,5 @@
 """`python -m moco_train ...` is `moco-train ...`."""
+
 import sys
 
 from .cli import main

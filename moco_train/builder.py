@@ -1,4 +1,5 @@
 """The MoCo model (He et al., CVPR 2020, Algorithm 1): query/key encoders, momentum update, queue, InfoNCE logits."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,9 @@ from .split_bn import SplitBatchNorm2d
 BN_MODES = ("split", "shuffle", "sync", "none")
 
 
-def build_encoder(arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1,
-                  sync_bn: bool = False) -> nn.Module:
+def build_encoder(
+    arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1, sync_bn: bool = False
+) -> nn.Module:
     """A ResNet whose fc is the projection head: Linear(dim), or MoCo v2's MLP (fc.0, ReLU, fc.2).
 
     bn_splits > 1: SplitBatchNorm2d everywhere (single-device shuffle-BN emulation); sync_bn:
@@ -39,8 +41,16 @@ class MoCo(nn.Module):
     stacked (2N rows) and 2N keys are enqueued; `loss` sums the two directions' losses.
     """
 
-    def __init__(self, encoder_q: nn.Module, dim: int = 128, K: int = 65536, m: float = 0.999,
-                 T: float = 0.07, symmetric: bool = False, shuffle_keys: bool = True) -> None:
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        symmetric: bool = False,
+        shuffle_keys: bool = True,
+    ) -> None:
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.symmetric, self.shuffle_keys = symmetric, shuffle_keys

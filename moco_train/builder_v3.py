@@ -13,6 +13,7 @@ encoder's outputs for the whole batch of every process, and the loss is symmetri
         labels = range(N) + N·rank
         return 2τ · CrossEntropyLoss(logits / τ, labels)
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
 from moco_retrieval.architectures import build_resnet, feature_dim
 from moco_retrieval.vit import VIT_ARCHS, build_vit
+
+from . import distributed
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -36,6 +38,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not (self.training and distributed.is_distributed()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
+
         n = x.shape[0] * distributed.get_world_size()
         mean = all_reduce(x.sum(0)) / n
         var = all_reduce(((x - mean) ** 2).sum(0)) / n  # two passes: no E[x²] - E[x]² cancellation
@@ -80,8 +83,9 @@ class MoCoV3(nn.Module):
     their labels, like MoCo.forward; `loss` turns them into ctr(q1, k2) + ctr(q2, k1). The momentum
     m is set by the trainer before each step (cosine schedule from --moco-m to 1)."""
 
-    def __init__(self, base_encoder: nn.Module, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
-                 m: float = 0.99) -> None:
+    def __init__(
+        self, base_encoder: nn.Module, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2, m: float = 0.99
+    ) -> None:
         super().__init__()
         self.T, self.m = T, m
         self.base_encoder = base_encoder

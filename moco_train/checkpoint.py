@@ -1,5 +1,6 @@
 """Training checkpoints: atomic save with rotation, RNG capture, resume from the newest valid file,
 and conversion of a checkpoint (ours or an official MoCo one) into the export format."""
+
 from __future__ import annotations
 
 import random
@@ -36,8 +37,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -67,8 +73,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint_<global step>.pt atomically, then delete all but the newest `keep`."""
-    path = atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state},
-                             checkpoint_path(Path(run_dir), state["global_step"]))
+    path = atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state},
+        checkpoint_path(Path(run_dir), state["global_step"]),
+    )
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -134,11 +142,11 @@ def is_resnet_state_dict(blob: Any) -> bool:
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def official_method(blob: Any) -> str | None:
-    """"v2" or "v3" for a facebookresearch/moco or moco-v3 checkpoint (state_dict with module.*), else None."""
+    """ "v2" or "v3" for a facebookresearch/moco or moco-v3 checkpoint (state_dict with module.*), else None."""
     state = blob.get("state_dict") if isinstance(blob, dict) else None
     if isinstance(state, dict):
         for method, prefix in OFFICIAL_PREFIX.items():
@@ -153,20 +161,40 @@ def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
     ResNet state dict (bare, or under "state_dict" / "model")."""
     if blob.get("format") == EXPORT_FORMAT:
         meta = ExportMeta.from_dict(blob["meta"])
-        return EncoderWeights(blob["state_dict"], meta.arch, meta.cifar_stem, meta.preprocessing, meta.train_args,
-                              meta.source or source, meta.train_args.get("method", "v2"))
+        return EncoderWeights(
+            blob["state_dict"],
+            meta.arch,
+            meta.cifar_stem,
+            meta.preprocessing,
+            meta.train_args,
+            meta.source or source,
+            meta.train_args.get("method", "v2"),
+        )
     if blob.get("format") == CHECKPOINT_FORMAT:
         method = "v3" if blob["args"].get("moco_v3") else "v2"
-        return EncoderWeights(strip_prefix(blob["model"], QUERY_PREFIX[method]), blob["arch"], blob["cifar_stem"],
-                              Preprocessing.from_dict(blob["preprocessing"]), {**blob["args"], "method": method},
-                              f"{source} (step {blob['global_step']})", method)
+        return EncoderWeights(
+            strip_prefix(blob["model"], QUERY_PREFIX[method]),
+            blob["arch"],
+            blob["cifar_stem"],
+            Preprocessing.from_dict(blob["preprocessing"]),
+            {**blob["args"], "method": method},
+            f"{source} (step {blob['global_step']})",
+            method,
+        )
     method = official_method(blob)
     if method is not None:
         state = strip_prefix(blob["state_dict"], OFFICIAL_PREFIX[method])
         ours = blob.get(OFFICIAL_EXTRA, {})  # present when moco-train wrote the file
         preprocessing = Preprocessing.from_dict(ours["preprocessing"]) if "preprocessing" in ours else Preprocessing()
-        return EncoderWeights(state, blob.get("arch", "resnet50"), has_cifar_stem(state), preprocessing, {},
-                              ours.get("source", f"{source} (official MoCo checkpoint)"), method)
+        return EncoderWeights(
+            state,
+            blob.get("arch", "resnet50"),
+            has_cifar_stem(state),
+            preprocessing,
+            {},
+            ours.get("source", f"{source} (official MoCo checkpoint)"),
+            method,
+        )
     plain = next((b for b in (blob, blob.get("state_dict"), blob.get("model")) if is_resnet_state_dict(b)), None)
     if plain is not None:
         return EncoderWeights(dict(plain), None, has_cifar_stem(plain), None, {}, f"{source} (ResNet state dict)")
@@ -181,12 +209,19 @@ def to_export(blob: dict[str, Any], source: str, keep_head: bool = False) -> dic
         return blob
     weights = encoder_weights(blob, source)
     if weights.arch is None:
-        raise CheckpointError(f"{source}: a plain state dict names no architecture; it can start training "
-                              "(--init) but not be exported")
+        raise CheckpointError(
+            f"{source}: a plain state dict names no architecture; it can start training (--init) but not be exported"
+        )
     try:
-        return make_export(weights.state, arch=weights.arch, cifar_stem=weights.cifar_stem,
-                           preprocessing=weights.preprocessing or Preprocessing(), train_args=weights.train_args,
-                           source=weights.source, keep_head=keep_head)
+        return make_export(
+            weights.state,
+            arch=weights.arch,
+            cifar_stem=weights.cifar_stem,
+            preprocessing=weights.preprocessing or Preprocessing(),
+            train_args=weights.train_args,
+            source=weights.source,
+            keep_head=keep_head,
+        )
     except RuntimeError as exc:
         raise ExportError(f"{source}: weights do not fit {weights.arch} ({str(exc).splitlines()[0]})") from exc
 
@@ -202,7 +237,12 @@ def to_official(blob: dict[str, Any], source: str) -> dict[str, Any]:
     if weights.arch is None:
         raise CheckpointError(f"{source}: a plain state dict names no architecture")
     prefix = OFFICIAL_PREFIX[weights.method]
-    return {"arch": weights.arch,
-            "state_dict": {f"{prefix}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},
-            OFFICIAL_EXTRA: {"cifar_stem": weights.cifar_stem, "source": weights.source,
-                             "preprocessing": (weights.preprocessing or Preprocessing()).to_dict()}}
+    return {
+        "arch": weights.arch,
+        "state_dict": {f"{prefix}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},
+        OFFICIAL_EXTRA: {
+            "cifar_stem": weights.cifar_stem,
+            "source": weights.source,
+            "preprocessing": (weights.preprocessing or Preprocessing()).to_dict(),
+        },
+    }

@@ -1,4 +1,5 @@
 """`moco-train train | knn | export | plot`: pretraining, kNN evaluation, encoder export and run curves."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,25 +10,31 @@ import sys
 import warnings
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_file, to_export, to_official
-from .config import TrainConfig
-from .curves import RunLogError
-from .data import DataError
+from moco_retrieval.devices import DeviceError, resolve_device
 from moco_retrieval.export import ExportError, export_model
 from moco_retrieval.fileio import atomic_torch_save
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
 from moco_retrieval.options import add_options, from_args
 
-USER_ERRORS = (DataError, CheckpointError, ExportError, RunLogError, OSError)
+from .checkpoint import CheckpointError, load_file, to_export, to_official
+from .config import ConfigError, TrainConfig
+from .curves import RunLogError
+from .data import DataError
+
+USER_ERRORS = (DataError, ConfigError, DeviceError, CheckpointError, ExportError, RunLogError, OSError)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="MoCo pretraining on a folder (or list file) of unlabeled images")
     add_options(p, TrainConfig)
     p.add_argument("--v2", action="store_true", help="MoCo v2 preset: --mlp --aug-plus --cos")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="spawn this many training processes on this machine (DDP over 127.0.0.1; "
-                        "one per GPU if CUDA is present); for several machines use torchrun")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="spawn this many training processes on this machine (DDP over 127.0.0.1; "
+        "one per GPU if CUDA is present); for several machines use torchrun",
+    )
 
 
 def _knn_parser(sub) -> None:
@@ -48,14 +55,21 @@ def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the query encoder backbone and its metadata for serving")
     p.add_argument("checkpoint", metavar="CKPT", help="moco-train checkpoint or official MoCo checkpoint")
     p.add_argument("out", metavar="OUT", help="export file to write")
-    p.add_argument("--keep-head", action="store_true",
-                   help="serve the projection head's output (--moco-dim, e.g. 128-d: a 4x smaller index) "
-                        "instead of the backbone's pooled features (default)")
-    p.add_argument("--format", choices=("retrieval", "official"), default="retrieval",
-                   help="retrieval (default): the export that moco-train knn and retrieval-server load; "
-                        "official: facebookresearch/moco's checkpoint layout (state_dict with "
-                        "module.encoder_q.*, the projection head included when CKPT has it), for its "
-                        "main_lincls.py --pretrained and detectron2 conversion script")
+    p.add_argument(
+        "--keep-head",
+        action="store_true",
+        help="serve the projection head's output (--moco-dim, e.g. 128-d: a 4x smaller index) "
+        "instead of the backbone's pooled features (default)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("retrieval", "official"),
+        default="retrieval",
+        help="retrieval (default): the export that moco-train knn and retrieval-server load; "
+        "official: facebookresearch/moco's checkpoint layout (state_dict with "
+        "module.encoder_q.*, the projection head included when CKPT has it), for its "
+        "main_lincls.py --pretrained and detectron2 conversion script",
+    )
 
 
 def _plot_parser(sub) -> None:
@@ -84,8 +98,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc != 1 and "RANK" not in os.environ:
         from .launch import launch
+
         return launch(args.argv, args.nproc, args.device, args.batch_size)
     from .trainer import train  # torch-heavy imports only for the command that needs them
+
     summary = train(train_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
@@ -94,44 +110,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_knn(args: argparse.Namespace) -> None:
     from .evaluate import knn_evaluate
-    from .trainer import resolve_device
-    model, meta = export_model(to_export(load_file(args.checkpoint), args.checkpoint), args.checkpoint,
-                               resolve_device(args.device))
-    result = knn_evaluate(model, meta, args.bank, args.queries, k=args.k, tau=args.tau,
-                          batch_size=args.batch_size, workers=args.workers)
+
+    model, meta = export_model(
+        to_export(load_file(args.checkpoint), args.checkpoint), args.checkpoint, resolve_device(args.device)
+    )
+    result = knn_evaluate(
+        model, meta, args.bank, args.queries, k=args.k, tau=args.tau, batch_size=args.batch_size, workers=args.workers
+    )
     if args.predictions:
         classes = result.queries.classes
         with open(args.predictions, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "true_class", "predicted_class"])
-            for path, true, pred in zip(result.queries.paths, result.queries.labels.tolist(),
-                                        result.predictions.tolist()):
+            for path, true, pred in zip(
+                result.queries.paths, result.queries.labels.tolist(), result.predictions.tolist()
+            ):
                 writer.writerow([str(path), classes[true], classes[pred]])
-    report = {"top1": result.top1, "top5": result.top5, "k": args.k, "tau": args.tau,
-              "bank_images": len(result.bank.paths), "query_images": len(result.queries.paths),
-              "fingerprint": meta.fingerprint}
+    report = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "k": args.k,
+        "tau": args.tau,
+        "bank_images": len(result.bank.paths),
+        "query_images": len(result.queries.paths),
+        "fingerprint": meta.fingerprint,
+    }
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"kNN (k={args.k}, tau={args.tau}): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
-              f"(bank {report['bank_images']}, queries {report['query_images']})")
+        print(
+            f"kNN (k={args.k}, tau={args.tau}): top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+            f"(bank {report['bank_images']}, queries {report['query_images']})"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "official":
         official = to_official(load_file(args.checkpoint), args.checkpoint)
         atomic_torch_save(official, Path(args.out))
-        print(f"wrote {args.out}: {official['arch']} in the official MoCo layout ({len(official['state_dict'])} tensors)")
+        print(
+            f"wrote {args.out}: {official['arch']} in the official MoCo layout ({len(official['state_dict'])} tensors)"
+        )
         return
     blob = to_export(load_file(args.checkpoint), args.checkpoint, keep_head=args.keep_head)
     _, meta = export_model(blob, args.checkpoint)
     atomic_torch_save(blob, Path(args.out))
-    print(f"wrote {args.out}: {meta.arch} (cifar stem: {meta.cifar_stem}), {meta.feature_dim}-d features, "
-          f"input {meta.preprocessing.input_size}px, {meta.fingerprint}")
+    print(
+        f"wrote {args.out}: {meta.arch} (cifar stem: {meta.cifar_stem}), {meta.feature_dim}-d features, "
+        f"input {meta.preprocessing.input_size}px, {meta.fingerprint}"
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
     from .curves import plot_run
+
     print(f"wrote {plot_run(args.run_dir, args.out)}")
 
 

@@ -1,25 +1,30 @@
 """Training options and their defaults in one place (flag names follow facebookresearch/moco's main_moco.py
 and moco-v3's), and the method-dependent defaults they resolve to."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from moco_retrieval.architectures import RESNET_ARCHS
-from .builder import BN_MODES
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
 from moco_retrieval.options import option
 from moco_retrieval.vit import VIT_ARCHS
 
+from .builder import BN_MODES
+
 # The queue holds at most this share of the dataset (see auto_queue_size).
 QUEUE_SHARE = 0.1
 MAX_QUEUE = 65536
-# --compile auto compiles the encoders for runs of at least this many steps. Compiling ResNet-18
-# (CIFAR stem, batch 64) added about 50 s of start-up on 2 CPU cores and made steps 1.08-1.21x
-# faster (bench/results/train_throughput.json), paid back after 100-300 steps; shorter runs (smoke
-# tests, the demo) stay eager.
+# --compile auto compiles the encoders for runs of at least this many steps: compiling costs a
+# minute or so of start-up on a CPU, which faster steps pay back only in longer runs (the README's
+# training results); smoke runs and the demo stay eager.
 COMPILE_MIN_STEPS = 1000
 ARCHS = (*RESNET_ARCHS, *VIT_ARCHS)
+
+
+class ConfigError(ValueError):
+    """Options that do not fit together or this machine (a user error: reported in one line)."""
 
 
 @dataclass
@@ -27,73 +32,116 @@ class TrainConfig:
     """Every `moco-train train` option: its default, flags and help (the parser is derived from it).
     None defaults depend on the method (MoCo v1/v2 or v3) and the data: see resolve()."""
 
-    data: str = option(positional=True, metavar="DATA",
-                       help="image folder (any depth) or text file listing image paths")
+    data: str = option(
+        positional=True, metavar="DATA", help="image folder (any depth) or text file listing image paths"
+    )
     run_dir: str = option(help="checkpoints, log.jsonl and curves.png go here")
-    arch: str = option("resnet18", "-a", "--arch", metavar="ARCH", choices=ARCHS,
-                       help=f"any torchvision ResNet, or (--moco-v3) {', '.join(VIT_ARCHS)}")
+    arch: str = option(
+        "resnet18",
+        "-a",
+        "--arch",
+        metavar="ARCH",
+        choices=ARCHS,
+        help=f"any torchvision ResNet, or (--moco-v3) {', '.join(VIT_ARCHS)}",
+    )
     workers: int = option(2, "-j", "--workers", help="data-loading processes per training process")
     epochs: int = option(200, help="training length in passes over the data")
     max_steps: int | None = option(None, help="train for this many steps instead of --epochs (the schedules follow it)")
     batch_size: int = option(256, "-b", "--batch-size", help="global batch size, split evenly across processes")
-    lr: float | None = option(None, "--lr", "--learning-rate",
-                              help="learning rate of the global batch; default 0.03 (v1/v2, scale linearly: 0.06 "
-                                   "for -b 512), v3: 0.3 x batch/256 with LARS, 1.5e-4 x batch/256 with AdamW")
+    lr: float | None = option(
+        None,
+        "--lr",
+        "--learning-rate",
+        help="learning rate of the global batch; default 0.03 (v1/v2, scale linearly: 0.06 "
+        "for -b 512), v3: 0.3 x batch/256 with LARS, 1.5e-4 x batch/256 with AdamW",
+    )
     momentum: float = option(0.9, help="SGD/LARS momentum")
-    weight_decay: float | None = option(None, "--wd", "--weight-decay",
-                                        help="default 1e-4 (v1/v2), v3: 1e-6 with LARS, 0.1 with AdamW")
+    weight_decay: float | None = option(
+        None, "--wd", "--weight-decay", help="default 1e-4 (v1/v2), v3: 1e-6 with LARS, 0.1 with AdamW"
+    )
     schedule: list[int] = option([120, 160], help="epochs at which the lr drops x0.1 (without --cos)")
     cos: bool = option(False, help="half-cosine lr schedule (after --warmup-epochs)")
-    warmup_epochs: float | None = option(None, help="linear lr warm-up; default 0 (v1/v2), 10 (v3, as the official code)")
-    optimizer: str = option("auto", choices=("auto", "sgd", "lars", "adamw"),
-                            help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)")
-    moco_v3: bool = option(False, help="MoCo v3: no queue, keys of the whole batch, symmetric loss, predictor MLP, "
-                                       "momentum 0.99 -> 1 (cosine), warm-up then cosine lr")
+    warmup_epochs: float | None = option(
+        None, help="linear lr warm-up; default 0 (v1/v2), 10 (v3, as the official code)"
+    )
+    optimizer: str = option(
+        "auto", choices=("auto", "sgd", "lars", "adamw"), help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)"
+    )
+    moco_v3: bool = option(
+        False,
+        help="MoCo v3: no queue, keys of the whole batch, symmetric loss, predictor MLP, "
+        "momentum 0.99 -> 1 (cosine), warm-up then cosine lr",
+    )
     moco_dim: int | None = option(None, help="feature dimension; default 128 (v1/v2), 256 (v3)")
     moco_mlp_dim: int = option(4096, help="hidden width of v3's projection and prediction MLPs")
-    moco_k: int | None = option(None, help="queue size (v1/v2; default: the largest power of two <= 10%% of "
-                                           "the images, at most 65536)")
-    moco_m: float | None = option(None, help="key encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start "
-                                             "of its cosine schedule)")
-    moco_m_cos: bool | None = option(None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over "
-                                                                "training (default: on for v3)")
-    moco_t: float | None = option(None, help="softmax temperature; default 0.07 (v1), 0.2 (v2; 0.1 for crops "
-                                             "<= 64 px), v3: 0.2 (ViT), 1.0 (ResNet)")
+    moco_k: int | None = option(
+        None, help="queue size (v1/v2; default: the largest power of two <= 10%% of the images, at most 65536)"
+    )
+    moco_m: float | None = option(
+        None, help="key encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start of its cosine schedule)"
+    )
+    moco_m_cos: bool | None = option(
+        None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over training (default: on for v3)"
+    )
+    moco_t: float | None = option(
+        None,
+        help="softmax temperature; default 0.07 (v1), 0.2 (v2; 0.1 for crops <= 64 px), v3: 0.2 (ViT), 1.0 (ResNet)",
+    )
     mlp: bool = option(False, help="MLP projection head (MoCo v2)")
     aug_plus: bool = option(False, help="MoCo v2 augmentation (stronger colour jitter, grayscale, blur)")
     symmetric: bool = option(False, help="symmetric loss L(q1,k2) + L(q2,k1) (v1/v2; v3 always is)")
-    stop_grad_conv1: bool = option(True, help="v3 ViTs: keep the random patch projection frozen (the paper's "
-                                              "stability fix)")
-    bn: str = option("auto", choices=("auto", *BN_MODES),
-                     help="split (auto, the default): keys shuffled (across processes under DDP) and the global "
-                          "batch normalised in --bn-splits groups whatever the process count; shuffle: keys "
-                          "shuffled across processes, one BN group per process (the official per-GPU BN); sync: "
-                          "SyncBatchNorm (GPUs), no shuffle; none: plain BN, no shuffle (leaks batch statistics "
-                          "between query and key: a shortcut that hurts learning). v1/v2 only")
-    bn_splits: int = option(8, help="BatchNorm groups over the global batch for --bn split (the official 8-GPU "
-                                    "recipe); split inside each process when there are fewer processes")
-    cifar_stem: str = option("auto", choices=("auto", "on", "off"),
-                             help="ResNets: 3x3 stride-1 stem without max-pool; auto: on for crops of 64 px or less")
-    crop_size: int | None = option(None, help="training crop (default: the image size if small, else 224; a "
-                                              "ViT's own input size)")
+    stop_grad_conv1: bool = option(
+        True, help="v3 ViTs: keep the random patch projection frozen (the paper's stability fix)"
+    )
+    bn: str = option(
+        "auto",
+        choices=("auto", *BN_MODES),
+        help="split (auto, the default): keys shuffled (across processes under DDP) and the global "
+        "batch normalised in --bn-splits groups whatever the process count; shuffle: keys "
+        "shuffled across processes, one BN group per process (the official per-GPU BN); sync: "
+        "SyncBatchNorm (GPUs), no shuffle; none: plain BN, no shuffle (leaks batch statistics "
+        "between query and key: a shortcut that hurts learning). v1/v2 only",
+    )
+    bn_splits: int = option(
+        8,
+        help="BatchNorm groups over the global batch for --bn split (the official 8-GPU "
+        "recipe); split inside each process when there are fewer processes",
+    )
+    cifar_stem: str = option(
+        "auto",
+        choices=("auto", "on", "off"),
+        help="ResNets: 3x3 stride-1 stem without max-pool; auto: on for crops of 64 px or less",
+    )
+    crop_size: int | None = option(
+        None, help="training crop (default: the image size if small, else 224; a ViT's own input size)"
+    )
     seed: int = option(0, help="seeds weights, data order and augmentation")
-    init: str | None = option(None, metavar="FILE",
-                              help="continued pretraining: start both encoders from FILE (a moco-train export or "
-                                   "checkpoint, an official MoCo checkpoint, or a torchvision ResNet state dict) "
-                                   "instead of random weights; the projection head is re-initialised if it does "
-                                   "not fit")
+    init: str | None = option(
+        None,
+        metavar="FILE",
+        help="continued pretraining: start both encoders from FILE (a moco-train export or "
+        "checkpoint, an official MoCo checkpoint, or a torchvision ResNet state dict) "
+        "instead of random weights; the projection head is re-initialised if it does "
+        "not fit",
+    )
     device: str = option("auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    amp: str = option("auto", choices=("auto", "off", "bf16", "fp16"),
-                      help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native "
-                           "bf16, else float32")
+    amp: str = option(
+        "auto",
+        choices=("auto", "off", "bf16", "fp16"),
+        help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native bf16, else float32",
+    )
     channels_last: bool = option(False, help="channels_last memory format")
-    compile: str = option("auto", choices=("auto", "on", "off"),
-                          help="torch.compile the encoders (inductor; a minute or so of start-up, faster steps); "
-                               f"auto: on for runs of at least {COMPILE_MIN_STEPS} steps when a C compiler is present")
+    compile: str = option(
+        "auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the encoders (inductor; a minute or so of start-up, faster steps); "
+        f"auto: on for runs of at least {COMPILE_MIN_STEPS} steps when a C compiler is present",
+    )
     save_every_steps: int = option(0, help="also checkpoint every N steps (0: every epoch only)")
     keep: int = option(3, help="checkpoints to keep (0: all)")
-    resume: str | None = option(None, metavar="auto|PATH",
-                                help="auto: newest valid checkpoint in --run-dir (fresh start if none), or a path")
+    resume: str | None = option(
+        None, metavar="auto|PATH", help="auto: newest valid checkpoint in --run-dir (fresh start if none), or a path"
+    )
     knn_bank: str | None = option(None, help="labelled folder: kNN monitor bank")
     knn_queries: str | None = option(None, help="labelled folder: kNN monitor queries")
     knn_every: int = option(1, help="run the kNN monitor every N epochs")
@@ -115,7 +163,7 @@ class Recipe:
 
     lr: float
     weight_decay: float
-    optimizer: str      # sgd | lars | adamw
+    optimizer: str  # sgd | lars | adamw
     warmup_epochs: float
     moco_dim: int
     moco_m: float
@@ -127,11 +175,11 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
     """Fill in the defaults that depend on the method and the data (`small`: crops <= 64 px).
 
     v1/v2 follow facebookresearch/moco (lr 0.03, wd 1e-4, m 0.999, τ 0.07 or v2's 0.2). For v2 on
-    small crops τ is 0.1, the official CIFAR-10 demo's value; measured here: after 300 steps of the
-    small-image recipe on CIFAR-10 (batch 128), kNN top-1 was 35.2% with τ = 0.1 and 32.9% with
-    τ = 0.2. v3 follows facebookresearch/moco-v3: LARS for ResNets (lr 0.3 x batch/256, wd 1e-6,
-    τ 1.0), AdamW for ViTs (lr 1.5e-4 x batch/256, wd 0.1, τ 0.2), 256-d output, m 0.99 -> 1
-    (cosine), 10 warm-up epochs."""
+    small crops τ is 0.1, the official CIFAR-10 demo's value, which also learned faster than 0.2 in
+    a short CIFAR-10 pilot (the README's training section). v3 follows facebookresearch/moco-v3:
+    LARS for ResNets (lr 0.3 x batch/256, wd 1e-6, τ 1.0), AdamW for ViTs (lr 1.5e-4 x batch/256,
+    wd 0.1, τ 0.2), 256-d output, m 0.99 -> 1 (cosine), 10 warm-up epochs."""
+
     def pick(value, default):
         return default if value is None else value
 
@@ -139,16 +187,27 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
         vit = cfg.arch in VIT_ARCHS
         optimizer = ("adamw" if vit else "lars") if cfg.optimizer == "auto" else cfg.optimizer
         base_lr = {"adamw": 1.5e-4, "lars": 0.3, "sgd": 0.3}[optimizer] * cfg.batch_size / 256
-        return Recipe(lr=pick(cfg.lr, base_lr), weight_decay=pick(cfg.weight_decay, 0.1 if optimizer == "adamw" else 1e-6),
-                      optimizer=optimizer, warmup_epochs=pick(cfg.warmup_epochs, 10), moco_dim=pick(cfg.moco_dim, 256),
-                      moco_m=pick(cfg.moco_m, 0.99), moco_m_cos=pick(cfg.moco_m_cos, True),
-                      moco_t=pick(cfg.moco_t, 0.2 if vit else 1.0))
+        return Recipe(
+            lr=pick(cfg.lr, base_lr),
+            weight_decay=pick(cfg.weight_decay, 0.1 if optimizer == "adamw" else 1e-6),
+            optimizer=optimizer,
+            warmup_epochs=pick(cfg.warmup_epochs, 10),
+            moco_dim=pick(cfg.moco_dim, 256),
+            moco_m=pick(cfg.moco_m, 0.99),
+            moco_m_cos=pick(cfg.moco_m_cos, True),
+            moco_t=pick(cfg.moco_t, 0.2 if vit else 1.0),
+        )
     v2 = cfg.mlp and cfg.aug_plus
-    return Recipe(lr=pick(cfg.lr, 0.03), weight_decay=pick(cfg.weight_decay, 1e-4),
-                  optimizer="sgd" if cfg.optimizer == "auto" else cfg.optimizer,
-                  warmup_epochs=pick(cfg.warmup_epochs, 0), moco_dim=pick(cfg.moco_dim, 128),
-                  moco_m=pick(cfg.moco_m, 0.999), moco_m_cos=pick(cfg.moco_m_cos, False),
-                  moco_t=pick(cfg.moco_t, (0.1 if small else 0.2) if v2 else 0.07))
+    return Recipe(
+        lr=pick(cfg.lr, 0.03),
+        weight_decay=pick(cfg.weight_decay, 1e-4),
+        optimizer="sgd" if cfg.optimizer == "auto" else cfg.optimizer,
+        warmup_epochs=pick(cfg.warmup_epochs, 0),
+        moco_dim=pick(cfg.moco_dim, 128),
+        moco_m=pick(cfg.moco_m, 0.999),
+        moco_m_cos=pick(cfg.moco_m_cos, False),
+        moco_t=pick(cfg.moco_t, (0.1 if small else 0.2) if v2 else 0.07),
+    )
 
 
 def auto_queue_size(num_images: int, keys_per_step: int) -> int:

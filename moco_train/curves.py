@@ -1,5 +1,6 @@
 """RUN_DIR/curves.png: loss, contrast accuracy, learning rate and kNN top-1 of a run, drawn from
 its log.jsonl (by the trainer after every epoch, and by `moco-train plot RUN_DIR` on demand)."""
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the run's curves to `out` (default RUN_DIR/curves.png), atomically; returns the path."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

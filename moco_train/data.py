@@ -4,21 +4,21 @@ Every random choice of an epoch is a function of (seed, epoch, index): the sampl
 from a generator seeded with seed + epoch, and each sample's augmentation from its own seed. The
 data stream therefore does not depend on the number of workers and can be resumed mid-epoch.
 """
+
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from moco_retrieval.images import ImageDecodeError, decode_image, is_image_path
+from moco_retrieval.images import ImageDecodeError, decode_image, image_files
 from moco_retrieval.preprocessing import SMALL_IMAGE_MAX
 
 
@@ -31,19 +31,16 @@ def find_images(source: str | Path) -> list[Path]:
     (blank lines and '#' comments ignored; relative paths are relative to the list's folder)."""
     source = Path(source)
     if source.is_dir():
-        found = []
-        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_path(f))
-        return sorted(found)
+        return image_files(source)
     if source.is_file():
         try:
             lines = source.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{source}: not a folder or a readable text list of image paths ({exc})") from exc
         paths = [line.strip() for line in lines]
-        return [p if p.is_absolute() else source.parent / p
-                for p in (Path(s) for s in paths if s and not s.startswith("#"))]
+        return [
+            p if p.is_absolute() else source.parent / p for p in (Path(s) for s in paths if s and not s.startswith("#"))
+        ]
     raise DataError(f"{source}: no such folder or file")
 
 
@@ -77,7 +74,7 @@ def validate(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]
 @dataclass(frozen=True)
 class ImageGeometry:
     small: bool  # CIFAR stem and training at the images' own size
-    size: int    # typical short side of the sampled images
+    size: int  # typical short side of the sampled images
 
 
 def detect_geometry(paths: Sequence[Path], sample: int = 64) -> ImageGeometry:
@@ -109,8 +106,8 @@ def with_seed(seed: int, fn: Callable, *args):
     (torchvision transforms draw from torch, our GaussianBlur from `random`).
 
     Seeds torch.default_generator alone: torch.manual_seed would also queue a seed for each lazily
-    initialised accelerator, recording a stack trace each time (about 1 ms, a third of the
-    sample's cost on 32 px images), for generators the CPU transforms never use."""
+    initialised accelerator, recording a stack trace each time (a large share of a 32 px sample's
+    cost), for generators the CPU transforms never use."""
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
@@ -186,7 +183,7 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.global_batch]
         local = self.global_batch // self.world_size
-        mine = perm.view(-1, self.world_size, local)[self.start_step:, self.rank]
+        mine = perm.view(-1, self.world_size, local)[self.start_step :, self.rank]
         return mine.reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -232,5 +229,9 @@ def collate_labelled(batch):
     failed = [(b[2], b[1]) for b in batch if b[0] is None]
     if not ok:
         return None, None, None, failed
-    return (torch.stack([b[0] for b in ok]), torch.tensor([b[1] for b in ok], dtype=torch.long),
-            torch.tensor([b[2] for b in ok], dtype=torch.long), failed)
+    return (
+        torch.stack([b[0] for b in ok]),
+        torch.tensor([b[1] for b in ok], dtype=torch.long),
+        torch.tensor([b[2] for b in ok], dtype=torch.long),
+        failed,
+    )

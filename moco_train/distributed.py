@@ -5,6 +5,7 @@ as separate GPUs would); under torch.distributed the batch is gathered from all 
 permuted with a permutation broadcast from rank 0, and scattered back, exactly as in the official
 facebookresearch/moco code.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,19 @@ def init_process_group(backend: str) -> None:
     env = os.environ
     shared_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if shared_store and int(env.get("GROUP_WORLD_SIZE", "1")) == 1:
-        agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                                    timeout=dist.constants.default_pg_timeout)
+        agent_store = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=dist.constants.default_pg_timeout
+        )
         store = dist.PrefixStore(f"moco_train/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
         dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
         return
     if shared_store and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
-        warnings.warn("torchrun shares its store with the workers across restarts on several nodes; "
-                      "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that a restarted round "
-                      "cannot read a failed round's keys (pytorch/pytorch#135712)", stacklevel=2)
+        warnings.warn(
+            "torchrun shares its store with the workers across restarts on several nodes; "
+            "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun so that a restarted round "
+            "cannot read a failed round's keys (pytorch/pytorch#135712)",
+            stacklevel=2,
+        )
     dist.init_process_group(backend)
 
 
@@ -50,10 +55,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def barrier() -> None:

@@ -1,4 +1,5 @@
 """InstDisc kNN evaluation of an exported encoder on labelled folders (CLI `knn` and the training monitor)."""
+
 from __future__ import annotations
 
 import warnings
@@ -9,26 +10,34 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .data import DataError, LabelledImages, collate_labelled
 from moco_retrieval.export import ExportMeta, embed
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accuracy
 from moco_retrieval.preprocessing import eval_transform
+
+from .data import DataError, LabelledImages, collate_labelled
 
 
 @dataclass
 class Features:
     features: torch.Tensor  # (N, D) float32, L2-normalised, on the CPU
-    labels: torch.Tensor    # (N,) int64 class indices
+    labels: torch.Tensor  # (N,) int64 class indices
     paths: list[Path]
     classes: list[str]
 
 
-def extract_features(model: nn.Module, meta: ExportMeta, root: str | Path, batch_size: int = 256,
-                     workers: int = 0) -> Features:
+def extract_features(
+    model: nn.Module, meta: ExportMeta, root: str | Path, batch_size: int = 256, workers: int = 0
+) -> Features:
     """Embed every decodable image of a labelled folder with the export's own preprocessing."""
     dataset = LabelledImages(root, eval_transform(meta.preprocessing))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_labelled, generator=torch.Generator())  # leaves the global RNG alone
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_labelled,
+        generator=torch.Generator(),
+    )  # leaves the global RNG alone
     feats, labels, indices = [], [], []
     for images, targets, idx, failed in loader:
         for i, reason in failed:
@@ -53,14 +62,23 @@ class KnnResult:
     queries: Features
 
 
-def knn_evaluate(model: nn.Module, meta: ExportMeta, bank_dir: str | Path, queries_dir: str | Path,
-                 k: int = DEFAULT_K, tau: float = DEFAULT_TAU, batch_size: int = 256, workers: int = 0) -> KnnResult:
+def knn_evaluate(
+    model: nn.Module,
+    meta: ExportMeta,
+    bank_dir: str | Path,
+    queries_dir: str | Path,
+    k: int = DEFAULT_K,
+    tau: float = DEFAULT_TAU,
+    batch_size: int = 256,
+    workers: int = 0,
+) -> KnnResult:
     """Top-1/top-5 of the InstDisc weighted kNN: queries voted by their k nearest bank images."""
     bank = extract_features(model, meta, bank_dir, batch_size, workers)
     queries = extract_features(model, meta, queries_dir, batch_size, workers)
     if bank.classes != queries.classes:
         raise DataError(f"the bank's classes {bank.classes} differ from the queries' classes {queries.classes}")
-    scores = knn_classify(queries.features, bank.features, bank.labels, len(bank.classes), k=k, tau=tau,
-                          chunk_size=batch_size)
+    scores = knn_classify(
+        queries.features, bank.features, bank.labels, len(bank.classes), k=k, tau=tau, chunk_size=batch_size
+    )
     acc = topk_accuracy(scores, queries.labels)
     return KnnResult(acc["top1"], acc["top5"], scores.argmax(dim=1), bank, queries)

@@ -4,38 +4,41 @@ Each child runs the same command line with RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_W
 free MASTER_PORT on 127.0.0.1 set; if one exits with an error the others are stopped. For several
 machines, elastic restarts (--max-restarts) or rendezvous options, use torchrun itself.
 """
+
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from .data import DataError
+from moco_retrieval.net import free_port
 
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the rendezvous store binds it next)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .config import ConfigError
 
 
 def launch(argv: list[str], nproc: int, device: str, batch_size: int) -> int:
     """Run `python -m moco_train ARGV` as ranks 0..nproc-1; the exit status of the first to fail, else 0."""
     import torch
+
     if nproc < 1:
-        raise DataError("--nproc must be at least 1")
+        raise ConfigError("--nproc must be at least 1")
     if batch_size % nproc:
-        raise DataError(f"batch size {batch_size} is not divisible by {nproc} processes")
+        raise ConfigError(f"batch size {batch_size} is not divisible by {nproc} processes")
     if device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise DataError(f"--nproc {nproc} exceeds the {torch.cuda.device_count()} visible GPUs")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
-    procs = [subprocess.Popen([sys.executable, "-m", "moco_train", *argv],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+        raise ConfigError(f"--nproc {nproc} exceeds the {torch.cuda.device_count()} visible GPUs")
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "moco_train", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(nproc)
+    ]
     try:
         while True:
             codes = [p.poll() for p in procs]

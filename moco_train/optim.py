@@ -1,9 +1,10 @@
 """Optimisers and per-step schedules: SGD, LARS and AdamW; lr warm-up then cosine (or steps); the key
 encoder momentum's cosine ramp to 1 (MoCo v3, BYOL)."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -15,10 +16,17 @@ class LARS(torch.optim.Optimizer):
     (the 1-D tensors) get neither the rescaling nor weight decay. The momentum buffer `mu` is
     optimizer state, so checkpoints resume it exactly."""
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:
@@ -30,8 +38,11 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (u_norm > 0),
+                        group["trust_coefficient"] * w_norm / u_norm,
+                        torch.ones_like(w_norm),
+                    )
                     update = update.mul(trust)
                 state = self.state[p]
                 if "mu" not in state:
@@ -40,8 +51,9 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["mu"], alpha=-group["lr"])
 
 
-def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float,
-                    momentum: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, params: list[nn.Parameter], lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
@@ -51,8 +63,9 @@ def build_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_dec
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def lr_factor(step: int, total_steps: int, steps_per_epoch: int, warmup_epochs: float, cos: bool,
-              schedule: list[int]) -> float:
+def lr_factor(
+    step: int, total_steps: int, steps_per_epoch: int, warmup_epochs: float, cos: bool, schedule: list[int]
+) -> float:
     """The lr multiplier at a step: linear warm-up from 0 over warmup_epochs, then a half-cosine to
     0 over the remaining steps (cos), or x0.1 at each `schedule` epoch (MoCo v1's step schedule)."""
     warmup = warmup_epochs * steps_per_epoch

@@ -1,5 +1,6 @@
 """Continued pretraining (`moco-train train --init FILE`): f_q and f_k start from weights that were
 pretrained elsewhere, e.g. on a bigger corpus, instead of a random initialisation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from moco_retrieval.architectures import head_prefix
+
 from .checkpoint import CheckpointError, encoder_weights, load_file
 
 
@@ -21,8 +23,10 @@ def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bo
         raise CheckpointError(f"{path}: holds a {weights.arch}, but this run trains a {arch} (use -a {weights.arch})")
     if weights.cifar_stem != cifar_stem:
         stem = {True: "the CIFAR stem (3x3 conv, no max-pool)", False: "the standard stem (7x7 conv, max-pool)"}
-        raise CheckpointError(f"{path}: was trained with {stem[weights.cifar_stem]}, but this run uses "
-                              f"{stem[cifar_stem]}; set --cifar-stem or --crop-size to match")
+        raise CheckpointError(
+            f"{path}: was trained with {stem[weights.cifar_stem]}, but this run uses "
+            f"{stem[cifar_stem]}; set --cifar-stem or --crop-size to match"
+        )
     own = encoder.state_dict()
     prefix = head_prefix(arch)
     head = {k: v for k, v in weights.state.items() if k.startswith(prefix)}
@@ -36,5 +40,8 @@ def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bo
     missing = [k for k in missing if k not in own_head]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return f"{weights.source}: backbone and projection head" if head_fits else \
-        f"{weights.source}: backbone (projection head re-initialised)"
+    return (
+        f"{weights.source}: backbone and projection head"
+        if head_fits
+        else f"{weights.source}: backbone (projection head re-initialised)"
+    )

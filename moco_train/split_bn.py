@@ -1,4 +1,5 @@
 """Split BatchNorm: MoCo's shuffle-BN on one device (BatchNorm in groups, as separate GPUs would)."""
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         running_mean = self.running_mean.repeat(splits)
         running_var = self.running_var.repeat(splits)
         out = F.batch_norm(
-            grouped, running_mean, running_var,
-            self.weight.repeat(splits), self.bias.repeat(splits),
-            True, self.momentum if self.momentum is not None else 0.1, self.eps,
+            grouped,
+            running_mean,
+            running_var,
+            self.weight.repeat(splits),
+            self.bias.repeat(splits),
+            True,
+            self.momentum if self.momentum is not None else 0.1,
+            self.eps,
         )
         with torch.no_grad():
             self.running_mean.copy_(running_mean.view(splits, c).mean(0))

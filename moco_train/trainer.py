@@ -1,4 +1,5 @@
 """The MoCo training loop: device and precision, schedule, progress/JSON logging, checkpoint cadence, resume."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,47 +22,37 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from moco_retrieval.devices import cpu_has_native_bf16, resolve_device
+from moco_retrieval.export import export_model
+from moco_retrieval.preprocessing import Preprocessing, is_small
+from moco_retrieval.vit import VIT_ARCHS
+
 from . import distributed
 from .builder import BN_MODES, MoCo, build_encoder
 from .builder_v3 import MoCoV3, build_base_encoder
-from .checkpoint import CHECKPOINT_FORMAT, find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state, to_export
-from .config import COMPILE_MIN_STEPS, TrainConfig, auto_queue_size, resolve
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    to_export,
+)
+from .config import COMPILE_MIN_STEPS, ConfigError, TrainConfig, auto_queue_size, resolve
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
-from moco_retrieval.export import export_model
-from .pretrained import init_encoder
 from .optim import build_optimizer, cosine_momentum, lr_factor
-from moco_retrieval.preprocessing import Preprocessing, is_small
+from .pretrained import init_encoder
 from .transforms import TwoCropsTransform, train_augmentation, v3_augmentations
-from moco_retrieval.vit import VIT_ARCHS
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda requested but no CUDA device is available")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in /proc/cpuinfo (elsewhere CPU bf16 is emulated and slower than float32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32. auto: bf16 on GPUs that support it, else fp16 (with
-    GradScaler); on the CPU bf16 where the CPU computes it natively (measured on this AVX512-BF16
-    machine, ResNet-18 CIFAR stem, batch 64: about 35-55 img/s with bf16 vs 25-32 img/s float32;
-    channels_last gave no consistent gain), else float32."""
+    GradScaler); on the CPU bf16 where the CPU computes it natively (faster than float32 there),
+    else float32 (emulated bf16 is far slower; the README's training results)."""
     if amp == "off":
         return None
     if amp == "auto":
@@ -69,7 +60,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
     if amp == "fp16" and device.type != "cuda":
-        raise DataError("--amp fp16 needs a CUDA device (use bf16 on the CPU)")
+        raise ConfigError("--amp fp16 needs a CUDA device (use bf16 on the CPU)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -80,7 +71,7 @@ def resolve_compile(mode: str, steps: int) -> bool:
         compilers = (os.environ.get("CC", "cc"), "gcc", "clang")
         return steps >= COMPILE_MIN_STEPS and any(shutil.which(cc) for cc in compilers)
     if mode not in ("on", "off"):
-        raise DataError("--compile must be auto, on or off")
+        raise ConfigError("--compile must be auto, on or off")
     return mode == "on"
 
 
@@ -108,11 +99,11 @@ def resolve_bn(bn: str, bn_splits: int, world_size: int) -> tuple[str, int]:
     (the official code's per-GPU BN, literally)."""
     mode = "split" if bn == "auto" else bn
     if mode not in BN_MODES:
-        raise DataError(f"--bn must be auto or one of {', '.join(BN_MODES)}")
+        raise ConfigError(f"--bn must be auto or one of {', '.join(BN_MODES)}")
     if mode != "split" or world_size >= bn_splits:
         return mode, 1
     if bn_splits % world_size:
-        raise DataError(f"--bn-splits {bn_splits} is not divisible by the {world_size} processes")
+        raise ConfigError(f"--bn-splits {bn_splits} is not divisible by the {world_size} processes")
     return mode, bn_splits // world_size
 
 
@@ -145,11 +136,13 @@ class Trainer:
         # v3 has no queue and no key shuffle: plain BatchNorm in the backbone, global BN in its MLPs.
         self.bn, self.local_bn_splits = ("none", 1) if cfg.moco_v3 else resolve_bn(cfg.bn, cfg.bn_splits, self.world)
         if cfg.batch_size % self.world:
-            raise DataError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
+            raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
         if self.local_batch % self.local_bn_splits:
-            raise DataError(f"--bn split needs the per-process batch ({self.local_batch}) divisible by its "
-                            f"{self.local_bn_splits} BatchNorm groups (--bn-splits {cfg.bn_splits})")
+            raise ConfigError(
+                f"--bn split needs the per-process batch ({self.local_batch}) divisible by its "
+                f"{self.local_bn_splits} BatchNorm groups (--bn-splits {cfg.bn_splits})"
+            )
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -175,19 +168,23 @@ class Trainer:
         input_size = cfg.crop_size or (geometry.size if geometry.small else 224)
         if cfg.arch in VIT_ARCHS:
             if not cfg.moco_v3:
-                raise DataError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3")
+                raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3")
             vit_size = VIT_ARCHS[cfg.arch].img_size
             if cfg.crop_size not in (None, vit_size):
-                raise DataError(f"-a {cfg.arch} takes {vit_size} px crops, not --crop-size {cfg.crop_size}")
+                raise ConfigError(f"-a {cfg.arch} takes {vit_size} px crops, not --crop-size {cfg.crop_size}")
             input_size = vit_size
         # The stem follows the crop the network sees, not the files: large photos trained at
         # --crop-size 64 need the CIFAR stem too, or the last feature map is 2x2.
         self.cifar_stem = cfg.arch not in VIT_ARCHS and (
-            is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on")
+            is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on"
+        )
         self.preprocessing = Preprocessing.for_input_size(input_size)
         self.recipe = resolve(cfg, is_small(input_size))
-        transform = TwoCropsTransform(*v3_augmentations(self.preprocessing)) if cfg.moco_v3 else \
-            TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
+        transform = (
+            TwoCropsTransform(*v3_augmentations(self.preprocessing))
+            if cfg.moco_v3
+            else TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
+        )
         self.dataset = UnlabeledImages(good, transform, cfg.seed)
         self.sampler = EpochSampler(len(good), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -200,22 +197,37 @@ class Trainer:
         cfg, recipe = self.cfg, self.recipe
         if cfg.moco_v3:
             self.moco_k = None
-            encoder = build_base_encoder(cfg.arch, recipe.moco_dim, cfg.moco_mlp_dim, self.cifar_stem,
-                                         cfg.stop_grad_conv1)
+            encoder = build_base_encoder(
+                cfg.arch, recipe.moco_dim, cfg.moco_mlp_dim, self.cifar_stem, cfg.stop_grad_conv1
+            )
         else:
             keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
             self.moco_k = cfg.moco_k or auto_queue_size(len(self.dataset), keys_per_step)
             if self.moco_k < keys_per_step:
-                raise DataError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
-            encoder = build_encoder(cfg.arch, recipe.moco_dim, cfg.mlp, self.cifar_stem,
-                                    bn_splits=self.local_bn_splits, sync_bn=self.bn == "sync")
+                raise ConfigError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
+            encoder = build_encoder(
+                cfg.arch,
+                recipe.moco_dim,
+                cfg.mlp,
+                self.cifar_stem,
+                bn_splits=self.local_bn_splits,
+                sync_bn=self.bn == "sync",
+            )
         self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem) if cfg.init else "random"
         if cfg.moco_v3:
-            self.model = MoCoV3(encoder, dim=recipe.moco_dim, mlp_dim=cfg.moco_mlp_dim, T=recipe.moco_t,
-                                m=recipe.moco_m).to(self.device)
+            self.model = MoCoV3(
+                encoder, dim=recipe.moco_dim, mlp_dim=cfg.moco_mlp_dim, T=recipe.moco_t, m=recipe.moco_m
+            ).to(self.device)
         else:
-            self.model = MoCo(encoder, dim=recipe.moco_dim, K=self.moco_k, m=recipe.moco_m, T=recipe.moco_t,
-                              symmetric=cfg.symmetric, shuffle_keys=self.bn in ("split", "shuffle")).to(self.device)
+            self.model = MoCo(
+                encoder,
+                dim=recipe.moco_dim,
+                K=self.moco_k,
+                m=recipe.moco_m,
+                T=recipe.moco_t,
+                symmetric=cfg.symmetric,
+                shuffle_keys=self.bn in ("split", "shuffle"),
+            ).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.compiled = resolve_compile(cfg.compile, self.total_steps)
@@ -232,25 +244,46 @@ class Trainer:
             # identical on all ranks by construction (gathered keys) and would cost K x dim floats
             # per step, and BN running statistics are not used in training (rank 0's are
             # checkpointed and exported).
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False,
-                                                           find_unused_parameters=False,
-                                                           gradient_as_bucket_view=True)
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=ids,
+                forward_sync_buffers=False,
+                find_unused_parameters=False,
+                gradient_as_bucket_view=True,
+            )
         params = [p for p in self.model.parameters() if p.requires_grad]  # not f_k, nor a frozen patch projection
         self.optimizer = build_optimizer(recipe.optimizer, params, recipe.lr, recipe.weight_decay, cfg.momentum)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_factor, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-            warmup_epochs=recipe.warmup_epochs, cos=cfg.cos or cfg.moco_v3, schedule=cfg.schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            partial(
+                lr_factor,
+                total_steps=self.total_steps,
+                steps_per_epoch=self.steps_per_epoch,
+                warmup_epochs=recipe.warmup_epochs,
+                cos=cfg.cos or cfg.moco_v3,
+                schedule=cfg.schedule,
+            ),
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "rng": rng_state(), "args": self.cfg.to_dict(), "arch": self.cfg.arch, "cifar_stem": self.cifar_stem,
-            "moco_k": self.moco_k, "recipe": asdict(self.recipe), "preprocessing": self.preprocessing.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "rng": rng_state(),
+            "args": self.cfg.to_dict(),
+            "arch": self.cfg.arch,
+            "cifar_stem": self.cifar_stem,
+            "moco_k": self.moco_k,
+            "recipe": asdict(self.recipe),
+            "preprocessing": self.preprocessing.to_dict(),
         }
 
     def save(self) -> None:
@@ -275,7 +308,7 @@ class Trainer:
         try:
             self.model.load_state_dict(blob["model"])
         except RuntimeError as exc:
-            raise DataError(f"{path}: does not match this model ({str(exc).splitlines()[0]})") from exc
+            raise CheckpointError(f"{path}: does not match this model ({str(exc).splitlines()[0]})") from exc
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.scaler.load_state_dict(blob["scaler"])
@@ -324,11 +357,18 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
         if self.loader is None:
             workers = self.cfg.workers
-            self.loader = DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler,
-                                     num_workers=workers, collate_fn=collate_pairs, drop_last=True,
-                                     pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                                     prefetch_factor=4 if workers > 0 else None,
-                                     generator=torch.Generator().manual_seed(self.cfg.seed))
+            self.loader = DataLoader(
+                self.dataset,
+                batch_size=self.local_batch,
+                sampler=self.sampler,
+                num_workers=workers,
+                collate_fn=collate_pairs,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+            )
         return self.loader
 
     def knn_monitor(self) -> dict[str, float]:
@@ -341,8 +381,15 @@ class Trainer:
         try:
             blob = to_export({"format": CHECKPOINT_FORMAT, **self.state()}, "training")
             model, meta = export_model(blob, device=self.device)
-            result = knn_evaluate(model, meta, self.cfg.knn_bank, self.cfg.knn_queries, k=self.cfg.knn_k,
-                                  tau=self.cfg.knn_t, workers=self.cfg.workers)
+            result = knn_evaluate(
+                model,
+                meta,
+                self.cfg.knn_bank,
+                self.cfg.knn_queries,
+                k=self.cfg.knn_k,
+                tau=self.cfg.knn_t,
+                workers=self.cfg.workers,
+            )
         finally:
             set_rng_state(saved)
         return {"knn_top1": result.top1, "knn_top5": result.top5}
@@ -352,12 +399,25 @@ class Trainer:
         self.log = JsonLog(self.run_dir / "log.jsonl", self.main)
         if cfg.resume:
             self.resume(cfg.resume)
-        self.log.write(event="start", images=len(self.dataset), skipped=len(self.skipped), moco_k=self.moco_k,
-                       method="v3" if cfg.moco_v3 else "v1/v2", **asdict(self.recipe),
-                       cifar_stem=self.cifar_stem, input_size=self.preprocessing.input_size,
-                       device=str(self.device), amp=str(self.amp_dtype), compiled=self.compiled,
-                       world_size=self.world, bn=self.bn, bn_groups=self.local_bn_splits * self.world, init=self.init_source,
-                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        self.log.write(
+            event="start",
+            images=len(self.dataset),
+            skipped=len(self.skipped),
+            moco_k=self.moco_k,
+            method="v3" if cfg.moco_v3 else "v1/v2",
+            **asdict(self.recipe),
+            cifar_stem=self.cifar_stem,
+            input_size=self.preprocessing.input_size,
+            device=str(self.device),
+            amp=str(self.amp_dtype),
+            compiled=self.compiled,
+            world_size=self.world,
+            bn=self.bn,
+            bn_groups=self.local_bn_splits * self.world,
+            init=self.init_source,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+        )
         summary: dict[str, Any] = {}
         self.model.train()
         while self.global_step < self.total_steps:
@@ -370,8 +430,13 @@ class Trainer:
     def _epoch(self) -> dict[str, Any]:
         cfg = self.cfg
         steps_left = min(self.steps_per_epoch - self.step_in_epoch, self.total_steps - self.global_step)
-        bar = tqdm(total=steps_left, desc=f"epoch {self.epoch}", disable=not (self.main and cfg.progress),
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=steps_left,
+            desc=f"epoch {self.epoch}",
+            disable=not (self.main and cfg.progress),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         sums, n, images, start = {"loss": 0.0, "acc": 0.0}, 0, 0, time.perf_counter()
         for im_q, im_k, failed in self._loader():
             self._report_failures(failed)
@@ -385,8 +450,12 @@ class Trainer:
             rate = images / (time.perf_counter() - start)
             self.log.write(event="step", epoch=self.epoch, step=self.global_step, img_per_s=round(rate, 2), **metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.1f}",
-                            lr=f"{metrics['lr']:.4g}", img_s=f"{rate:.1f}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                acc=f"{metrics['acc']:.1f}",
+                lr=f"{metrics['lr']:.4g}",
+                img_s=f"{rate:.1f}",
+            )
             done = self.global_step >= self.total_steps
             if self.step_in_epoch == self.steps_per_epoch or done:
                 break
@@ -394,14 +463,23 @@ class Trainer:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start
-        summary: dict[str, Any] = {"epoch": self.epoch, "loss": sums["loss"] / max(n, 1),
-                                   "acc": sums["acc"] / max(n, 1), "img_per_s": images / elapsed,
-                                   "seconds": elapsed, "load_failures": len(self.load_failures)}
+        summary: dict[str, Any] = {
+            "epoch": self.epoch,
+            "loss": sums["loss"] / max(n, 1),
+            "acc": sums["acc"] / max(n, 1),
+            "img_per_s": images / elapsed,
+            "seconds": elapsed,
+            "load_failures": len(self.load_failures),
+        }
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save()
-        if self.main and cfg.knn_bank and cfg.knn_queries and (
-                self.epoch % cfg.knn_every == 0 or self.global_step >= self.total_steps):
+        if (
+            self.main
+            and cfg.knn_bank
+            and cfg.knn_queries
+            and (self.epoch % cfg.knn_every == 0 or self.global_step >= self.total_steps)
+        ):
             summary.update(self.knn_monitor())
         self.log.write(event="epoch", step=self.global_step, **summary)
         if self.main:

@@ -1,4 +1,5 @@
 """MoCo's training augmentations (the evaluation preprocessing is moco_retrieval.preprocessing)."""
+
 from __future__ import annotations
 
 import random
@@ -8,6 +9,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from moco_retrieval.preprocessing import Preprocessing, is_small
+
 
 class GaussianBlur:
     """Gaussian blur with sigma drawn from [sigma_min, sigma_max], as in SimCLR / MoCo v2."""
@@ -60,10 +62,13 @@ def v3_augmentations(p: Preprocessing) -> tuple[T.Compose, T.Compose]:
     jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, flip; Gaussian blur always on the first
     view and with p 0.1 on the second, which is solarized with p 0.2. Small crops get no blur (see
     train_augmentation)."""
+
     def view(blur: float, solarize: float) -> T.Compose:
-        ops = [T.RandomResizedCrop(p.input_size, scale=(0.08, 1.0)),
-               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-               T.RandomGrayscale(p=0.2)]
+        ops = [
+            T.RandomResizedCrop(p.input_size, scale=(0.08, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
         if not is_small(p.input_size):
             ops.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=blur))
         if solarize:

@@ -1,7 +1,29 @@
 """Client library and CLI for the retrieval service (retrieval.v1)."""
-from .aio import AsyncRetrievalClient
-from .client import (Classification, ItemFailure, Neighbor, Proposal, RetrievalClient, RetrievalError,
-                     ServerInfo, StoredItem, UpsertItem, UpsertResult)
 
-__all__ = ["AsyncRetrievalClient", "Classification", "ItemFailure", "Neighbor", "Proposal", "RetrievalClient", "RetrievalError",
-           "ServerInfo", "StoredItem", "UpsertItem", "UpsertResult"]
+from .aio import AsyncRetrievalClient
+from .client import (
+    Classification,
+    ItemFailure,
+    Neighbor,
+    Proposal,
+    RetrievalClient,
+    RetrievalError,
+    ServerInfo,
+    StoredItem,
+    UpsertItem,
+    UpsertResult,
+)
+
+__all__ = [
+    "AsyncRetrievalClient",
+    "Classification",
+    "ItemFailure",
+    "Neighbor",
+    "Proposal",
+    "RetrievalClient",
+    "RetrievalError",
+    "ServerInfo",
+    "StoredItem",
+    "UpsertItem",
+    "UpsertResult",
+]

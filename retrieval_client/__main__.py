@@ -1,4 +1,5 @@
 """`python -m retrieval_client` is `retrieval-client`."""
+
 from .cli import main
 
 raise SystemExit(main())

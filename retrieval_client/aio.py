@@ -4,20 +4,33 @@ The unary methods are the very ones of the blocking client (the shared Op genera
 retrieval_client.client, awaited here), and upsert_many drives the same _UpsertSession (batching, the
 message-size check, acknowledgements, resending, backoff); only the transport differs.
 """
+
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterable, Sequence
 
 import grpc
 from grpc import aio
 
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 
-from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Classification, ItemFailure, Op, Proposal,
-                     RetrievalError, UpsertItem, UpsertResult, _BatchSource, _ClientBase, _proposal,
-                     _UpsertSession)
+from .client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT,
+    Classification,
+    ItemFailure,
+    Op,
+    Proposal,
+    RetrievalError,
+    UpsertItem,
+    UpsertResult,
+    _BatchSource,
+    _ClientBase,
+    _proposal,
+    _UpsertSession,
+)
 
 
 class AsyncRetrievalClient(_ClientBase):
@@ -26,14 +39,22 @@ class AsyncRetrievalClient(_ClientBase):
     `items` of upsert_many is an ordinary iterable, read in a worker thread (it may read files).
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
-                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        token: str | None = None,
+        tls: bool | str | Path = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
         super().__init__(address, token, tls, timeout)
-        self._channel = (aio.secure_channel(address, self._credentials, self._options)
-                         if self._credentials is not None else aio.insecure_channel(address, self._options))
+        self._channel = (
+            aio.secure_channel(address, self._credentials, self._options)
+            if self._credentials is not None
+            else aio.insecure_channel(address, self._options)
+        )
         self._stub = pb_grpc.RetrievalStub(self._channel)
 
-    async def __aenter__(self) -> "AsyncRetrievalClient":
+    async def __aenter__(self) -> AsyncRetrievalClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -53,8 +74,9 @@ class AsyncRetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    async def classify_many(self, queries: Sequence[dict], k: int | None = None, tau: float | None = None,
-                            workers: int = 8) -> list[Classification]:
+    async def classify_many(
+        self, queries: Sequence[dict], k: int | None = None, tau: float | None = None, workers: int = 8
+    ) -> list[Classification]:
         """At most `workers` concurrent classify calls; results in input order."""
         slots = asyncio.Semaphore(max(1, workers))
 
@@ -64,8 +86,9 @@ class AsyncRetrievalClient(_ClientBase):
 
         return list(await asyncio.gather(*(one(q) for q in queries)))
 
-    async def label_corpus(self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0,
-                           apply: bool = False) -> AsyncIterator[Proposal]:
+    async def label_corpus(
+        self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0, apply: bool = False
+    ) -> AsyncIterator[Proposal]:
         request = self._label_corpus_request(k, tau, min_confidence, apply)
         try:
             async for p in self._stub.LabelCorpus(request, metadata=self._metadata):
@@ -73,8 +96,13 @@ class AsyncRetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    async def upsert_many(self, items: Iterable[UpsertItem], batch_size: int = 64, max_in_flight: int = 4,
-                          on_ack: Callable[[int, list[ItemFailure]], None] | None = None) -> UpsertResult:
+    async def upsert_many(
+        self,
+        items: Iterable[UpsertItem],
+        batch_size: int = 64,
+        max_in_flight: int = 4,
+        on_ack: Callable[[int, list[ItemFailure]], None] | None = None,
+    ) -> UpsertResult:
         """See RetrievalClient.upsert_many."""
         info = await self._run(self._limits())
         session = _UpsertSession(_BatchSource(items, batch_size, self._max_payload(info)), on_ack, self)

@@ -3,6 +3,7 @@
 Errors are one line on stderr with exit status 1 (2 for usage errors); connection settings come
 from flags or RETRIEVAL_ADDRESS / RETRIEVAL_TOKEN / RETRIEVAL_TLS_CA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,17 +15,17 @@ import os
 import random
 import secrets
 import sys
-import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
 
-from moco_retrieval.images import is_image_path
+from moco_retrieval.fileio import atomic_open
+from moco_retrieval.images import image_files
 
-from .client import (DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError,
-                     UpsertItem)
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError, UpsertItem
 from .sheet import Tile, load_thumbnail, write_sheet
 
 PROG = "retrieval-client"
@@ -36,11 +37,12 @@ class CommandError(Exception):
 
 # ---- shared helpers ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ImageFile:
     path: Path
-    rel: str      # path relative to the walked folder, POSIX separators
-    label: str    # name of the parent folder ("" for files at the top)
+    rel: str  # path relative to the walked folder, POSIX separators
+    label: str  # name of the parent folder ("" for files at the top)
 
 
 def walk_images(root: Path) -> list[ImageFile]:
@@ -48,7 +50,7 @@ def walk_images(root: Path) -> list[ImageFile]:
     if not root.is_dir():
         raise CommandError(f"{root}: not a directory")
     files = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_path(p)):
+    for path in image_files(root):
         rel = path.relative_to(root).as_posix()
         files.append(ImageFile(path, rel, path.parent.name if "/" in rel else ""))
     return files
@@ -83,6 +85,7 @@ def shown_label(label: str, predicted: str) -> str:
 
 # ---- commands ---------------------------------------------------------------------------------
 
+
 @dataclass
 class IndexPlan:
     """What `index` must upload: (id, file) pairs not stored unchanged, and what it leaves out."""
@@ -111,9 +114,15 @@ def plan_index(client: RetrievalClient, files: list[ImageFile], id_from: str, wi
             continue
         by_id[item_id] = (f, digest)
     stored = {s.id: s for s in client.get(list(by_id), ignore_missing=True)}
-    todo = [(i, f) for i, (f, digest) in by_id.items()
-            if not ((s := stored.get(i)) is not None and s.metadata.get("sha256") == digest
-                    and (not with_labels or s.label == f.label))]
+    todo = [
+        (i, f)
+        for i, (f, digest) in by_id.items()
+        if not (
+            (s := stored.get(i)) is not None
+            and s.metadata.get("sha256") == digest
+            and (not with_labels or s.label == f.label)
+        )
+    ]
     return IndexPlan(todo, len(by_id) - len(todo), duplicates, failed)
 
 
@@ -129,8 +138,12 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
             except OSError as exc:
                 read_errors.append((f.rel, f"cannot read: {exc.strerror or exc}"))
                 continue
-            yield UpsertItem(id=item_id, image=data, label=f.label if args.labels_from_folders else "",
-                             metadata={"uri": f.path.resolve().as_uri(), "sha256": hashlib.sha256(data).hexdigest()})
+            yield UpsertItem(
+                id=item_id,
+                image=data,
+                label=f.label if args.labels_from_folders else "",
+                metadata={"uri": f.path.resolve().as_uri(), "sha256": hashlib.sha256(data).hexdigest()},
+            )
 
     rel_of = {item_id: f.rel for item_id, f in todo}
     upload_failures: list[ItemFailure] = []
@@ -148,12 +161,14 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
     try:
         client.upsert_many(items(), batch_size=args.batch_size, on_ack=on_ack)
     except RetrievalError as exc:
-        raise CommandError(f"{exc}; {indexed} images were indexed before the error, "
-                           "run the same command again to resume") from None
+        raise CommandError(
+            f"{exc}; {indexed} images were indexed before the error, run the same command again to resume"
+        ) from None
     finally:
         bar.close()
-    failed = plan.failed + read_errors + [(rel_of.get(x.id, x.id), f"{x.code.name}: {x.message}")
-                                          for x in upload_failures]
+    failed = (
+        plan.failed + read_errors + [(rel_of.get(x.id, x.id), f"{x.code.name}: {x.message}") for x in upload_failures]
+    )
     summary = f"indexed {indexed}, skipped {plan.skipped} (already stored unchanged)"
     if plan.duplicates:
         summary += f", {plan.duplicates} duplicate files"
@@ -165,20 +180,30 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
     image = read_image(args.image) if args.image else None
-    neighbors = client.search(image=image, id=args.id, k=args.k, labels=args.label or (),
-                              min_score=args.min_score)
-    print_table(["rank", "id", "score", "label", "uri"],
-                [(r, n.id, f"{n.score:.4f}", shown_label(n.label, n.predicted_label), n.metadata.get("uri", ""))
-                 for r, n in enumerate(neighbors, 1)])
+    neighbors = client.search(image=image, id=args.id, k=args.k, labels=args.label or (), min_score=args.min_score)
+    print_table(
+        ["rank", "id", "score", "label", "uri"],
+        [
+            (r, n.id, f"{n.score:.4f}", shown_label(n.label, n.predicted_label), n.metadata.get("uri", ""))
+            for r, n in enumerate(neighbors, 1)
+        ],
+    )
     if args.sheet:
         if image is not None:
             query = Tile(load_thumbnail(image), "query", Path(args.image).name)
         else:
             item = client.get([args.id])[0]
-            query = Tile(load_thumbnail(item.metadata.get("uri")), "query",
-                         f"{item.id} {shown_label(item.label, item.predicted_label)}")
-        tiles = [query] + [Tile(load_thumbnail(n.metadata.get("uri")), n.id,
-                                f"{n.score:.3f} {shown_label(n.label, n.predicted_label)}") for n in neighbors]
+            query = Tile(
+                load_thumbnail(item.metadata.get("uri")),
+                "query",
+                f"{item.id} {shown_label(item.label, item.predicted_label)}",
+            )
+        tiles = [query] + [
+            Tile(
+                load_thumbnail(n.metadata.get("uri")), n.id, f"{n.score:.3f} {shown_label(n.label, n.predicted_label)}"
+            )
+            for n in neighbors
+        ]
         try:
             path = write_sheet(args.sheet, tiles, title=f"Neighbours of {args.image or args.id}")
         except (ValueError, OSError) as exc:
@@ -191,18 +216,32 @@ def cmd_classify(client: RetrievalClient, args: argparse.Namespace) -> int:
     images = [read_image(p) for p in args.images]
     results = client.classify_many([{"image": b} for b in images], k=args.k, tau=args.tau, workers=args.workers)
     if args.json:
-        json.dump([{"image": p, "label": r.label, "confidence": r.confidence, "scores": dict(r.scores)}
-                   for p, r in zip(args.images, results)], sys.stdout, indent=2)
+        json.dump(
+            [
+                {"image": p, "label": r.label, "confidence": r.confidence, "scores": dict(r.scores)}
+                for p, r in zip(args.images, results)
+            ],
+            sys.stdout,
+            indent=2,
+        )
         print()
     elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["image", "label", "confidence"])
         writer.writerows([p, r.label, f"{r.confidence:.6f}"] for p, r in zip(args.images, results))
     else:
-        print_table(["image", "label", "confidence", "runner-up"],
-                    [(p, r.label, f"{r.confidence:.4f}",
-                      f"{r.scores[1][0]} {r.scores[1][1]:.4f}" if len(r.scores) > 1 else "")
-                     for p, r in zip(args.images, results)])
+        print_table(
+            ["image", "label", "confidence", "runner-up"],
+            [
+                (
+                    p,
+                    r.label,
+                    f"{r.confidence:.4f}",
+                    f"{r.scores[1][0]} {r.scores[1][1]:.4f}" if len(r.scores) > 1 else "",
+                )
+                for p, r in zip(args.images, results)
+            ],
+        )
     return 0
 
 
@@ -243,8 +282,11 @@ def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
             writer.writerow([p.id, p.label, f"{p.confidence:.6f}"])
             count += 1
     applied = " and applied as predicted labels" if args.apply else " (not applied; add --apply to store them)"
-    print(f"{count} proposals with confidence >= {args.min_confidence:g}{applied}"
-          + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
+    print(
+        f"{count} proposals with confidence >= {args.min_confidence:g}{applied}"
+        + (f", written to {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -254,19 +296,12 @@ def _output(path: str | None) -> Iterator[TextIO]:
     if path is None:
         yield sys.stdout
         return
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, text=True) as f:
+        yield f
 
 
 def parse_shots(text: str) -> list[int | None]:
-    """"1,5,all" -> [1, 5, None]; None means every labelled example."""
+    """ "1,5,all" -> [1, 5, None]; None means every labelled example."""
     shots: list[int | None] = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -286,16 +321,21 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
         raise CommandError("--labelled and --queries must hold images in one folder per class")
     info = client.info()
     if info.labelled_count:
-        print(f"warning: the store already holds {info.labelled_count} human-labelled items; they vote too",
-              file=sys.stderr)
+        print(
+            f"warning: the store already holds {info.labelled_count} human-labelled items; they vote too",
+            file=sys.stderr,
+        )
     run = f"evaluate-{secrets.token_hex(4)}"
     ids = {f"{run}/{f.rel}": f for f in labelled}
     try:
         with tqdm(total=len(ids), desc="uploading", unit="img", file=sys.stderr, disable=None) as bar:
             result = client.upsert_many(
-                (UpsertItem(id=i, image=read_image(f.path), metadata={"uri": f.path.resolve().as_uri()})
-                 for i, f in ids.items()),
-                on_ack=lambda n, failures: bar.update(n + len(failures)))
+                (
+                    UpsertItem(id=i, image=read_image(f.path), metadata={"uri": f.path.resolve().as_uri()})
+                    for i, f in ids.items()
+                ),
+                on_ack=lambda n, failures: bar.update(n + len(failures)),
+            )
         failed = {x.id for x in result.failures}
         for x in result.failures:
             print(f"warning: {ids[x.id].rel} not uploaded: {x.code.name}: {x.message}", file=sys.stderr)
@@ -308,8 +348,11 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
         current: set[str] = set()
         for n in args.shots:
             rng = random.Random(args.seed * 1_000_003 + (n or 0))
-            chosen = {i: label for label, members in sorted(pool.items())
-                      for i in (members if n is None or n >= len(members) else rng.sample(members, n))}
+            chosen = {
+                i: label
+                for label, members in sorted(pool.items())
+                for i in (members if n is None or n >= len(members) else rng.sample(members, n))
+            }
             client.set_labels({**{i: "" for i in current - chosen.keys()}, **chosen})
             current = set(chosen)
             preds = client.classify_many([{"vector": v} for v in vectors], k=args.k, tau=args.tau)
@@ -327,22 +370,34 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 # ---- argument parsing -------------------------------------------------------------------------
 
+
 def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """The global options; on subcommands they default to SUPPRESS so they can follow the command."""
+
     def d(value):
         return value if defaults else argparse.SUPPRESS
+
     g = parser.add_argument_group("connection")
-    g.add_argument("--address", default=d(os.environ.get("RETRIEVAL_ADDRESS", DEFAULT_ADDRESS)),
-                   help=f"server host:port (env RETRIEVAL_ADDRESS, default {DEFAULT_ADDRESS})")
-    g.add_argument("--token", default=d(os.environ.get("RETRIEVAL_TOKEN")),
-                   help="bearer token (env RETRIEVAL_TOKEN)")
+    g.add_argument(
+        "--address",
+        default=d(os.environ.get("RETRIEVAL_ADDRESS", DEFAULT_ADDRESS)),
+        help=f"server host:port (env RETRIEVAL_ADDRESS, default {DEFAULT_ADDRESS})",
+    )
+    g.add_argument("--token", default=d(os.environ.get("RETRIEVAL_TOKEN")), help="bearer token (env RETRIEVAL_TOKEN)")
     g.add_argument("--token-file", default=d(None), help="read the bearer token from this file")
-    g.add_argument("--tls-ca", default=d(os.environ.get("RETRIEVAL_TLS_CA")),
-                   help="use TLS, trusting this PEM root certificate (env RETRIEVAL_TLS_CA)")
+    g.add_argument(
+        "--tls-ca",
+        default=d(os.environ.get("RETRIEVAL_TLS_CA")),
+        help="use TLS, trusting this PEM root certificate (env RETRIEVAL_TLS_CA)",
+    )
     g.add_argument("--tls", action="store_true", default=d(False), help="use TLS with the system roots")
-    g.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT),
-                   help="seconds per call; also how long an unreachable server is retried during index "
-                        f"(default {DEFAULT_TIMEOUT:g})")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=d(DEFAULT_TIMEOUT),
+        help="seconds per call; also how long an unreachable server is retried during index "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's name
         p = sub.add_parser(name, help=help, description=help)
         _connection_options(p, defaults=False)
         p.set_defaults(func=func, parser=p)
@@ -363,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("index", cmd_index, "upload every image under DIR (resumable: unchanged files are skipped)")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--labels-from-folders", action="store_true", help="use each image's folder name as its label")
-    p.add_argument("--id-from", choices=("path", "hash"), default="path",
-                   help="item id: path relative to DIR, or sha256 of the file (default %(default)s)")
+    p.add_argument(
+        "--id-from",
+        choices=("path", "hash"),
+        default="path",
+        help="item id: path relative to DIR, or sha256 of the file (default %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per upsert batch (default %(default)s)")
 
     p = command("search", cmd_search, "the most similar stored items to an image or a stored id")
@@ -405,8 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", cmd_evaluate, "few-shot labelling benchmark: top-1 accuracy of Classify per shot count")
     p.add_argument("--labelled", required=True, metavar="DIR", help="labelled pool, one folder per class")
     p.add_argument("--queries", required=True, metavar="DIR", help="queries, one folder per class")
-    p.add_argument("--shots", type=parse_shots, default=parse_shots("1,5,10,all"),
-                   help="labelled examples per class, comma separated (default 1,5,10,all)")
+    p.add_argument(
+        "--shots",
+        type=parse_shots,
+        default=parse_shots("1,5,10,all"),
+        help="labelled examples per class, comma separated (default 1,5,10,all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the example sampling (default %(default)s)")
     knn_options(p)
     return parser

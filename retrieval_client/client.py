@@ -6,16 +6,18 @@ bidirectional Upsert RPC, keeps at most `max_in_flight` unacknowledged batches, 
 failures without stopping, and on UNAVAILABLE reconnects with exponential backoff and resends only
 the batches the server has not acknowledged.
 """
+
 from __future__ import annotations
 
 import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -47,7 +49,7 @@ class RetrievalError(Exception):
         return f"{self.code.name}: {self.message}"
 
     @classmethod
-    def from_rpc(cls, err: grpc.RpcError, address: str) -> "RetrievalError":
+    def from_rpc(cls, err: grpc.RpcError, address: str) -> RetrievalError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", address)
@@ -164,7 +166,7 @@ def _array(vec: pb.Vector) -> np.ndarray:
     return np.asarray(vec.values, dtype=np.float32)
 
 
-def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[float] | None) -> pb.Query:
+def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[float] | None) -> pb.Query:  # noqa: A002
     given = [x is not None for x in (image, id, vector)]
     if sum(given) != 1:
         raise ValueError("give exactly one of image, id or vector as the query")
@@ -176,20 +178,29 @@ def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[fl
 
 
 def _neighbor(n: pb.Neighbor) -> Neighbor:
-    return Neighbor(id=n.id, score=float(n.score), label=n.label, predicted_label=n.predicted_label,
-                    metadata=dict(n.metadata))
+    return Neighbor(
+        id=n.id, score=float(n.score), label=n.label, predicted_label=n.predicted_label, metadata=dict(n.metadata)
+    )
 
 
 def _stored(item: pb.StoredItem) -> StoredItem:
-    return StoredItem(id=item.id, label=item.label, predicted_label=item.predicted_label,
-                      predicted_confidence=float(item.predicted_confidence), metadata=dict(item.metadata),
-                      embedding=_array(item.embedding) if item.HasField("embedding") else None)
+    return StoredItem(
+        id=item.id,
+        label=item.label,
+        predicted_label=item.predicted_label,
+        predicted_confidence=float(item.predicted_confidence),
+        metadata=dict(item.metadata),
+        embedding=_array(item.embedding) if item.HasField("embedding") else None,
+    )
 
 
 def _classification(r: pb.ClassifyResponse) -> Classification:
-    return Classification(label=r.label, confidence=float(r.confidence),
-                          scores=[(x.label, float(x.score)) for x in r.scores],
-                          neighbors=[_neighbor(n) for n in r.neighbors])
+    return Classification(
+        label=r.label,
+        confidence=float(r.confidence),
+        scores=[(x.label, float(x.score)) for x in r.scores],
+        neighbors=[_neighbor(n) for n in r.neighbors],
+    )
 
 
 def _proposal(p: pb.LabelProposal) -> Proposal:
@@ -198,12 +209,24 @@ def _proposal(p: pb.LabelProposal) -> Proposal:
 
 def _server_info(r: pb.InfoResponse) -> ServerInfo:
     return ServerInfo(
-        model_fingerprint=r.model_fingerprint, arch=r.arch, dim=r.dim, input_size=r.input_size,
-        index_type=r.index_type, index_device=r.index_device, index_gpus=r.index_gpus,
-        item_count=r.item_count, labelled_count=r.labelled_count, label_counts=dict(r.label_counts),
-        max_k=r.max_k, default_k=r.default_k, default_tau=float(r.default_tau),
-        max_batch_size=r.max_batch_size, max_message_bytes=r.max_message_bytes,
-        server_version=r.server_version, model_device=r.model_device)
+        model_fingerprint=r.model_fingerprint,
+        arch=r.arch,
+        dim=r.dim,
+        input_size=r.input_size,
+        index_type=r.index_type,
+        index_device=r.index_device,
+        index_gpus=r.index_gpus,
+        item_count=r.item_count,
+        labelled_count=r.labelled_count,
+        label_counts=dict(r.label_counts),
+        max_k=r.max_k,
+        default_k=r.default_k,
+        default_tau=float(r.default_tau),
+        max_batch_size=r.max_batch_size,
+        max_message_bytes=r.max_message_bytes,
+        server_version=r.server_version,
+        model_device=r.model_device,
+    )
 
 
 def _item_proto(item: UpsertItem) -> pb.Item:
@@ -278,35 +301,55 @@ class _ClientBase:
         return convert((yield method, request))
 
     def delete(self, ids: Sequence[str], ignore_missing: bool = False) -> int:
-        return self._run(self._one("Delete", pb.DeleteRequest(ids=list(ids), ignore_missing=ignore_missing),
-                                   lambda r: r.deleted))
+        return self._run(
+            self._one("Delete", pb.DeleteRequest(ids=list(ids), ignore_missing=ignore_missing), lambda r: r.deleted)
+        )
 
-    def set_labels(self, labels: dict[str, str] | Sequence[tuple[str, str]], predicted: bool = False,
-                   confidences: dict[str, float] | None = None) -> int:
+    def set_labels(
+        self,
+        labels: dict[str, str] | Sequence[tuple[str, str]],
+        predicted: bool = False,
+        confidences: dict[str, float] | None = None,
+    ) -> int:
         """Set (or clear, with "") human labels, or predicted ones when `predicted`."""
         pairs = labels.items() if isinstance(labels, dict) else labels
         conf = confidences or {}
         request = pb.SetLabelsRequest(
             assignments=[pb.LabelAssignment(id=i, label=lab, confidence=conf.get(i, 0.0)) for i, lab in pairs],
-            source=pb.PREDICTED if predicted else pb.HUMAN)
+            source=pb.PREDICTED if predicted else pb.HUMAN,
+        )
         return self._run(self._one("SetLabels", request, lambda r: r.updated))
 
     def _get_op(self, ids: list[str], include_embedding: bool, ignore_missing: bool) -> Op:
         out: list[StoredItem] = []
         for start in range(0, len(ids), _GET_CHUNK):
-            r = yield "Get", pb.GetRequest(ids=ids[start:start + _GET_CHUNK], include_embedding=include_embedding,
-                                           ignore_missing=ignore_missing)
+            r = yield (
+                "Get",
+                pb.GetRequest(
+                    ids=ids[start : start + _GET_CHUNK],
+                    include_embedding=include_embedding,
+                    ignore_missing=ignore_missing,
+                ),
+            )
             out.extend(_stored(i) for i in r.items)
         return out
 
-    def get(self, ids: Sequence[str], include_embedding: bool = False,
-            ignore_missing: bool = False) -> list[StoredItem]:
+    def get(
+        self, ids: Sequence[str], include_embedding: bool = False, ignore_missing: bool = False
+    ) -> list[StoredItem]:
         """Items in request order (unknown ids left out when `ignore_missing`)."""
         return self._run(self._get_op(list(ids), include_embedding, ignore_missing))
 
-    def search(self, *, image: bytes | None = None, id: str | None = None,
-               vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
-               labels: Sequence[str] = (), min_score: float | None = None) -> list[Neighbor]:
+    def search(
+        self,
+        *,
+        image: bytes | None = None,
+        id: str | None = None,  # noqa: A002 - the proto's Query.id
+        vector: np.ndarray | Sequence[float] | None = None,
+        k: int | None = None,
+        labels: Sequence[str] = (),
+        min_score: float | None = None,
+    ) -> list[Neighbor]:
         """Most similar first. Query by exactly one of image bytes, stored id or vector."""
         request = pb.SearchRequest(query=_query(image, id, vector), labels=list(labels))
         if k is not None:
@@ -315,9 +358,15 @@ class _ClientBase:
             request.min_score = min_score
         return self._run(self._one("Search", request, lambda r: [_neighbor(n) for n in r.neighbors]))
 
-    def classify(self, *, image: bytes | None = None, id: str | None = None,
-                 vector: np.ndarray | Sequence[float] | None = None, k: int | None = None,
-                 tau: float | None = None) -> Classification:
+    def classify(
+        self,
+        *,
+        image: bytes | None = None,
+        id: str | None = None,  # noqa: A002 - the proto's Query.id
+        vector: np.ndarray | Sequence[float] | None = None,
+        k: int | None = None,
+        tau: float | None = None,
+    ) -> Classification:
         """InstDisc kNN vote among the human-labelled items. Query by image, stored id or vector."""
         request = pb.ClassifyRequest(query=_query(image, id, vector))
         if k is not None:
@@ -326,8 +375,9 @@ class _ClientBase:
             request.tau = tau
         return self._run(self._one("Classify", request, _classification))
 
-    def _label_corpus_request(self, k: int | None, tau: float | None, min_confidence: float,
-                              apply: bool) -> pb.LabelCorpusRequest:
+    def _label_corpus_request(
+        self, k: int | None, tau: float | None, min_confidence: float, apply: bool
+    ) -> pb.LabelCorpusRequest:
         request = pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply)
         if k is not None:
             request.k = k
@@ -344,14 +394,22 @@ class RetrievalClient(_ClientBase):
     a server that is unreachable before giving up.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, token: str | None = None,
-                 tls: bool | str | Path = False, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        token: str | None = None,
+        tls: bool | str | Path = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
         super().__init__(address, token, tls, timeout)
-        self._channel = (grpc.secure_channel(address, self._credentials, self._options)
-                         if self._credentials is not None else grpc.insecure_channel(address, self._options))
+        self._channel = (
+            grpc.secure_channel(address, self._credentials, self._options)
+            if self._credentials is not None
+            else grpc.insecure_channel(address, self._options)
+        )
         self._stub = pb_grpc.RetrievalStub(self._channel)
 
-    def __enter__(self) -> "RetrievalClient":
+    def __enter__(self) -> RetrievalClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -371,15 +429,17 @@ class RetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    def classify_many(self, queries: Sequence[dict], k: int | None = None, tau: float | None = None,
-                      workers: int = 8) -> list[Classification]:
+    def classify_many(
+        self, queries: Sequence[dict], k: int | None = None, tau: float | None = None, workers: int = 8
+    ) -> list[Classification]:
         """Concurrent classify calls; `queries` are dicts like {"image": b"..."} or {"vector": v};
         results in input order."""
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             return list(pool.map(lambda q: self.classify(k=k, tau=tau, **q), queries))
 
-    def label_corpus(self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0,
-                     apply: bool = False) -> Iterator[Proposal]:
+    def label_corpus(
+        self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0, apply: bool = False
+    ) -> Iterator[Proposal]:
         """Proposals for every item without a human label, ordered by id, streamed as they come."""
         request = self._label_corpus_request(k, tau, min_confidence, apply)
         try:
@@ -388,16 +448,21 @@ class RetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    def upsert_many(self, items: Iterable[UpsertItem], batch_size: int = 64, max_in_flight: int = 4,
-                    on_ack: Callable[[int, list[ItemFailure]], None] | None = None) -> UpsertResult:
+    def upsert_many(
+        self,
+        items: Iterable[UpsertItem],
+        batch_size: int = 64,
+        max_in_flight: int = 4,
+        on_ack: Callable[[int, list[ItemFailure]], None] | None = None,
+    ) -> UpsertResult:
         """Store `items` (read lazily) over the Upsert stream; failures sorted by input position.
 
         Items larger than the server's message limit, or malformed, are reported as failures and
         not sent. `on_ack(stored, failures)` is called once per acknowledged batch (and for items
         refused before sending). An exception raised by `items` is re-raised once the batches sent
-        before it are acknowledged (the items of the batch it interrupted are not sent). Raises RetrievalError for a stream-level error other than
-        UNAVAILABLE, or when the server stays unreachable for `timeout` seconds; every batch
-        acknowledged before that is stored.
+        before it are acknowledged (the items of the batch it interrupted are not sent). Raises
+        RetrievalError for a stream-level error other than UNAVAILABLE, or when the server stays
+        unreachable for `timeout` seconds; every batch acknowledged before that is stored.
         """
         info = self._run(self._limits())
         session = _UpsertSession(_BatchSource(items, batch_size, self._max_payload(info)), on_ack, self)
@@ -417,8 +482,9 @@ class _UpsertSession:
     server is UNAVAILABLE, giving up after `timeout` seconds without an acknowledgement.
     """
 
-    def __init__(self, source: "_BatchSource", on_ack: Callable[[int, list[ItemFailure]], None] | None,
-                 client: _ClientBase):
+    def __init__(
+        self, source: _BatchSource, on_ack: Callable[[int, list[ItemFailure]], None] | None, client: _ClientBase
+    ):
         self.source = source
         self.on_ack = on_ack
         self.client = client
@@ -468,9 +534,15 @@ class _UpsertSession:
         with self.lock:
             self.unacked.remove(batch)
         self._attempt, self._last_progress = 0, time.monotonic()
-        failures = [ItemFailure(index=batch.indices[e.index], id=e.id,
-                                code=_CODES.get(e.code, grpc.StatusCode.UNKNOWN), message=e.message)
-                    for e in ack.errors]
+        failures = [
+            ItemFailure(
+                index=batch.indices[e.index],
+                id=e.id,
+                code=_CODES.get(e.code, grpc.StatusCode.UNKNOWN),
+                message=e.message,
+            )
+            for e in ack.errors
+        ]
         self.result.upserted += ack.upserted
         self.result.failures.extend(failures)
         if self.on_ack is not None:
@@ -494,7 +566,7 @@ class _UpsertSession:
         self.report_refused()
         if err.code() != grpc.StatusCode.UNAVAILABLE:
             raise RetrievalError.from_rpc(err, self.client.address) from None
-        delay = min(0.1 * 2 ** self._attempt, 5.0) * (0.5 + random.random() / 2)
+        delay = min(0.1 * 2**self._attempt, 5.0) * (0.5 + random.random() / 2)
         if time.monotonic() + delay - self._last_progress > self.client.timeout:
             raise RetrievalError.from_rpc(err, self.client.address) from None
         self._attempt += 1
@@ -579,9 +651,13 @@ class _BatchSource:
                         self._refuse(index, item.id, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                         continue
                     if msg.ByteSize() > self._max_payload:
-                        self._refuse(index, item.id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"item is {msg.ByteSize()} bytes, above the server's message limit "
-                                     f"of {self._max_payload + _MESSAGE_OVERHEAD} bytes")
+                        self._refuse(
+                            index,
+                            item.id,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"item is {msg.ByteSize()} bytes, above the server's message limit "
+                            f"of {self._max_payload + _MESSAGE_OVERHEAD} bytes",
+                        )
                         continue
                 item_size = msg.ByteSize() + 16
                 if indices and size + item_size > self._max_payload:
@@ -605,4 +681,3 @@ def _chunks(values: list, max_items: int, max_bytes: int, size: Callable) -> Ite
         total += s
     if chunk:
         yield chunk
-

@@ -5,6 +5,7 @@ Layout (PNG): tiles of THUMB x THUMB pixels plus a CAPTION-pixel caption, COLUMN
 pixels around and between them; the query is the first tile, framed in QUERY_COLOR. A tile whose
 image cannot be read (missing file, non-file URI, undecodable) is drawn as a grey placeholder.
 """
+
 from __future__ import annotations
 
 import base64
@@ -68,8 +69,9 @@ def load_thumbnail(source: str | Path | bytes | None) -> Image.Image | None:
         img = decode_image(source)
     except (ImageDecodeError, OSError):
         return None
-    return ImageOps.contain(img, (THUMB, THUMB), Image.Resampling.NEAREST if max(img.size) < THUMB
-                            else Image.Resampling.LANCZOS)
+    return ImageOps.contain(
+        img, (THUMB, THUMB), Image.Resampling.NEAREST if max(img.size) < THUMB else Image.Resampling.LANCZOS
+    )
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int) -> str:
@@ -113,8 +115,10 @@ def render_html(tiles: list[Tile], title: str = "Search results") -> str:
             tile.image.save(buf, format="PNG")
             visual = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
         cls = ' class="query"' if i == 0 else ""
-        figures.append(f'<figure{cls}>{visual}<figcaption><b>{html.escape(tile.title)}</b><br>'
-                       f'{html.escape(tile.caption)}</figcaption></figure>')
+        figures.append(
+            f"<figure{cls}>{visual}<figcaption><b>{html.escape(tile.title)}</b><br>"
+            f"{html.escape(tile.caption)}</figcaption></figure>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>

@@ -1,5 +1,6 @@
 """gRPC retrieval server: a MoCo query encoder, a durable SQLite store mirrored by FAISS, and the
 InstDisc kNN vote over human-labelled items."""
+
 from __future__ import annotations
 
 from importlib import metadata

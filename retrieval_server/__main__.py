@@ -1,4 +1,5 @@
 """`python -m retrieval_server serve ...`."""
+
 import sys
 
 from .cli import main

@@ -1,15 +1,22 @@
 """Bearer-token auth as a server interceptor: `authorization: Bearer <token>` on every call except
 grpc.health.v1 (probes stay open). A read-only token may call everything that does not write."""
+
 from __future__ import annotations
 
 import hmac
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
+from .handlers import rewrap
+
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
-WRITE_METHODS = ("/retrieval.v1.Retrieval/Upsert", "/retrieval.v1.Retrieval/Delete",
-                 "/retrieval.v1.Retrieval/SetLabels")
+WRITE_METHODS = (
+    "/retrieval.v1.Retrieval/Upsert",
+    "/retrieval.v1.Retrieval/Delete",
+    "/retrieval.v1.Retrieval/SetLabels",
+)
 # Writes only when the request asks for it: LabelCorpus with apply=true stores predicted labels.
 APPLY_METHODS = ("/retrieval.v1.Retrieval/LabelCorpus",)
 
@@ -22,13 +29,7 @@ def _deny(code: grpc.StatusCode, message: str, handler: grpc.RpcMethodHandler) -
     def abort(_request: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return rewrap(handler, lambda _behavior: abort, lambda _behavior: abort)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -43,8 +44,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            return _deny(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer "
-                         "<token>')", handler)
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing bearer token (metadata 'authorization: Bearer <token>')",
+                handler,
+            )
         if _matches(given, self.token):
             return handler
         if not _matches(given, self.read_only_token):
@@ -58,11 +62,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 def _refuse_apply(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """LabelCorpus for a read-only caller: fine unless the request asks to store the proposals."""
-    behavior = handler.unary_stream
 
-    def guarded(request: Any, context: grpc.ServicerContext):
-        if getattr(request, "apply", False):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "read-only token: LabelCorpus with apply writes")
-        yield from behavior(request, context)
+    def guard(behavior: Callable) -> Callable:
+        def guarded(request: Any, context: grpc.ServicerContext):
+            if getattr(request, "apply", False):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "read-only token: LabelCorpus with apply writes")
+            yield from behavior(request, context)
 
-    return grpc.unary_stream_rpc_method_handler(guarded, handler.request_deserializer, handler.response_serializer)
+        return guarded
+
+    return rewrap(handler, lambda behavior: behavior, guard)

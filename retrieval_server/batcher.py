@@ -1,6 +1,7 @@
 """Dynamic batching: images of concurrent calls are decoded in a thread pool and share one model
 forward (up to max_batch_size images, the first waiting at most max_delay). The queue is bounded:
 slots are reserved before decoding, so a burst is refused (QueueFull) instead of growing memory."""
+
 from __future__ import annotations
 
 import queue
@@ -37,8 +38,16 @@ class _Job:
 
 
 class DynamicBatcher:
-    def __init__(self, encoder: Encoder, metrics: ServerMetrics, *, max_batch_size: int, max_delay_s: float,
-                 capacity: int, decode_threads: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        metrics: ServerMetrics,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        capacity: int,
+        decode_threads: int,
+    ) -> None:
         self.encoder = encoder
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -90,8 +99,10 @@ class DynamicBatcher:
         with self._lock:
             if self._reserved + n > self.capacity:
                 self.metrics.queue_rejected.inc(n)
-                raise QueueFull(f"embedding queue full: {n} images asked, {self.capacity - self._reserved} of "
-                                f"{self.capacity} slots free; retry later")
+                raise QueueFull(
+                    f"embedding queue full: {n} images asked, {self.capacity - self._reserved} of "
+                    f"{self.capacity} slots free; retry later"
+                )
             self._reserved += n
             self.metrics.queue_depth.set(self._reserved)
 

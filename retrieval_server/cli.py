@@ -1,4 +1,5 @@
 """`retrieval-server serve ...`: flags (or RETRIEVAL_* environment variables) -> a running server."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,11 @@ from .config import add_serve_arguments, config_from_args
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrieval-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve an exported encoder over gRPC",
-                                description="Every flag can also be set as RETRIEVAL_<FLAG> (flags win).")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an exported encoder over gRPC",
+        description="Every flag can also be set as RETRIEVAL_<FLAG> (flags win).",
+    )
     add_serve_arguments(serve)
     return parser
 

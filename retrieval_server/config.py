@@ -1,6 +1,7 @@
 """Server configuration: every `serve` option defined once (default, flag, help), also settable as
 RETRIEVAL_<NAME> in the environment (flags win), so the same image runs under docker/k8s without a
 wrapper script."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ class ServerConfig:
     auth_token_file: Path | None = option(None, help="file holding the bearer token")
     read_only_token: str | None = option(None, help="bearer token allowed to read only (PERMISSION_DENIED on writes)")
     read_only_token_file: Path | None = option(None, help="file holding the read-only token")
-    snapshot_every: int = option(10000, help="write a FAISS snapshot after this many changed items (0: only at shutdown)")
+    snapshot_every: int = option(
+        10000, help="write a FAISS snapshot after this many changed items (0: only at shutdown)"
+    )
     reset_store: bool = option(False, help="drop a store embedded by another model instead of refusing to start")
     grace_s: float = option(10.0, help="seconds in-flight calls get on SIGTERM")
 
@@ -76,8 +79,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("error: --tls-cert and --tls-key go together")
     if cfg.index_gpus != "auto" and not cfg.index_gpus.isdigit():
         raise SystemExit(f"error: --index-gpus must be auto or a number, not {cfg.index_gpus!r}")
-    for name in ("max_batch_size", "max_queue", "decode_threads", "default_k", "max_k", "max_message_mb",
-                 "max_image_pixels"):
+    for name in (
+        "max_batch_size",
+        "max_queue",
+        "decode_threads",
+        "default_k",
+        "max_k",
+        "max_message_mb",
+        "max_image_pixels",
+    ):
         if getattr(cfg, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
     if cfg.default_k > cfg.max_k:
@@ -88,5 +98,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     read_only = _read_secret(cfg.read_only_token_file, cfg.read_only_token, "read-only-token")
     if read_only and not auth:
         raise SystemExit("error: --read-only-token needs --auth-token too (otherwise anyone may write)")
-    return dataclasses.replace(cfg, auth_token=auth, read_only_token=read_only, auth_token_file=None,
-                               read_only_token_file=None)
+    return dataclasses.replace(
+        cfg, auth_token=auth, read_only_token=read_only, auth_token_file=None, read_only_token_file=None
+    )

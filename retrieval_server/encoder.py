@@ -1,5 +1,6 @@
 """The served encoder: an export loaded with the shared loader, the shared eval preprocessing and the
 shared decoder, so a served embedding equals `moco-train knn`'s for the same image bytes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,23 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moco_retrieval.devices import resolve_device
 from moco_retrieval.export import embed, load_export
 from moco_retrieval.images import decode_image
 from moco_retrieval.preprocessing import eval_transform
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available")
-    return device
 
 
 class Encoder:
     """Decodes + preprocesses images (thread-safe, CPU) and embeds preprocessed batches (one caller)."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", max_pixels: int | None = None) -> None:
-        self.device = pick_device(device)
+        self.device = str(resolve_device(device))
         self.model, self.meta = load_export(model_path, self.device)
         self.transform = eval_transform(self.meta.preprocessing)
         self.max_pixels = max_pixels

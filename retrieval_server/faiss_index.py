@@ -2,6 +2,7 @@
 is the source of truth, with an optional GPU replica (re-cloned after removals, which GPU indexes
 handle poorly), and factories that need training (IVF, PQ) serve from an exact flat stand-in until
 enough vectors arrive to train them."""
+
 from __future__ import annotations
 
 import logging
@@ -72,10 +73,13 @@ class FaissIndex:
     def add(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        self.cpu.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64))
+        self.cpu.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64)
+        )
         if self._gpu is not None and not self._gpu_stale:
-            self._gpu.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                   np.ascontiguousarray(rows, dtype=np.int64))
+            self._gpu.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64)
+            )
         self._maybe_train()
 
     def remove(self, rows: np.ndarray) -> None:
@@ -114,8 +118,9 @@ class FaissIndex:
         self.cpu = self._rebuilt(rows, vectors)
         self._gpu_stale = True
 
-    def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32, rows (Q, k) int64 with -1 padding). GPU replica when there is one
         and no selector is needed (GPU indexes take no IDSelector)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -4,13 +4,14 @@ SERVING, 1 otherwise, with one line saying why. For the Docker HEALTHCHECK and e
 The address defaults to 127.0.0.1 and the server's own RETRIEVAL_PORT; with RETRIEVAL_TLS_CERT set
 (the server's certificate) it connects over TLS, trusting that certificate. Health needs no token.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,11 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m retrieval_server.healthcheck", description=__doc__.split("\n")[0])
-    p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('RETRIEVAL_PORT', '50051')}",
-                   help="host:port of the gRPC server (default 127.0.0.1:$RETRIEVAL_PORT or 50051)")
+    p.add_argument(
+        "--address",
+        default=f"127.0.0.1:{os.environ.get('RETRIEVAL_PORT', '50051')}",
+        help="host:port of the gRPC server (default 127.0.0.1:$RETRIEVAL_PORT or 50051)",
+    )
     p.add_argument("--service", default="", help="service to ask about (default: the whole server)")
-    p.add_argument("--tls-ca", default=os.environ.get("RETRIEVAL_TLS_CERT"),
-                   help="PEM certificate to trust: connect with TLS (default $RETRIEVAL_TLS_CERT)")
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("RETRIEVAL_TLS_CERT"),
+        help="PEM certificate to trust: connect with TLS (default $RETRIEVAL_TLS_CERT)",
+    )
     p.add_argument("--server-name", default=None, help="TLS name to verify instead of the address's host")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     return p.parse_args(argv)
@@ -40,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with channel(args) as ch:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service),
-                                                         timeout=args.timeout)
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as exc:
         print(f"unhealthy: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ type) for Search, and the human-labelled items (always exact Flat) for Classify,
 exact whatever the main index is. Callers write with apply_* (in store-version order) and read with
 search and vote; snapshots are in snapshot.py, the FAISS wrapper in faiss_index.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class Hits:
     """Nearest items of one query, best first."""
 
     scores: np.ndarray  # (n,) float32 cosine similarities
-    rows: np.ndarray    # (n,) int64 store rows
+    rows: np.ndarray  # (n,) int64 store rows
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Vote:
     classes: list[str]  # C class names, sorted
     shares: np.ndarray  # (Q, C) float64 vote shares, each row sums to 1
     scores: np.ndarray  # (Q, k) float32 similarities of the voting neighbours, best first
-    rows: np.ndarray    # (Q, k) int64 their store rows (-1: padding when fewer than k are labelled)
+    rows: np.ndarray  # (Q, k) int64 their store rows (-1: padding when fewer than k are labelled)
 
 
 def _drop(scores: np.ndarray, rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,8 +93,9 @@ class ItemIndex:
         return len(self.labels)
 
     # -- writes, in store-version order ------------------------------------------------------------
-    def apply_upsert(self, version: int, rows: np.ndarray, vectors: np.ndarray, labels: list[str | None],
-                     existed: np.ndarray) -> None:
+    def apply_upsert(
+        self, version: int, rows: np.ndarray, vectors: np.ndarray, labels: list[str | None], existed: np.ndarray
+    ) -> None:
         """New or overwritten rows (existed: bool per row) with their human label after the write."""
         with self._lock.write():
             self.items.remove(rows[existed])
@@ -139,8 +141,14 @@ class ItemIndex:
                 self.labels[row] = lab
 
     # -- reads ---------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, k: int, labels: set[str] | None = None, exclude: int | None = None,
-               min_score: float | None = None) -> Hits:
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        labels: set[str] | None = None,
+        exclude: int | None = None,
+        min_score: float | None = None,
+    ) -> Hits:
         """The k nearest items to one normalised vector: all items, or the human-labelled ones whose
         label is in `labels`; `exclude` (the query's own row) and scores below min_score left out."""
         k_search = self._k_search(k, exclude)
@@ -172,15 +180,17 @@ class ItemIndex:
         if exclude is not None:
             keep = rows[0] != exclude
             scores, rows, classes = scores[0][keep][None, :k], rows[0][keep][None, :k], classes[0][keep][None, :k]
-        shares = knn_vote(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(classes), len(table.names),
-                          tau)
+        shares = knn_vote(
+            torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(classes), len(table.names), tau
+        )
         return Vote(table.names, shares.numpy(), scores, rows)
 
     # -- building and snapshots ----------------------------------------------------------------------
     def load(self, store: Store, snapshot_dir: Path) -> str:
         """Fill from a snapshot plus the store rows after it, or from the store alone. Returns how."""
-        snap = read_snapshot(snapshot_dir, store_id=store.store_id, factory=self.factory, dim=self.dim,
-                             max_version=store.version)
+        snap = read_snapshot(
+            snapshot_dir, store_id=store.store_id, factory=self.factory, dim=self.dim, max_version=store.version
+        )
         with self._lock.write():
             if snap is None:
                 how = "rebuilt from the store"
@@ -204,7 +214,15 @@ class ItemIndex:
         """Write the items index with the version it covers (under the read lock: searches go on)."""
         with self._lock.read():
             version = self.version
-            write_snapshot(snapshot_dir, self.items.cpu, SnapshotPointer(
-                version=version, file=f"items-v{version}.faiss", store_id=store_id, factory=self.factory,
-                dim=self.dim))
+            write_snapshot(
+                snapshot_dir,
+                self.items.cpu,
+                SnapshotPointer(
+                    version=version,
+                    file=f"items-v{version}.faiss",
+                    store_id=store_id,
+                    factory=self.factory,
+                    dim=self.dim,
+                ),
+            )
         return version

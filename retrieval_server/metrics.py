@@ -1,13 +1,24 @@
 """Prometheus metrics (names are API: dashboards and alerts in deploy/ use them) and the gRPC server
 interceptor that counts and times every call, unary or streaming, by method and status code."""
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from .handlers import rewrap
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -22,29 +33,52 @@ class ServerMetrics:
         PlatformCollector(registry=r)
         rpc = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started_total", "RPCs started on the server.", rpc, registry=r)
-        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
-                               rpc + ["grpc_code"], registry=r)
-        self.handling = Histogram("grpc_server_handling_seconds", "RPC handling time until the status is sent.",
-                                  rpc, buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("retrieval_batch_size", "Images per model forward.", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.inference_seconds = Histogram("retrieval_inference_seconds", "Model forward time per batch.",
-                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.index_search_seconds = Histogram("retrieval_index_search_seconds", "FAISS search time per call.",
-                                              ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, by status code.",
+            rpc + ["grpc_code"],
+            registry=r,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "RPC handling time until the status is sent.",
+            rpc,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "retrieval_batch_size", "Images per model forward.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "retrieval_inference_seconds", "Model forward time per batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.index_search_seconds = Histogram(
+            "retrieval_index_search_seconds", "FAISS search time per call.", ["op"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("retrieval_queue_depth", "Images queued or decoding for the model.", registry=r)
         self.queue_capacity = Gauge("retrieval_queue_capacity", "Queue slots (--max-queue).", registry=r)
-        self.queue_rejected = Counter("retrieval_queue_rejected_total",
-                                      "Images refused with RESOURCE_EXHAUSTED because the queue was full.", registry=r)
+        self.queue_rejected = Counter(
+            "retrieval_queue_rejected_total",
+            "Images refused with RESOURCE_EXHAUSTED because the queue was full.",
+            registry=r,
+        )
         self.index_items = Gauge("retrieval_index_items", "Items in the index.", registry=r)
         self.labelled_items = Gauge("retrieval_labelled_items", "Items with a human label.", registry=r)
-        self.decode_errors = Counter("retrieval_image_decode_errors_total", "Images that could not be decoded.",
-                                     registry=r)
-        self.model_info = Gauge("retrieval_model_info", "The served model and index (value 1).",
-                                ["arch", "fingerprint", "dim", "model_device", "index_device", "index_type", "version"],
-                                registry=r)
-        self.build_info = Gauge("retrieval_build_info", "Versions of the server and its libraries (value 1).",
-                                ["version", "torch", "faiss", "grpc"], registry=r)
+        self.decode_errors = Counter(
+            "retrieval_image_decode_errors_total", "Images that could not be decoded.", registry=r
+        )
+        self.model_info = Gauge(
+            "retrieval_model_info",
+            "The served model and index (value 1).",
+            ["arch", "fingerprint", "dim", "model_device", "index_device", "index_type", "version"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "retrieval_build_info",
+            "Versions of the server and its libraries (value 1).",
+            ["version", "torch", "faiss", "grpc"],
+            registry=r,
+        )
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP server in a daemon thread; returns (server, bound port)."""
@@ -53,8 +87,10 @@ class ServerMetrics:
 
 
 _TYPES = {
-    (False, False): "unary", (True, False): "client_stream",
-    (False, True): "server_stream", (True, True): "bidi_stream",
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
 }
 
 
@@ -98,6 +134,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     return response
                 finally:
                     finish(start, context, default)
+
             return wrapped
 
         def stream_response(behavior: Callable) -> Callable:
@@ -112,21 +149,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     finish(start, context, default)
+
             return wrapped
 
-        return _rewrap(handler, unary_response, stream_response)
-
-
-def _rewrap(handler: grpc.RpcMethodHandler, unary_response: Callable, stream_response: Callable):
-    """The same handler with its behaviour passed through the matching wrapper."""
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary),
-                                                    handler.request_deserializer, handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream),
-                                                    handler.request_deserializer, handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream),
-                                                 handler.request_deserializer, handler.response_serializer)
+        return rewrap(handler, unary_response, stream_response)

@@ -1,10 +1,11 @@
 """A readers-writer lock: many concurrent searches, or one writer (FAISS CPU search is thread-safe,
 add/remove are not). Waiting writers go first, so a stream of searches cannot starve a write."""
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class RWLock:

@@ -1,6 +1,7 @@
 """Wiring: bind gRPC (health NOT_SERVING) and /metrics first, then load model, store and index,
 then serve; SIGTERM drains (health NOT_SERVING, no new calls, grace for in-flight ones), writes an
 index snapshot, closes the store and returns 0."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,10 @@ import signal
 import sqlite3
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import grpc
@@ -20,9 +22,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moco_retrieval.export import ExportError
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.devices import DeviceError
+from moco_retrieval.export import ExportError
+from moco_retrieval.fileio import atomic_write
 
 from . import __version__
 from .auth import AuthInterceptor
@@ -54,6 +58,7 @@ def _forward(name: str) -> Callable:
         if self.target is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its model and index")
         return getattr(self.target, name)(request, context)
+
     method.__name__ = name
     return method
 
@@ -63,10 +68,8 @@ for _name in pb.DESCRIPTOR.services_by_name["Retrieval"].methods_by_name:
 
 
 def _write_ready_file(path: Path, port: int, metrics_port: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
-    os.replace(tmp, path)
+    info = {"port": port, "metrics_port": metrics_port, "pid": os.getpid()}
+    atomic_write(path, lambda f: f.write(json.dumps(info).encode()))
 
 
 def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
@@ -84,10 +87,11 @@ def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
     return port
 
 
-def _load(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
+def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
+    """The encoder, the store (bound to the model's fingerprint), the index and the batcher."""
     try:
         encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels)
-    except (ExportError, FileNotFoundError, RuntimeError) as exc:
+    except (ExportError, DeviceError, FileNotFoundError, RuntimeError) as exc:
         raise StartupError(str(exc)) from exc
     meta = encoder.meta
     try:
@@ -98,27 +102,72 @@ def _load(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
     if other is not None:
         raise StartupError(
             f"FAILED_PRECONDITION: store {cfg.store} holds embeddings of model {other}, not of the served model "
-            f"{meta.fingerprint}; use another --store or --reset-store to drop its items")
+            f"{meta.fingerprint}; use another --store or --reset-store to drop its items"
+        )
     try:
         gpus = resolve_gpus(cfg.index_gpus)
         index = ItemIndex(meta.feature_dim, cfg.index_factory, gpus)
     except RuntimeError as exc:
         raise StartupError(f"index: {exc}") from exc
     how = index.load(store, cfg.store)
-    log.info("index %s (%s) on %s: %d items, %d labelled", cfg.index_factory, how, index.device, index.item_count,
-             index.labelled_count)
-    batcher = DynamicBatcher(encoder, metrics, max_batch_size=cfg.max_batch_size,
-                             max_delay_s=cfg.max_queue_delay_ms / 1000.0, capacity=cfg.max_queue,
-                             decode_threads=cfg.decode_threads)
-    metrics.model_info.labels(meta.arch, meta.fingerprint, str(meta.feature_dim), encoder.device, index.device,
-                              cfg.index_factory, __version__).set(1)
+    log.info(
+        "index %s (%s) on %s: %d items, %d labelled",
+        cfg.index_factory,
+        how,
+        index.device,
+        index.item_count,
+        index.labelled_count,
+    )
+    batcher = DynamicBatcher(
+        encoder,
+        metrics,
+        max_batch_size=cfg.max_batch_size,
+        max_delay_s=cfg.max_queue_delay_ms / 1000.0,
+        capacity=cfg.max_queue,
+        decode_threads=cfg.decode_threads,
+    )
+    metrics.model_info.labels(
+        meta.arch, meta.fingerprint, str(meta.feature_dim), encoder.device, index.device, cfg.index_factory, __version__
+    ).set(1)
     return RetrievalService(cfg, encoder, batcher, store, index, metrics)
+
+
+class GrpcServer:
+    """The gRPC server with every service registered and bound, health NOT_SERVING and the Retrieval
+    service answering UNAVAILABLE until `attach` hands it the loaded service. `serve` runs it as a
+    process; tests run the same wiring in-process."""
+
+    def __init__(self, cfg: ServerConfig, metrics: ServerMetrics, workers: int = 64) -> None:
+        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+        if cfg.auth_token:
+            interceptors.append(AuthInterceptor(cfg.auth_token, cfg.read_only_token))
+        size = cfg.max_message_bytes
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._pending = _Pending()
+        pb_grpc.add_RetrievalServicer_to_server(self._pending, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = _bind(self.server, cfg)
+        self.server.start()
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def attach(self, service: RetrievalService) -> None:
+        self._pending.target = service
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
 
 def serve(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -128,38 +177,29 @@ def serve(cfg: ServerConfig) -> int:
         http_server, metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
-    if cfg.auth_token:
-        interceptors.append(AuthInterceptor(cfg.auth_token, cfg.read_only_token))
-    size = cfg.max_message_bytes
-    server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"), interceptors=interceptors,
-                         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    pending = _Pending()
-    pb_grpc.add_RetrievalServicer_to_server(pending, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = _bind(server, cfg)
-    server.start()
+    grpc_server = GrpcServer(cfg, metrics)
+    server, port = grpc_server.server, grpc_server.port
     try:
-        service = _load(cfg, metrics)
+        service = load_service(cfg, metrics)
     except BaseException:
         server.stop(0)
         http_server.shutdown()
         raise
-    pending.target = service
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    grpc_server.attach(service)
     if cfg.ready_file:
         _write_ready_file(cfg.ready_file, port, metrics_port)
-    log.info("serving %s on %s:%d (%s), metrics on :%d", SERVICE_NAME, cfg.host, port,
-             "TLS" if cfg.tls_cert else "plaintext", metrics_port)
+    log.info(
+        "serving %s on %s:%d (%s), metrics on :%d",
+        SERVICE_NAME,
+        cfg.host,
+        port,
+        "TLS" if cfg.tls_cert else "plaintext",
+        metrics_port,
+    )
     while not stop.wait(1.0):
         pass
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
-    health_servicer.enter_graceful_shutdown()
+    grpc_server.health.enter_graceful_shutdown()
     server.stop(cfg.grace_s).wait()
     service.batcher.close()
     version = service.snapshot()

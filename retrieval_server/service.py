@@ -1,5 +1,6 @@
 """The Retrieval servicer: validate -> embed (batcher) -> store (commit) -> index -> reply. Status
 codes are API (see proto/retrieval/v1/retrieval.proto); a failed call changes nothing."""
+
 from __future__ import annotations
 
 import functools
@@ -7,14 +8,15 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 
-from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
 
 from . import __version__
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
@@ -43,23 +45,25 @@ class RpcError(Exception):
 
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
-    def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapped(self: RetrievalService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             _deadline(context)
             return method(self, request, context)
         except RpcError as exc:
             context.abort(exc.code, exc.message)
+
     return wrapped
 
 
 def _streaming(method: Callable) -> Callable:
     @functools.wraps(method)
-    def wrapped(self: "RetrievalService", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def wrapped(self: RetrievalService, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             _deadline(context)
             yield from method(self, request, context)
         except RpcError as exc:
             context.abort(exc.code, exc.message)
+
     return wrapped
 
 
@@ -79,9 +83,23 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 
 class RetrievalService(pb_grpc.RetrievalServicer):
-    def __init__(self, cfg: ServerConfig, encoder: Encoder, batcher: DynamicBatcher, store: Store,
-                 index: ItemIndex, metrics: ServerMetrics) -> None:
-        self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = cfg, encoder, batcher, store, index, metrics
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        encoder: Encoder,
+        batcher: DynamicBatcher,
+        store: Store,
+        index: ItemIndex,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = (
+            cfg,
+            encoder,
+            batcher,
+            store,
+            index,
+            metrics,
+        )
         self.dim = encoder.dim
         self.max_k = min(cfg.max_k, GPU_MAX_K) if index.gpus else cfg.max_k
         self._writes = threading.Lock()  # store commit + index update, in version order
@@ -120,8 +138,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     @staticmethod
     def _check_id(item_id: str) -> None:
         if not 1 <= len(item_id.encode()) <= MAX_ID_BYTES:
-            raise RpcError(Code.INVALID_ARGUMENT, f"id must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got "
-                           f"{len(item_id.encode())}")
+            raise RpcError(
+                Code.INVALID_ARGUMENT, f"id must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got {len(item_id.encode())}"
+            )
 
     def _embed(self, images: list[bytes], context: grpc.ServicerContext) -> list[np.ndarray | ImageDecodeError]:
         try:
@@ -161,8 +180,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- writes -----------------------------------------------------------------------------------
     @_streaming
-    def Upsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext
-               ) -> Iterator[pb.UpsertAck]:
+    def Upsert(
+        self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.UpsertAck]:
         for sequence, request in enumerate(request_iterator):
             yield self._upsert_batch(sequence, request, context)
 
@@ -205,14 +225,25 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 else:
                     vectors[i] = result
         positions = sorted(vectors)
-        items = [NewItem(id=request.items[i].id, embedding=vectors[i], label=request.items[i].label or None,
-                         metadata=dict(request.items[i].metadata)) for i in positions]
+        items = [
+            NewItem(
+                id=request.items[i].id,
+                embedding=vectors[i],
+                label=request.items[i].label or None,
+                metadata=dict(request.items[i].metadata),
+            )
+            for i in positions
+        ]
         if items:
             with self._writes:
                 done = self.store.upsert(items)
-                self.index.apply_upsert(done.version, np.array([w.row for w in done.items], dtype=np.int64),
-                                        np.stack([it.embedding for it in items]), [w.label for w in done.items],
-                                        np.array([w.existed for w in done.items], dtype=bool))
+                self.index.apply_upsert(
+                    done.version,
+                    np.array([w.row for w in done.items], dtype=np.int64),
+                    np.stack([it.embedding for it in items]),
+                    [w.label for w in done.items],
+                    np.array([w.existed for w in done.items], dtype=bool),
+                )
                 self._after_write(len(items))
         errors.sort(key=lambda e: e.index)
         return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
@@ -293,8 +324,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             row = found.get(item_id)
             if row is None:
                 continue
-            item = pb.StoredItem(id=row.id, label=row.label or "", predicted_label=row.predicted_label or "",
-                                 predicted_confidence=row.predicted_confidence or 0.0, metadata=row.metadata)
+            item = pb.StoredItem(
+                id=row.id,
+                label=row.label or "",
+                predicted_label=row.predicted_label or "",
+                predicted_confidence=row.predicted_confidence or 0.0,
+                metadata=row.metadata,
+            )
             if row.embedding is not None:
                 item.embedding.values.extend(row.embedding.tolist())
             items.append(item)
@@ -306,8 +342,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         for score, row in zip(scores.tolist(), rows.tolist()):
             r = stored.get(row)
             if r is not None:  # deleted since the search
-                out.append(pb.Neighbor(id=r.id, score=score, label=r.label or "",
-                                       predicted_label=r.predicted_label or "", metadata=r.metadata))
+                out.append(
+                    pb.Neighbor(
+                        id=r.id,
+                        score=score,
+                        label=r.label or "",
+                        predicted_label=r.predicted_label or "",
+                        metadata=r.metadata,
+                    )
+                )
         return out
 
     @_unary
@@ -317,8 +360,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
         vector, exclude = self._query(request.query, context)
         start = time.perf_counter()
-        hits = self.index.search(vector, k, labels=set(request.labels), exclude=exclude,
-                                 min_score=request.min_score if request.HasField("min_score") else None)
+        hits = self.index.search(
+            vector,
+            k,
+            labels=set(request.labels),
+            exclude=exclude,
+            min_score=request.min_score if request.HasField("min_score") else None,
+        )
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
         return pb.SearchResponse(neighbors=self._neighbors(hits.scores, hits.rows))
 
@@ -342,13 +390,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
         valid = vote.rows[0] >= 0
         return pb.ClassifyResponse(
-            label=names[best], confidence=float(shares[best]),
+            label=names[best],
+            confidence=float(shares[best]),
             scores=[pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted],
-            neighbors=self._neighbors(vote.scores[0][valid], vote.rows[0][valid]))
+            neighbors=self._neighbors(vote.scores[0][valid], vote.rows[0][valid]),
+        )
 
     @_streaming
-    def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext
-                    ) -> Iterator[pb.LabelProposal]:
+    def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext) -> Iterator[pb.LabelProposal]:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
         if not self.index.labelled_count:
@@ -362,9 +411,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             vote = self._vote(chunk.vectors, k, tau, "label_corpus")
             best = vote.shares.argmax(axis=1)  # first maximum: ties go to the first label in sorted order
             confidence = vote.shares[np.arange(len(best)), best]
-            proposals = [(row, item_id, vote.classes[b], c) for row, item_id, b, c in
-                         zip(chunk.rows.tolist(), chunk.ids, best.tolist(), confidence.tolist())
-                         if c >= request.min_confidence]
+            proposals = [
+                (row, item_id, vote.classes[b], c)
+                for row, item_id, b, c in zip(chunk.rows.tolist(), chunk.ids, best.tolist(), confidence.tolist())
+                if c >= request.min_confidence
+            ]
             if request.apply and proposals:
                 self.store.set_predicted_rows([(row, lab, conf) for row, _i, lab, conf in proposals])
             for _row, item_id, lab, conf in proposals:
@@ -375,9 +426,21 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         total, label_counts = self.store.counts()
         meta = self.encoder.meta
         return pb.InfoResponse(
-            model_fingerprint=meta.fingerprint, arch=meta.arch, dim=self.dim, input_size=meta.preprocessing.input_size,
-            index_type=self.index.factory, index_device=self.index.device, index_gpus=self.index.gpus,
-            item_count=total, labelled_count=sum(label_counts.values()), label_counts=label_counts,
-            max_k=self.max_k, default_k=self.cfg.default_k, default_tau=self.cfg.default_tau,
-            max_batch_size=self.cfg.max_batch_size, max_message_bytes=self.cfg.max_message_bytes,
-            server_version=__version__, model_device=self.encoder.device)
+            model_fingerprint=meta.fingerprint,
+            arch=meta.arch,
+            dim=self.dim,
+            input_size=meta.preprocessing.input_size,
+            index_type=self.index.factory,
+            index_device=self.index.device,
+            index_gpus=self.index.gpus,
+            item_count=total,
+            labelled_count=sum(label_counts.values()),
+            label_counts=label_counts,
+            max_k=self.max_k,
+            default_k=self.cfg.default_k,
+            default_tau=self.cfg.default_tau,
+            max_batch_size=self.cfg.max_batch_size,
+            max_message_bytes=self.cfg.max_message_bytes,
+            server_version=__version__,
+            model_device=self.encoder.device,
+        )

@@ -2,6 +2,7 @@
 naming it and the store version it covers, so a restart loads it and replays only the rows and
 tombstones after that version. A snapshot is only a start-up speed-up: a missing, foreign or corrupt
 one is ignored and the index is rebuilt from the store."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ SNAPSHOT_POINTER = "snapshot.json"
 
 @dataclass(frozen=True)
 class SnapshotPointer:
-    version: int     # the store version the snapshot covers
-    file: str        # items-v<version>.faiss beside the pointer
-    store_id: str    # the store's history it belongs to
-    factory: str     # the --index-factory it was built with
+    version: int  # the store version the snapshot covers
+    file: str  # items-v<version>.faiss beside the pointer
+    store_id: str  # the store's history it belongs to
+    factory: str  # the --index-factory it was built with
     dim: int
 
 
@@ -38,8 +39,9 @@ def write_snapshot(directory: Path, index: faiss.Index, pointer: SnapshotPointer
             old.unlink(missing_ok=True)
 
 
-def read_snapshot(directory: Path, *, store_id: str, factory: str, dim: int,
-                  max_version: int) -> tuple[int, faiss.Index] | None:
+def read_snapshot(
+    directory: Path, *, store_id: str, factory: str, dim: int, max_version: int
+) -> tuple[int, faiss.Index] | None:
     """(version, CPU index) of a usable snapshot, or None (missing, of another store or factory, corrupt)."""
     pointer_path = directory / SNAPSHOT_POINTER
     try:

@@ -7,15 +7,16 @@ only survive a process kill). Every transaction that changes embeddings takes a 
 changed rows carry it and deleted rows leave a tombstone with it, so an index snapshot taken at
 version v is brought up to date with the rows and tombstones after v.
 """
+
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -26,8 +27,9 @@ SQLITE_IN_CHUNK = 500
 def _select_in(conn: sqlite3.Connection, select: str, column: str, values: list) -> Iterator[tuple]:
     """The rows of `select WHERE column IN (values)`, queried in chunks of SQLITE_IN_CHUNK."""
     for start in range(0, len(values), SQLITE_IN_CHUNK):
-        chunk = values[start:start + SQLITE_IN_CHUNK]
+        chunk = values[start : start + SQLITE_IN_CHUNK]
         yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk)
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,37 +74,37 @@ class Written:
 
 @dataclass(frozen=True)
 class Upserted:
-    version: int          # the transaction's store version
+    version: int  # the transaction's store version
     items: list[Written]  # in the order of the upserted items
 
 
 @dataclass(frozen=True)
 class Deleted:
     version: int
-    rows: list[int]       # the deleted store rows, sorted
+    rows: list[int]  # the deleted store rows, sorted
 
 
 @dataclass(frozen=True)
 class LabelChange:
     row: int
-    label: str | None     # None: cleared
+    label: str | None  # None: cleared
 
 
 @dataclass(frozen=True)
 class EmbeddingChunk:
     """Consecutive stored items, for rebuilding the index and LabelCorpus."""
 
-    rows: np.ndarray          # (n,) int64
+    rows: np.ndarray  # (n,) int64
     ids: list[str]
     labels: list[str | None]  # human labels
-    vectors: np.ndarray       # (n, D) float32, C-contiguous
+    vectors: np.ndarray  # (n, D) float32, C-contiguous
 
 
 @dataclass
 class NewItem:
     id: str
-    embedding: np.ndarray            # (D,) float32, normalised
-    label: str | None                # None keeps the stored label
+    embedding: np.ndarray  # (D,) float32, normalised
+    label: str | None  # None keeps the stored label
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,8 +124,15 @@ def _blob(vector: np.ndarray) -> bytes:
 
 
 def _row(r: tuple, with_embedding: bool) -> Row:
-    return Row(row=r[0], id=r[1], label=r[2], predicted_label=r[3], predicted_confidence=r[4],
-               metadata=json.loads(r[5]), embedding=np.frombuffer(r[6], dtype="<f4") if with_embedding else None)
+    return Row(
+        row=r[0],
+        id=r[1],
+        label=r[2],
+        predicted_label=r[3],
+        predicted_confidence=r[4],
+        metadata=json.loads(r[5]),
+        embedding=np.frombuffer(r[6], dtype="<f4") if with_embedding else None,
+    )
 
 
 class Store:
@@ -184,8 +193,9 @@ class Store:
                 c.execute("DELETE FROM items")
                 c.execute("DELETE FROM tombstones")
                 c.execute("UPDATE meta SET value = ? WHERE key = 'store_id'", (uuid.uuid4().hex,))
-            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('fingerprint', ?), ('dim', ?)",
-                      (fingerprint, str(dim)))
+            c.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('fingerprint', ?), ('dim', ?)", (fingerprint, str(dim))
+            )
         return None
 
     @staticmethod
@@ -234,18 +244,23 @@ class Store:
             if missing:
                 raise UnknownIds(missing)
             if predicted:
-                c.executemany("UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
-                              [(lab, conf if lab is not None else None, found[i]) for i, lab, conf in assignments])
+                c.executemany(
+                    "UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
+                    [(lab, conf if lab is not None else None, found[i]) for i, lab, conf in assignments],
+                )
             else:
-                c.executemany("UPDATE items SET label = ? WHERE row = ?",
-                              [(lab, found[i]) for i, lab, _ in assignments])
+                c.executemany(
+                    "UPDATE items SET label = ? WHERE row = ?", [(lab, found[i]) for i, lab, _ in assignments]
+                )
         return [LabelChange(found[i], lab) for i, lab, _ in assignments]
 
     def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
         """Store LabelCorpus proposals by row (rows deleted meanwhile are skipped)."""
         with self._write_lock, _transaction(self._writer) as c:
-            c.executemany("UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
-                          [(lab, conf, row) for row, lab, conf in proposals])
+            c.executemany(
+                "UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
+                [(lab, conf, row) for row, lab, conf in proposals],
+            )
 
     def prune_tombstones(self, up_to_version: int) -> None:
         with self._write_lock, _transaction(self._writer) as c:
@@ -264,10 +279,13 @@ class Store:
 
     def by_rows(self, rows: Iterable[int]) -> dict[int, Row]:
         rows = [int(r) for r in rows]
-        return {r[0]: _row(r, False) for r in _select_in(self._reader, f"SELECT {self._COLUMNS} FROM items", "row", rows)}
+        return {
+            r[0]: _row(r, False) for r in _select_in(self._reader, f"SELECT {self._COLUMNS} FROM items", "row", rows)
+        }
 
-    def embeddings(self, where: str = "1", params: tuple = (), chunk: int = 8192, order: str = "row",
-                   limit: int | None = None) -> Iterator[EmbeddingChunk]:
+    def embeddings(
+        self, where: str = "1", params: tuple = (), chunk: int = 8192, order: str = "row", limit: int | None = None
+    ) -> Iterator[EmbeddingChunk]:
         """The items matching `where`, by `order`, in chunks (at most `limit` items in all)."""
         sql = f"SELECT row, id, label, embedding FROM items WHERE {where} ORDER BY {order}"
         if limit is not None:
@@ -276,19 +294,23 @@ class Store:
         while batch := cur.fetchmany(chunk):
             rows = np.fromiter((b[0] for b in batch), dtype=np.int64, count=len(batch))
             vectors = np.frombuffer(b"".join(b[3] for b in batch), dtype="<f4").reshape(len(batch), -1)
-            yield EmbeddingChunk(rows, [b[1] for b in batch], [b[2] for b in batch],
-                                 np.ascontiguousarray(vectors, dtype=np.float32))
+            yield EmbeddingChunk(
+                rows, [b[1] for b in batch], [b[2] for b in batch], np.ascontiguousarray(vectors, dtype=np.float32)
+            )
 
     def unlabelled_after(self, last_id: str | None, limit: int) -> EmbeddingChunk | None:
         """The next `limit` items without a human label, by id (keyset paging: no cursor kept
         open), or None after the last."""
-        return next(self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit, order="id",
-                                    limit=limit), None)
+        return next(
+            self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit, order="id", limit=limit), None
+        )
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """Embeddings (n, D) float32 of stored rows, in the given order."""
-        found = {r[0]: np.frombuffer(r[1], dtype="<f4")
-                 for r in _select_in(self._reader, "SELECT row, embedding FROM items", "row", [int(r) for r in rows])}
+        found = {
+            r[0]: np.frombuffer(r[1], dtype="<f4")
+            for r in _select_in(self._reader, "SELECT row, embedding FROM items", "row", [int(r) for r in rows])
+        }
         dim = int(self.get_meta("dim") or 0)
         return np.array([found[int(r)] for r in rows], dtype=np.float32).reshape(len(rows), dim)
 
@@ -298,8 +320,9 @@ class Store:
 
     def counts(self) -> tuple[int, dict[str, int]]:
         total = self._reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        labels = dict(self._reader.execute(
-            "SELECT label, COUNT(*) FROM items WHERE label IS NOT NULL GROUP BY label").fetchall())
+        labels = dict(
+            self._reader.execute("SELECT label, COUNT(*) FROM items WHERE label IS NOT NULL GROUP BY label").fetchall()
+        )
         return total, labels
 
 

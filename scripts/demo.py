@@ -16,6 +16,7 @@ or any folder of images (no labels: search only). `--full-cifar` unpacks
 ../shared/datasets/cifar10-jpg.tar.gz when it is there. Outputs go to demo-out/ (summary.json,
 contact_sheet.png, proposals.csv, the run, the export and the store).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,20 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
+from moco_retrieval.images import image_files
 from retrieval_client.client import RetrievalClient
-from moco_retrieval.images import is_image_path
+from retrieval_server.process import ServerProcess, serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "demo"
@@ -50,9 +52,9 @@ class DemoError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    corpus: Path             # what is trained on and indexed
-    queries: Path | None     # held-out labelled images (test/<class>/...), None without labels
-    labelled: bool           # corpus is <class>/<images>
+    corpus: Path  # what is trained on and indexed
+    queries: Path | None  # held-out labelled images (test/<class>/...), None without labels
+    labelled: bool  # corpus is <class>/<images>
 
 
 def banner(step: str) -> None:
@@ -74,19 +76,16 @@ def run(cmd: Sequence[str], capture: bool = False, env: dict[str, str] | None = 
     if len(shown) > 30:  # e.g. classify with every held-out image
         shown = shown[:8] + [f"... ({len(shown) - 8} more)"]
     print("$ " + " ".join(shown), flush=True)
-    result = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE if capture else None, text=True,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [str(c) for c in cmd], stdout=subprocess.PIPE if capture else None, text=True, env={**os.environ, **(env or {})}
+    )
     if result.returncode != 0:
         raise DemoError(f"{Path(cmd[0]).name} {cmd[1]} failed with exit status {result.returncode}")
     return result.stdout if capture else ""
 
 
-def images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
-
-
 def class_folders(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and images_in(d)) if folder.is_dir() else []
+    return sorted(d for d in folder.iterdir() if d.is_dir() and image_files(d)) if folder.is_dir() else []
 
 
 def unpack_cifar(archive: Path) -> Path:
@@ -110,7 +109,7 @@ def subset(source: Path, dest: Path, per_class: int) -> Path:
     """The first `per_class` images of each class folder (hard links, copies across devices)."""
     shutil.rmtree(dest, ignore_errors=True)
     for cls in class_folders(source):
-        for image in images_in(cls)[:per_class]:
+        for image in image_files(cls)[:per_class]:
             target = dest / cls.name / image.name
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -135,7 +134,7 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Dataset:
         if args.queries_per_class:
             test = subset(test, out / "data" / "test", args.queries_per_class)
         return Dataset(train, test, labelled=True)
-    if not images_in(root):
+    if not image_files(root):
         raise DemoError(f"{root}: no images found")
     print(f"{root} has no train/<class>/ and test/<class>/ folders: running without labels (search only)")
     return Dataset(root, None, labelled=False)
@@ -145,8 +144,8 @@ def train_list(corpus: Path, limit: int | None, out: Path) -> tuple[Path, int]:
     """The training input (the folder itself, or a list file of `limit` images taken across classes)
     and its number of images."""
     if not limit:
-        return corpus, len(images_in(corpus))
-    groups = [images_in(c) for c in class_folders(corpus)] or [images_in(corpus)]
+        return corpus, len(image_files(corpus))
+    groups = [image_files(c) for c in class_folders(corpus)] or [image_files(corpus)]
     chosen = [p for row in zip(*groups) for p in row][:limit] if len(groups) > 1 else groups[0][:limit]
     listing = out / "train_images.txt"
     listing.write_text("".join(f"{p.resolve()}\n" for p in chosen))
@@ -161,9 +160,26 @@ def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path
     batch_size = min(args.batch_size, 1 << (count.bit_length() - 1))  # a small folder still trains
     if batch_size != args.batch_size:
         print(f"{count} training images: batch size {batch_size} instead of {args.batch_size}")
-    cmd = [tool("moco-train"), "train", images, "--run-dir", run_dir,
-           "--arch", args.arch, "--epochs", args.epochs, "--batch-size", batch_size, "--lr", args.lr,
-           "--cos", "--workers", args.workers, "--keep", 1]
+    cmd = [
+        tool("moco-train"),
+        "train",
+        images,
+        "--run-dir",
+        run_dir,
+        "--arch",
+        args.arch,
+        "--epochs",
+        args.epochs,
+        "--batch-size",
+        batch_size,
+        "--lr",
+        args.lr,
+        "--cos",
+        "--workers",
+        args.workers,
+        "--keep",
+        1,
+    ]
     if args.max_steps:
         cmd += ["--max-steps", args.max_steps]
     if args.moco_k:
@@ -180,49 +196,11 @@ def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path
     return encoder
 
 
-class Server:
-    """`retrieval-server serve` in a child process on free ports, ready once its ready file appears."""
-
-    def __init__(self, model: Path, store: Path, ready_file: Path, log: Path) -> None:
-        ready_file.unlink(missing_ok=True)
-        self.ready_file, self.log_path = ready_file, log
-        self.log = log.open("w")
-        cmd = [tool("retrieval-server"), "serve", "--model", str(model), "--store", str(store),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)]
-        print("$ " + " ".join(["retrieval-server", *cmd[1:]]) + f"  (log: {log})", flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> dict[str, Any]:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the server exited with status {self.proc.returncode} before it was ready:\n"
-                                + self.log_path.read_text()[-2000:])
-            if self.ready_file.exists():
-                ready = json.loads(self.ready_file.read_text())
-                self.address = f"127.0.0.1:{ready['port']}"
-                self.metrics_url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
-                return ready
-            time.sleep(0.1)
-        raise DemoError(f"the server was not ready after {READY_TIMEOUT_S:.0f} s (log: {self.log_path})")
-
-    def stop(self) -> int:
-        """SIGTERM (finish in-flight calls, flush, exit) and the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-
 def few_shot_ids(corpus: Path, shots: int) -> dict[str, str]:
     """The first `shots` images of each class, as the ids `retrieval-client index` gives them."""
-    return {p.relative_to(corpus).as_posix(): cls.name
-            for cls in class_folders(corpus) for p in images_in(cls)[:shots]}
+    return {
+        p.relative_to(corpus).as_posix(): cls.name for cls in class_folders(corpus) for p in image_files(cls)[:shots]
+    }
 
 
 def label_few(client_cmd: list[str], address: str, labels: dict[str, str]) -> None:
@@ -236,7 +214,7 @@ def label_few(client_cmd: list[str], address: str, labels: dict[str, str]) -> No
 
 def classify_accuracy(client_cmd: list[str], queries: Path) -> tuple[float, int, float]:
     """Few-shot top-1 accuracy of Classify on the held-out images, their count, and chance."""
-    paths = images_in(queries)
+    paths = image_files(queries)
     results = json.loads(run([*client_cmd, "classify", "--json", *paths], capture=True))
     truth = [p.parent.name for p in paths]
     correct = sum(r["label"] == t for r, t in zip(results, truth))
@@ -264,17 +242,21 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
     store = out / "store"
     shutil.rmtree(store, ignore_errors=True)  # a new encoder needs a new store
     banner("3/8 start the server (retrieval-server serve)")
-    server = Server(encoder, store, out / "server.ready.json", out / "server.log")
+    server = ServerProcess(encoder, store, log_dir=out, timeout=READY_TIMEOUT_S)
+    print("$ " + " ".join(["retrieval-server", *serve_command(encoder, store)[3:]]) + f"  (log in {out})", flush=True)
     try:
-        ready = server.wait_ready()
-        print(f"serving gRPC on {server.address}, metrics on {server.metrics_url} (pid {ready['pid']})")
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise DemoError(str(exc)) from exc
+        print(f"serving gRPC on {server.address}, metrics on {server.metrics_url} (pid {server.pid})")
         client_cmd = [tool("retrieval-client"), "--address", server.address]
 
         banner("4/8 index the corpus without labels (retrieval-client index)")
         run([*client_cmd, "index", data.corpus])
         run([*client_cmd, "info"])
 
-        query = args.query or (images_in(data.queries)[0] if data.queries else images_in(data.corpus)[0])
+        query = args.query or (image_files(data.queries)[0] if data.queries else image_files(data.corpus)[0])
         labels: dict[str, str] = {}
         if data.labelled:
             banner(f"5/8 label {args.shots} images per class (retrieval-client label)")
@@ -292,14 +274,25 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
         if data.labelled and data.queries:
             banner("7/8 classify the held-out images (retrieval-client classify) and label the corpus")
             accuracy, n, chance = classify_accuracy(client_cmd, data.queries)
-            print(f"\nfew-shot accuracy: {100 * accuracy:.1f}% on {n} held-out images with {args.shots} "
-                  f"labelled per class (chance {100 * chance:.1f}%)\n")
+            print(
+                f"\nfew-shot accuracy: {100 * accuracy:.1f}% on {n} held-out images with {args.shots} "
+                f"labelled per class (chance {100 * chance:.1f}%)\n"
+            )
             proposals = out / "proposals.csv"
             corpus_accuracy, m = label_corpus_accuracy(client_cmd, proposals, set(labels))
-            print(f"\nlabel-corpus: {m} unlabelled items labelled by kNN, {100 * corpus_accuracy:.1f}% agree with "
-                  f"their folder names (proposals: {proposals})\n")
-            summary.update(accuracy=accuracy, queries=n, chance=chance, shots=args.shots,
-                           labelled_items=len(labels), corpus_accuracy=corpus_accuracy, proposals=str(proposals))
+            print(
+                f"\nlabel-corpus: {m} unlabelled items labelled by kNN, {100 * corpus_accuracy:.1f}% agree with "
+                f"their folder names (proposals: {proposals})\n"
+            )
+            summary.update(
+                accuracy=accuracy,
+                queries=n,
+                chance=chance,
+                shots=args.shots,
+                labelled_items=len(labels),
+                corpus_accuracy=corpus_accuracy,
+                proposals=str(proposals),
+            )
         else:
             banner("7/8 no held-out labelled images: skipping classification")
 
@@ -309,9 +302,12 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
             print("  " + line)
         summary["metrics_url"] = server.metrics_url
         if args.keep_serving:
-            print(f"\nthe server keeps running on {server.address}; try\n"
-                  f"  RETRIEVAL_ADDRESS={server.address} retrieval-client search {query}\n"
-                  "Ctrl-C stops it.", flush=True)
+            print(
+                f"\nthe server keeps running on {server.address}; try\n"
+                f"  RETRIEVAL_ADDRESS={server.address} retrieval-client search {query}\n"
+                "Ctrl-C stops it.",
+                flush=True,
+            )
             wait_for_interrupt()
     finally:
         code = server.stop()
@@ -331,20 +327,31 @@ def wait_for_interrupt() -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=SAMPLE,
-                   help="DIR/train/<class>/ and DIR/test/<class>/ (labelled flow), or any image folder (default: the bundled sample)")
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=SAMPLE,
+        help="DIR/train/<class>/ and DIR/test/<class>/ (labelled flow), or any image folder "
+        "(default: the bundled sample)",
+    )
     p.add_argument("--full-cifar", action="store_true", help=f"use the full CIFAR-10 set from {CIFAR_ARCHIVE}")
     p.add_argument("--out", type=Path, default=REPO / "demo-out", help="outputs (default demo-out/)")
     g = p.add_argument_group("training budget (the defaults take 3-7 minutes on 2 CPU cores for the sample)")
     g.add_argument("--epochs", type=int, default=1, help="default 1 (25 steps of 64 on the sample)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     g.add_argument("--train-limit", type=int, default=None, help="train on at most this many images")
-    g.add_argument("--per-class", type=int, default=None,
-                   help="index (and train on) only the first N training images of each class")
-    g.add_argument("--queries-per-class", type=int, default=None,
-                   help="classify only the first N held-out images of each class")
+    g.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="index (and train on) only the first N training images of each class",
+    )
+    g.add_argument(
+        "--queries-per-class", type=int, default=None, help="classify only the first N held-out images of each class"
+    )
     g.add_argument("-a", "--arch", default="resnet18")
     g.add_argument("-b", "--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=0.06)
@@ -365,9 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         data = prepare_data(args, out)
-        print(f"corpus {data.corpus} ({len(images_in(data.corpus))} images"
-              + (f", {len(class_folders(data.corpus))} classes)" if data.labelled else ")")
-              + (f", held-out {data.queries} ({len(images_in(data.queries))} images)" if data.queries else ""))
+        print(
+            f"corpus {data.corpus} ({len(image_files(data.corpus))} images"
+            + (f", {len(class_folders(data.corpus))} classes)" if data.labelled else ")")
+            + (f", held-out {data.queries} ({len(image_files(data.queries))} images)" if data.queries else "")
+        )
         encoder = train_and_export(args, data, out)
         summary = serve_and_use(args, data, encoder, out)
     except DemoError as exc:

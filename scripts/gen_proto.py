@@ -5,6 +5,7 @@ they are placed under the project's own namespace, moco_retrieval.api.v1, with t
 The wire names (package retrieval.v1, service Retrieval) are unchanged.
 Run `make proto` after editing proto/; tests/moco_retrieval/test_proto.py fails when the generated code is stale.
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,15 @@ def generate(out_dir: Path) -> list[Path]:
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as raw:
-        args = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={raw}",
-                f"--pyi_out={raw}", f"--grpc_python_out={raw}", *PROTO_FILES]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{well_known}",
+            f"--python_out={raw}",
+            f"--pyi_out={raw}",
+            f"--grpc_python_out={raw}",
+            *PROTO_FILES,
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         target = out_dir / PACKAGE / "v1"

@@ -3,6 +3,7 @@
 The sample is the first 160 training and first 40 test images of each CIFAR-10 class
 (Krizhevsky, 2009), copied byte for byte: 2,000 JPEGs, about 1.8 MB.
 """
+
 from __future__ import annotations
 
 import argparse

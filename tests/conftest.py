@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run on the CPU with one intra-op thread each, on real files and processes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
+
 DEMO_DATA = REPO / "data" / "demo"
 
 torch.set_num_threads(1)

@@ -1,5 +1,6 @@
 """`make demo` on a reduced budget: the whole flow through the real CLIs (train, export, serve, index,
 label, search, classify, label-corpus, SIGTERM), checked by its outputs."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
+
+pytestmark = pytest.mark.slow
+
 BUDGET = ["--epochs", "1", "--max-steps", "2", "--train-limit", "64", "--batch-size", "32"]
 
 
 def run_demo(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the machine is shared
-    result = subprocess.run([sys.executable, "-m", "scripts.demo", "--out", str(out), *BUDGET, *args],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.demo", "--out", str(out), *BUDGET, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads((out / "summary.json").read_text())
 

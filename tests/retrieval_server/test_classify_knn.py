@@ -1,5 +1,6 @@
 """Classify is the InstDisc vote of `moco-train knn`: same encoder, same bank, same queries, same
 predictions and vote shares (the shared moco_retrieval.knn code, FAISS instead of a torch matmul)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from moco_retrieval.knn import knn_classify
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from server_harness import REPO, ServerProcess, make_export, server_env
+from moco_retrieval.knn import knn_classify
+from tests.server_harness import REPO, ServerProcess, make_export, server_env
 
 PER_CLASS_BANK, PER_CLASS_QUERIES, K, TAU = 8, 3, 20, 0.07
 # FAISS and torch may round the float32 dot products differently in the last bit; a share moves by
@@ -40,9 +41,11 @@ def setup(request, tmp_path_factory: pytest.TempPathFactory, demo_data: Path):
     model = make_export(root, seed=3, arch=request.param)
     with ServerProcess(model, root / "store") as server:
         stub = server.stub()
-        items = [pb.Item(id=f"{p.parent.name}/{p.name}", image=p.read_bytes(), label=p.parent.name)
-                 for p in sorted(bank.rglob("*.jpg"))]
-        acks = list(stub.Upsert(iter([pb.UpsertRequest(items=items[i:i + 32]) for i in range(0, len(items), 32)])))
+        items = [
+            pb.Item(id=f"{p.parent.name}/{p.name}", image=p.read_bytes(), label=p.parent.name)
+            for p in sorted(bank.rglob("*.jpg"))
+        ]
+        acks = list(stub.Upsert(iter([pb.UpsertRequest(items=items[i : i + 32]) for i in range(0, len(items), 32)])))
         assert sum(a.upserted for a in acks) == len(items) and not any(a.failed for a in acks)
         yield stub, model, bank, queries, items
 
@@ -60,8 +63,9 @@ def test_vote_equals_knn_classify(setup) -> None:
         expected = knn_classify(query_vectors, bank, bank_labels, len(classes), k=k, tau=TAU)
         worst = 0.0
         for q, vector in enumerate(query_vectors):
-            reply = stub.Classify(pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=vector.tolist())), k=k,
-                                                     tau=TAU))
+            reply = stub.Classify(
+                pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=vector.tolist())), k=k, tau=TAU)
+            )
             assert reply.label == classes[int(expected[q].argmax())], f"query {q}, k={k}"
             got = {s.label: s.score for s in reply.scores}
             want = {classes[c]: float(s) for c, s in enumerate(expected[q]) if s > 0}
@@ -77,9 +81,28 @@ def test_vote_equals_knn_classify(setup) -> None:
 def test_predictions_equal_moco_train_knn_cli(setup, tmp_path: Path) -> None:
     stub, model, bank, queries, _items = setup
     out = tmp_path / "predictions.csv"
-    cmd = [sys.executable, "-m", "moco_train", "knn", "--bank", str(bank), "--queries", str(queries),
-           "--checkpoint", str(model), "-k", str(K), "--tau", str(TAU), "--workers", "0", "--device", "cpu",
-           "--predictions", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moco_train",
+        "knn",
+        "--bank",
+        str(bank),
+        "--queries",
+        str(queries),
+        "--checkpoint",
+        str(model),
+        "-k",
+        str(K),
+        "--tau",
+        str(TAU),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--predictions",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, env=server_env(), capture_output=True, timeout=300)
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))

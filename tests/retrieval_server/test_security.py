@@ -1,6 +1,7 @@
 """TLS, bearer tokens (full and read-only; health stays open) and configuration by environment
 variables (flags win), against a real server with a self-signed certificate made by openssl,
 serving a 128-d projection-head export."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from server_harness import ServerProcess, make_export, png_bytes
+from tests.server_harness import ServerProcess, make_export, png_bytes
 
 TOKEN, READ_ONLY = "s3cret-full", "s3cret-read"
 Code = grpc.StatusCode
@@ -20,9 +21,29 @@ Code = grpc.StatusCode
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
@@ -32,8 +53,19 @@ def secure(tmp_path_factory: pytest.TempPathFactory):
     cert, key = _self_signed(root)
     (root / "token").write_text(TOKEN + "\n")
     env = {"RETRIEVAL_READ_ONLY_TOKEN": READ_ONLY, "RETRIEVAL_MAX_K": "33", "RETRIEVAL_DEFAULT_K": "7"}
-    with ServerProcess(make_export(root, head_dim=128), root / "store", "--tls-cert", cert, "--tls-key", key,
-                       "--auth-token-file", root / "token", "--max-k", "44", env=env) as server:
+    with ServerProcess(
+        make_export(root, head_dim=128),
+        root / "store",
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--auth-token-file",
+        root / "token",
+        "--max-k",
+        "44",
+        env=env,
+    ) as server:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         channel = server.channel(credentials)
         yield server, channel

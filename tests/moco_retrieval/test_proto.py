@@ -1,4 +1,5 @@
 """The committed generated code (moco_retrieval/api/v1/*.py[i]) must equal a fresh `make proto`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,9 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
             stale.append(str(rel))
     committed_files = {p.relative_to(REPO) for p in (REPO / PACKAGE).rglob("*") if p.suffix in (".py", ".pyi")}
     extra = committed_files - {p.relative_to(tmp_path) for p in fresh}
-    assert not stale and not extra, f"generated code is stale (run `make proto`): differs {stale}, extra {sorted(map(str, extra))}"
+    assert not stale and not extra, (
+        f"generated code is stale (run `make proto`): differs {stale}, extra {sorted(map(str, extra))}"
+    )
 
 
 def test_service_has_the_contract_methods() -> None:

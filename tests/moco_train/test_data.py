@@ -1,4 +1,5 @@
 """Finding images, skipping broken ones, geometry detection and deterministic sampling/augmentation."""
+
 from __future__ import annotations
 
 import io
@@ -12,10 +13,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from moco_train.data import (DataError, EpochSampler, LabelledImages, UnlabeledImages, collate_pairs,
-                             detect_geometry, find_images, validate)
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
+from moco_train.data import (
+    DataError,
+    EpochSampler,
+    LabelledImages,
+    UnlabeledImages,
+    collate_pairs,
+    detect_geometry,
+    find_images,
+    validate,
+)
 from moco_train.transforms import TwoCropsTransform, train_augmentation
+
 
 def noise_image(seed: int, size: int = 16, mode: str = "RGB") -> Image.Image:
     arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -40,7 +50,9 @@ def odd_folder(tmp_path: Path) -> Path:
     noise_image(7).save(root / "a" / "b" / "c" / "bitmap.bmp")
     buf = io.BytesIO()
     noise_image(8, size=64).save(buf, format="JPEG")
-    (root / "a" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])  # header fine, pixels cut
+    (root / "a" / "truncated.jpg").write_bytes(
+        buf.getvalue()[: len(buf.getvalue()) * 2 // 3]
+    )  # header fine, pixels cut
     (root / "empty.jpg").write_bytes(b"")
     (root / "a" / "b" / "text.jpg").write_text("this is not a jpeg")
     (root / "notes.txt").write_text("ignored: not an image extension")
@@ -86,7 +98,7 @@ def test_undecodable_image_is_replaced_and_reported(odd_folder):
 
 
 def test_small_images_are_detected(odd_folder, tmp_path):
-    assert detect_geometry(find_images(odd_folder)) .small
+    assert detect_geometry(find_images(odd_folder)).small
     big = tmp_path / "big"
     big.mkdir()
     noise_image(0, size=128).save(big / "x.png")

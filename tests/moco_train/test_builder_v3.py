@@ -1,5 +1,6 @@
 """MoCo v3 against its pseudocode: the symmetric InfoNCE with the 2τ factor, the predictor, the frozen
 patch projection, the momentum schedule, LARS, the ViT, and official moco-v3 checkpoints."""
+
 from __future__ import annotations
 
 import math
@@ -11,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from moco_retrieval.export import embed, export_model
+from moco_retrieval.vit import VIT_ARCHS, build_vit, sincos_position_embedding
 from moco_train.builder_v3 import GlobalBatchNorm1d, MoCoV3, build_base_encoder, build_mlp
 from moco_train.checkpoint import load_file, to_export
 from moco_train.config import TrainConfig
-from moco_retrieval.export import embed, export_model
 from moco_train.optim import LARS, cosine_momentum, lr_factor
 from moco_train.trainer import Trainer
-from moco_retrieval.vit import VIT_ARCHS, build_vit, sincos_position_embedding
 
 
 def tiny_base(dim: int = 8) -> nn.Module:
@@ -66,7 +67,9 @@ def test_only_the_base_encoder_and_predictor_learn_and_the_key_encoder_follows_b
 def test_mlps_have_the_official_layout():
     projector = build_mlp(3, 384, 4096, 256)
     assert [type(m).__name__ for m in projector] == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + [
-        "Linear", "GlobalBatchNorm1d"]
+        "Linear",
+        "GlobalBatchNorm1d",
+    ]
     assert projector[0].bias is None and not projector[7].affine  # no bias; last BN without affine
     assert [type(m).__name__ for m in build_mlp(2, 256, 4096, 256, last_bn=False)][-1] == "Linear"
     assert isinstance(GlobalBatchNorm1d(4), nn.BatchNorm1d)  # plain BatchNorm1d in one process
@@ -105,8 +108,14 @@ def test_vit_shapes_position_embedding_and_official_names():
     assert pos.shape == (1, 65, 192) and torch.equal(pos[0, 0], torch.zeros(192))
     assert torch.equal(model.pos_embed, pos) and not model.pos_embed.requires_grad
     names = set(model.state_dict())
-    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight", "blocks.0.mlp.fc2.bias",
-            "norm.weight"} <= names  # timm's names, which the official moco-v3 checkpoints use
+    assert {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.11.attn.qkv.weight",
+        "blocks.0.mlp.fc2.bias",
+        "norm.weight",
+    } <= names  # timm's names, which the official moco-v3 checkpoints use
     with pytest.raises(ValueError, match="32 px model got a 64 px input"):
         model(torch.randn(1, 3, 64, 64))
     assert VIT_ARCHS["vit_small"].num_heads == 12  # MoCo v3's ViT-S
@@ -122,9 +131,22 @@ def images(tmp_path_factory):
 
 
 def vit_trainer(images, run_dir, **kwargs) -> Trainer:
-    return Trainer(TrainConfig(data=str(images), run_dir=str(run_dir), moco_v3=True, arch="vit_tiny_32", batch_size=8,
-                               moco_mlp_dim=32, moco_dim=16, workers=0, warmup_epochs=0.5, lr=1e-3, progress=False,
-                               **kwargs))
+    return Trainer(
+        TrainConfig(
+            data=str(images),
+            run_dir=str(run_dir),
+            moco_v3=True,
+            arch="vit_tiny_32",
+            batch_size=8,
+            moco_mlp_dim=32,
+            moco_dim=16,
+            workers=0,
+            warmup_epochs=0.5,
+            lr=1e-3,
+            progress=False,
+            **kwargs,
+        )
+    )
 
 
 def test_the_patch_projection_stays_frozen_while_the_rest_trains(images, tmp_path):

@@ -2,33 +2,37 @@
 PromQL expression of the Grafana dashboard and of the alert rules evaluates and returns data after
 some traffic, the rules load and evaluate healthy, the down alert goes pending when the server goes
 away, and promtool accepts the config, the rules and the server's /metrics text."""
+
 from __future__ import annotations
 
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.net import free_port
+from tests import REPO
 from tests.server_harness import ServerProcess, make_export, png_bytes
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "retrieval.json"
 ALERTS = DEPLOY / "alerts.yml"
 JOB = "retrieval-server"
 SCRAPE_S = 1
 WAIT_S = 60.0
-RATE_WINDOW = "1m"   # stands in for Grafana's $__rate_interval
+RATE_WINDOW = "1m"  # stands in for Grafana's $__rate_interval
 THRESHOLD = re.compile(r"^(?P<quantity>.*?)\s*(?:==|!=|>=|<=|>|<)\s*[0-9.eE+-]+\s*$", re.DOTALL)
 
 
@@ -39,12 +43,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is missing: install Debian's prometheus package (scripts/ensure_system_deps.sh as root)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> Any:
@@ -62,12 +60,20 @@ class Prometheus:
             f"global:\n  scrape_interval: {SCRAPE_S}s\n  evaluation_interval: {SCRAPE_S}s\n"
             f"rule_files:\n  - {ALERTS}\n"
             f"scrape_configs:\n  - job_name: {JOB}\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+            f"      - targets: ['127.0.0.1:{metrics_port}']\n"
+        )
         self.log = (workdir / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                tool("prometheus"),
+                f"--config.file={self.config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def query(self, expr: str) -> list[dict]:
         data = get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
@@ -157,12 +163,17 @@ def test_alert_rules_load_evaluate_and_measure_something(stack) -> None:
         groups = get(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
         return [r for g in groups for r in g["rules"]]
 
-    prometheus.wait_for("every rule evaluated", lambda: rules() and all(
-        not r["lastEvaluation"].startswith("0001") for r in rules()))
+    prometheus.wait_for(
+        "every rule evaluated", lambda: rules() and all(not r["lastEvaluation"].startswith("0001") for r in rules())
+    )
     loaded = rules()
-    assert {r["name"] for r in loaded} == {"RetrievalServerDown", "RetrievalHighErrorRatio",
-                                           "RetrievalHighLatencyP99", "RetrievalQueueSaturated",
-                                           "RetrievalQueueRejecting"}
+    assert {r["name"] for r in loaded} == {
+        "RetrievalServerDown",
+        "RetrievalHighErrorRatio",
+        "RetrievalHighLatencyP99",
+        "RetrievalQueueSaturated",
+        "RetrievalQueueRejecting",
+    }
     for rule in loaded:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
         quantity = THRESHOLD.match(rule["query"])
@@ -173,8 +184,11 @@ def test_alert_rules_load_evaluate_and_measure_something(stack) -> None:
 def test_promtool_checks(stack, tmp_path: Path) -> None:
     server, prometheus = stack
     promtool = tool("promtool")
-    for args in (["check", "config", str(DEPLOY / "prometheus.yml")], ["check", "config", str(prometheus.config)],
-                 ["check", "rules", str(ALERTS)]):
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus.yml")],
+        ["check", "config", str(prometheus.config)],
+        ["check", "rules", str(ALERTS)],
+    ):
         result = subprocess.run([promtool, *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
     metrics_text = get(server.metrics_url)
@@ -189,7 +203,8 @@ def test_down_alert_goes_pending_when_the_server_stops(stack) -> None:
 
     def pending() -> bool:
         alerts = get(f"{prometheus.url}/api/v1/alerts")["data"]["alerts"]
-        return any(a["labels"]["alertname"] == "RetrievalServerDown" and a["state"] in ("pending", "firing")
-                   for a in alerts)
+        return any(
+            a["labels"]["alertname"] == "RetrievalServerDown" and a["state"] in ("pending", "firing") for a in alerts
+        )
 
     prometheus.wait_for("RetrievalServerDown pending", pending)

@@ -1,4 +1,5 @@
 """ResNets, the CIFAR stem and split BatchNorm."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,7 +44,9 @@ def test_split_batchnorm_normalises_each_group_with_its_own_statistics():
     # running statistics: average over groups of each group's momentum update
     n = 4 * 4 * 4
     group_means = torch.stack([x[g].mean(dim=(0, 2, 3)) for g in (slice(0, 4), slice(4, 8))])
-    group_vars = torch.stack([x[g].var(dim=(0, 2, 3), unbiased=False) * n / (n - 1) for g in (slice(0, 4), slice(4, 8))])
+    group_vars = torch.stack(
+        [x[g].var(dim=(0, 2, 3), unbiased=False) * n / (n - 1) for g in (slice(0, 4), slice(4, 8))]
+    )
     torch.testing.assert_close(bn.running_mean, (0.1 * group_means).mean(0))
     torch.testing.assert_close(bn.running_var, (0.9 + 0.1 * group_vars).mean(0))
 

@@ -2,9 +2,10 @@
 shared queue, 1-vs-2-process equivalence, the --nproc launcher, a killed job resumed with --resume auto,
 a worker killed under torchrun --max-restarts and resumed in place, and export + kNN of a 2-process run.
 
-Children run this file as a script (`python tests/test_distributed.py MODE SPEC OUT`) with the
+Children run this module (`python -m tests.moco_train.test_distributed MODE SPEC OUT`) with the
 environment torchrun would give them; each writes what it saw to OUT/rank<r>.pt for the test to check.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,18 +21,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco_retrieval.net import free_port
 from moco_train import distributed
 from moco_train.builder import MoCo, build_encoder
 from moco_train.builder_v3 import MoCoV3, build_mlp
 from moco_train.checkpoint import load_checkpoint
 from moco_train.config import TrainConfig
-from moco_train.launch import free_port
 from moco_train.trainer import Trainer, init_distributed
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 # Tiny but real: ResNet-18 with the CIFAR stem on 16x16 crops of the demo images, batch 16, K 64.
-TINY = dict(max_steps=6, batch_size=16, moco_k=64, crop_size=16, workers=0, amp="off", progress=False, seed=3,
-            bn_splits=4)
+TINY = dict(
+    max_steps=6, batch_size=16, moco_k=64, crop_size=16, workers=0, amp="off", progress=False, seed=3, bn_splits=4
+)
 
 
 # -- children ----------------------------------------------------------------------------------
@@ -54,9 +58,16 @@ def child_collectives(out: Path) -> dict:
     k = (rank * 3 + torch.arange(3.0)).unsqueeze(1).expand(3, 4).contiguous()
     queue_model._dequeue_and_enqueue(k)
     queue_model._dequeue_and_enqueue(k, k + 100)
-    return {"im_k": im_k, "shuffled": shuffled, "eval_shuffled": eval_shuffled, "eval_plain": eval_plain,
-            "train_shuffled": train_shuffled, "train_plain": train_plain,
-            "queue": queue_model.queue.clone(), "queue_ptr": queue_model.queue_ptr.clone()}
+    return {
+        "im_k": im_k,
+        "shuffled": shuffled,
+        "eval_shuffled": eval_shuffled,
+        "eval_plain": eval_plain,
+        "train_shuffled": train_shuffled,
+        "train_plain": train_plain,
+        "queue": queue_model.queue.clone(),
+        "queue_ptr": queue_model.queue_ptr.clone(),
+    }
 
 
 def v3_model() -> MoCoV3:
@@ -79,8 +90,12 @@ def child_v3(out: Path) -> dict:
     logits, labels = model(*v3_views(distributed.get_rank()))
     loss = model.loss(logits, labels)
     loss.backward()
-    return {"logits": logits.detach(), "labels": labels, "loss": loss.detach(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return {
+        "logits": logits.detach(),
+        "labels": labels,
+        "loss": loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
 
 
 def child_train(spec: dict) -> dict:
@@ -92,20 +107,34 @@ def child_train(spec: dict) -> dict:
 def run_ranks(mode: str, spec: dict, out: Path, nproc: int) -> list[dict]:
     """Run `mode` in nproc child processes wired like torchrun; every rank's result."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, json.dumps(spec), str(out)], cwd=REPO,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(nproc)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "PYTHONWARNINGS": "ignore",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", __name__, mode, json.dumps(spec), str(out)],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(nproc)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
 def moco_train(*args, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -217,8 +246,27 @@ def test_moco_v3_contrasts_against_the_keys_of_every_process(tmp_path):
             torch.testing.assert_close(mean, param.grad, rtol=1e-4, atol=1e-6)
 
 
-KILL_RUN = ["--max-steps", 16, "-b", 16, "--moco-k", 64, "--crop-size", 16, "-j", 0, "--amp", "off", "--seed", 5,
-            "--save-every-steps", 3, "--no-progress", "--resume", "auto"]
+KILL_RUN = [
+    "--max-steps",
+    16,
+    "-b",
+    16,
+    "--moco-k",
+    64,
+    "--crop-size",
+    16,
+    "-j",
+    0,
+    "--amp",
+    "off",
+    "--seed",
+    5,
+    "--save-every-steps",
+    3,
+    "--no-progress",
+    "--resume",
+    "auto",
+]
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +280,10 @@ def reference_run(image_list, tmp_path_factory) -> Path:
 
 def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
-    while not (run_dir / "log.jsonl").exists() or max(
-            [r.get("step", 0) for r in log_records(run_dir) if r["event"] == "step"], default=0) < step:
+    while (
+        not (run_dir / "log.jsonl").exists()
+        or max([r.get("step", 0) for r in log_records(run_dir) if r["event"] == "step"], default=0) < step
+    ):
         assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
         time.sleep(0.05)
 
@@ -258,8 +308,13 @@ def test_two_process_job_killed_mid_epoch_resumes_exactly(image_list, reference_
     started again with --resume auto ends exactly where an uninterrupted run ends."""
     killed = tmp_path / "killed"
     args = ["train", image_list, *KILL_RUN, "--nproc", 2, "--run-dir", killed]
-    job = subprocess.Popen([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "moco_train", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_step(killed, 4, job)
     finally:
@@ -270,8 +325,20 @@ def test_two_process_job_killed_mid_epoch_resumes_exactly(image_list, reference_
 
     # The export of the 2-process run serves like any other: export + kNN.
     moco_train("export", killed / "checkpoint_00000016.pt", tmp_path / "model.pt")
-    result = json.loads(moco_train("knn", "--bank", demo_data / "train", "--queries", demo_data / "test",
-                                   "--checkpoint", tmp_path / "model.pt", "-j", 0, "--json").stdout)
+    result = json.loads(
+        moco_train(
+            "knn",
+            "--bank",
+            demo_data / "train",
+            "--queries",
+            demo_data / "test",
+            "--checkpoint",
+            tmp_path / "model.pt",
+            "-j",
+            0,
+            "--json",
+        ).stdout
+    )
     assert result["bank_images"] == 1600 and result["query_images"] == 400
     assert result["top1"] > 15.0  # 10 classes: far above chance, as a 1-process run's export is
 
@@ -299,10 +366,28 @@ def test_torchrun_restarts_a_killed_worker_and_resumes_exactly(image_list, refer
     run_dir = tmp_path / "run"
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
-        job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "moco_train", "train",
-                                *map(str, [image_list, *KILL_RUN, "--run-dir", run_dir])],
-                               cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                "1",
+                "--monitor-interval",
+                "0.2",
+                "-m",
+                "moco_train",
+                "train",
+                *map(str, [image_list, *KILL_RUN, "--run-dir", run_dir]),
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_for_step(run_dir, 4 + 2 * attempt, job)
             os.kill(worker_with_rank(job.pid, 1), signal.SIGKILL)

@@ -1,4 +1,5 @@
 """The augmentation recipes (small-image vs ImageNet-size) and the stem that follows the crop."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,11 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms as T
 
+from moco_retrieval.preprocessing import Preprocessing
 from moco_train.config import Recipe, TrainConfig, resolve
 from moco_train.trainer import Trainer
-from moco_retrieval.preprocessing import Preprocessing
 from moco_train.transforms import GaussianBlur, train_augmentation
+
 
 def ops(compose: T.Compose) -> list:
     """Every transform in a Compose, RandomApply unwrapped."""
@@ -46,8 +48,17 @@ def test_the_stem_follows_the_crop_size_not_the_image_size(tmp_path: Path):
         Image.fromarray(rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
 
     def trainer(crop_size: int | None) -> Trainer:
-        return Trainer(TrainConfig(data=str(tmp_path), run_dir=str(tmp_path / f"run{crop_size}"), batch_size=8,
-                                   moco_k=16, crop_size=crop_size, workers=0, progress=False))
+        return Trainer(
+            TrainConfig(
+                data=str(tmp_path),
+                run_dir=str(tmp_path / f"run{crop_size}"),
+                batch_size=8,
+                moco_k=16,
+                crop_size=crop_size,
+                workers=0,
+                progress=False,
+            )
+        )
 
     small = trainer(64)
     assert small.cifar_stem and small.preprocessing.input_size == 64
@@ -65,12 +76,33 @@ def test_method_defaults_resolve_from_the_recipe():
     v2.apply_v2()
     assert (resolve(v2, small=False).moco_t, resolve(v2, small=True).moco_t) == (0.2, 0.1)
     assert resolve(cfg(moco_t=0.5, mlp=True, aug_plus=True), small=True).moco_t == 0.5  # --moco-t wins
-    assert resolve(v2, small=True) == Recipe(lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
-                                             moco_dim=128, moco_m=0.999, moco_m_cos=False, moco_t=0.1)
+    assert resolve(v2, small=True) == Recipe(
+        lr=0.03,
+        weight_decay=1e-4,
+        optimizer="sgd",
+        warmup_epochs=0,
+        moco_dim=128,
+        moco_m=0.999,
+        moco_m_cos=False,
+        moco_t=0.1,
+    )
     # v3 (facebookresearch/moco-v3): AdamW for ViTs, LARS for ResNets, lr scaled by batch / 256.
     vit = resolve(cfg(moco_v3=True, arch="vit_small", batch_size=512), small=False)
-    assert vit == Recipe(lr=3e-4, weight_decay=0.1, optimizer="adamw", warmup_epochs=10, moco_dim=256, moco_m=0.99,
-                         moco_m_cos=True, moco_t=0.2)
+    assert vit == Recipe(
+        lr=3e-4,
+        weight_decay=0.1,
+        optimizer="adamw",
+        warmup_epochs=10,
+        moco_dim=256,
+        moco_m=0.99,
+        moco_m_cos=True,
+        moco_t=0.2,
+    )
     resnet = resolve(cfg(moco_v3=True, arch="resnet50", batch_size=1024, moco_m_cos=False), small=False)
-    assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.moco_t, resnet.moco_m_cos) == \
-        ("lars", 1.2, 1e-6, 1.0, False)
+    assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.moco_t, resnet.moco_m_cos) == (
+        "lars",
+        1.2,
+        1e-6,
+        1.0,
+        False,
+    )

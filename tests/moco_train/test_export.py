@@ -1,4 +1,5 @@
 """Export: a checkpoint's export reproduces its embeddings; official MoCo checkpoints convert."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,19 +9,20 @@ import torchvision
 from PIL import Image
 
 from moco_retrieval.architectures import build_backbone
+from moco_retrieval.export import ExportError, embed, export_model, load_export
+from moco_retrieval.fileio import atomic_torch_save
 from moco_train.builder import build_encoder
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export, to_official
 from moco_train.config import TrainConfig
-from moco_retrieval.export import ExportError, embed, export_model, load_export
-from moco_retrieval.fileio import atomic_torch_save
 from moco_train.trainer import Trainer
 
 
 def backbone_from(state: dict[str, torch.Tensor], prefix: str, arch: str, cifar_stem: bool) -> torch.nn.Module:
     """The reference: a plain backbone loaded by hand with the encoder's non-head weights."""
     model = build_backbone(arch, cifar_stem)
-    model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                           if k.startswith(prefix) and not k.startswith(prefix + "fc.")})
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+    )
     return model.eval()
 
 
@@ -31,8 +33,11 @@ def checkpoint(tmp_path):
     data.mkdir()
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    trainer = Trainer(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), batch_size=4, moco_k=8,
-                                  bn_splits=2, mlp=True, progress=False))
+    trainer = Trainer(
+        TrainConfig(
+            data=str(data), run_dir=str(tmp_path / "run"), batch_size=4, moco_k=8, bn_splits=2, mlp=True, progress=False
+        )
+    )
     with torch.no_grad():  # make the BN running statistics non-trivial, as after training
         for name, buf in trainer.model.encoder_q.named_buffers():
             if name.endswith("running_var"):
@@ -105,7 +110,7 @@ def main_lincls_backbone(path, cifar_stem: bool) -> tuple[torch.nn.Module, set[s
     state_dict = checkpoint["state_dict"]
     for k in list(state_dict.keys()):
         if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
-            state_dict[k[len("module.encoder_q."):]] = state_dict[k]
+            state_dict[k[len("module.encoder_q.") :]] = state_dict[k]
         del state_dict[k]
     model = torchvision.models.__dict__[checkpoint["arch"]]()
     if cifar_stem:
@@ -126,9 +131,9 @@ def detectron2_conversion(path) -> dict[str, np.ndarray]:
         if "layer" not in k:
             k = "stem." + k
         for t in [1, 2, 3, 4]:
-            k = k.replace("layer{}".format(t), "res{}".format(t + 1))
+            k = k.replace(f"layer{t}", f"res{t + 1}")
         for t in [1, 2, 3]:
-            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
         k = k.replace("downsample.0", "shortcut")
         k = k.replace("downsample.1", "shortcut.norm")
         newmodel[k] = v.numpy()
@@ -147,8 +152,15 @@ def test_official_format_loads_in_main_lincls_and_detectron2(checkpoint, tmp_pat
     torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)
 
     converted = detectron2_conversion(out)
-    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.weight", "res2.0.conv1.norm.running_var",
-            "res3.0.shortcut.weight", "res3.0.shortcut.norm.bias", "res5.1.conv2.norm.weight"} <= set(converted)
+    assert {
+        "stem.conv1.weight",
+        "stem.conv1.norm.weight",
+        "res2.0.conv1.weight",
+        "res2.0.conv1.norm.running_var",
+        "res3.0.shortcut.weight",
+        "res3.0.shortcut.norm.bias",
+        "res5.1.conv2.norm.weight",
+    } <= set(converted)
     encoder_q = {k for k in trainer.model.state_dict() if k.startswith("encoder_q.")}
     assert len(converted) == len(encoder_q)  # every f_q tensor, the MLP head included
 

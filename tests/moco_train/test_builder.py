@@ -1,4 +1,5 @@
 """The MoCo module against the paper's pseudocode: InfoNCE logits, queue, momentum update, gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -90,9 +91,15 @@ def test_symmetric_loss_contrasts_both_ways_and_enqueues_both_keys():
     im_1, im_2 = images(3, 1), images(3, 2)
     logits, labels = model(im_1, im_2)
     z1, z2 = (F.normalize(model.encoder_q(x), dim=1) for x in (im_1, im_2))
-    expected = torch.cat([
-        torch.cat([(z1 * z2).sum(1, keepdim=True), z1 @ queue], 1),
-        torch.cat([(z2 * z1).sum(1, keepdim=True), z2 @ queue], 1)]) / 0.1
+    expected = (
+        torch.cat(
+            [
+                torch.cat([(z1 * z2).sum(1, keepdim=True), z1 @ queue], 1),
+                torch.cat([(z2 * z1).sum(1, keepdim=True), z2 @ queue], 1),
+            ]
+        )
+        / 0.1
+    )
     torch.testing.assert_close(logits, expected)
     assert labels.shape == (6,) and int(model.queue_ptr) == 6
     # The loss is L(q1, k2) + L(q2, k1), the sum of the two directions (not their mean).

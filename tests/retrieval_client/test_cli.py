@@ -1,5 +1,6 @@
 """`retrieval-client` end to end: every command run as a child process against a real server with a
 small real encoder and a bearer token; contact sheets opened and measured; the few-shot benchmark."""
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ from PIL import Image
 
 from retrieval_client import RetrievalClient
 from retrieval_client.sheet import sheet_size
-from server_harness import ServerProcess, make_export
+from tests.server_harness import ServerProcess, make_export
 
 TOKEN = "s3cret-token"
 CLASSES = ("airplane", "cat", "ship")
@@ -29,8 +30,9 @@ CLASSES = ("airplane", "cat", "ship")
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "retrieval_client", *args], env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "retrieval_client", *args], env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def copy_demo(demo_data: Path, dest: Path, split: str, per_class: int, classes=CLASSES) -> Path:
@@ -82,8 +84,18 @@ def indexed(demo_data, tmp_path_factory, env) -> Path:
 
 
 def test_help_everywhere():
-    for command in ([], ["index"], ["search"], ["classify"], ["label"], ["unlabel"], ["delete"], ["info"],
-                    ["label-corpus"], ["evaluate"]):
+    for command in (
+        [],
+        ["index"],
+        ["search"],
+        ["classify"],
+        ["label"],
+        ["unlabel"],
+        ["delete"],
+        ["info"],
+        ["label-corpus"],
+        ["evaluate"],
+    ):
         proc = run_cli(*command, "--help")
         assert proc.returncode == 0 and "usage: retrieval-client" in proc.stdout, command
 
@@ -147,8 +159,20 @@ def test_search_prints_a_table_and_writes_contact_sheets(indexed, tmp_path, env)
         sheet.load()
         assert sheet.format == "PNG" and sheet.size == sheet_size(6)
 
-    by_id = run_cli("search", "--id", "ship/" + sorted(os.listdir(indexed / "ship"))[0], "-k", "4",
-                    "--label", "ship", "--label", "cat", "--sheet", str(tmp_path / "sheet.html"), env=env)
+    by_id = run_cli(
+        "search",
+        "--id",
+        "ship/" + sorted(os.listdir(indexed / "ship"))[0],
+        "-k",
+        "4",
+        "--label",
+        "ship",
+        "--label",
+        "cat",
+        "--sheet",
+        str(tmp_path / "sheet.html"),
+        env=env,
+    )
     assert by_id.returncode == 0, by_id.stderr
     rows = [line.split() for line in by_id.stdout.strip().splitlines()[1:]]
     assert len(rows) == 4 and all(r[3] in ("ship", "cat") for r in rows)
@@ -159,14 +183,24 @@ def test_search_prints_a_table_and_writes_contact_sheets(indexed, tmp_path, env)
     original = sorted((indexed / "airplane").glob("*.jpg"))[0]
     moved = original.rename(tmp_path / "moved.jpg")
     try:
-        placeholders = run_cli("search", str(moved), "-k", "3", "--label", "airplane",
-                               "--sheet", str(tmp_path / "placeholder.html"), env=env)
+        placeholders = run_cli(
+            "search",
+            str(moved),
+            "-k",
+            "3",
+            "--label",
+            "airplane",
+            "--sheet",
+            str(tmp_path / "placeholder.html"),
+            env=env,
+        )
     finally:
         moved.rename(original)
     assert placeholders.returncode == 0, placeholders.stderr
     assert (tmp_path / "placeholder.html").read_text().count('<div class="ph">no image</div>') == 1
     assert "unsupported sheet format" in one_error_line(
-        run_cli("search", str(query), "--sheet", str(tmp_path / "sheet.txt"), env=env))
+        run_cli("search", str(query), "--sheet", str(tmp_path / "sheet.txt"), env=env)
+    )
 
 
 def test_classify_outputs(indexed, env):
@@ -240,8 +274,20 @@ def test_evaluate_beats_chance(export, demo_data, tmp_path):
     labelled = copy_demo(demo_data, tmp_path / "labelled", "train", 30, classes)
     queries = copy_demo(demo_data, tmp_path / "queries", "test", 20, classes)
     with ServerProcess(export, tmp_path / "store") as srv:
-        proc = run_cli("evaluate", "--labelled", str(labelled), "--queries", str(queries),
-                       "--shots", "1,5,all", "--seed", "3", "--k", "20", env={"RETRIEVAL_ADDRESS": srv.address})
+        proc = run_cli(
+            "evaluate",
+            "--labelled",
+            str(labelled),
+            "--queries",
+            str(queries),
+            "--shots",
+            "1,5,all",
+            "--seed",
+            "3",
+            "--k",
+            "20",
+            env={"RETRIEVAL_ADDRESS": srv.address},
+        )
         assert proc.returncode == 0, proc.stderr
         with RetrievalClient(srv.address) as c:
             assert c.info().item_count == 0  # cleaned up
@@ -261,9 +307,25 @@ def test_index_survives_a_server_killed_mid_run(export, demo_data, tmp_path):
     server = ServerProcess(export, store).start()
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RETRIEVAL_")}
-        index = subprocess.Popen([sys.executable, "-m", "retrieval_client", "index", str(folder), "--batch-size", "8",
-                                  "--timeout", "3", "--address", server.address],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        index = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "retrieval_client",
+                "index",
+                str(folder),
+                "--batch-size",
+                "8",
+                "--timeout",
+                "3",
+                "--address",
+                server.address,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         with RetrievalClient(server.address) as c:
             while index.poll() is None and c.info().item_count < 16:
                 time.sleep(0.02)
@@ -289,9 +351,28 @@ def test_index_survives_a_server_killed_mid_run(export, demo_data, tmp_path):
 def test_tls_with_a_root_certificate(export, tmp_path):
     """A TLS server: the CA from RETRIEVAL_TLS_CA or --tls-ca works; plaintext gets one clear error."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     with ServerProcess(export, tmp_path / "store", "--tls-cert", cert, "--tls-key", key) as srv:
         by_env = run_cli("info", env={"RETRIEVAL_ADDRESS": srv.address, "RETRIEVAL_TLS_CA": str(cert)})
         assert by_env.returncode == 0 and "item_count: 0" in by_env.stdout, by_env.stderr

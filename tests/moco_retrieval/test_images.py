@@ -1,4 +1,5 @@
 """Robust decoding of odd images: every mode becomes RGB, EXIF orientation is applied, junk is refused."""
+
 from __future__ import annotations
 
 import io
@@ -38,7 +39,7 @@ def test_palette_gif_first_frame(tmp_path):
 
 
 def test_16bit_png(tmp_path):
-    arr = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    arr = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000
     img = decode_image(save(Image.fromarray(arr), tmp_path / "deep.png"))
     assert img.mode == "RGB"
     assert img.getpixel((3, 3))[0] == 60000 // 256

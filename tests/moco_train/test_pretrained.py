@@ -1,5 +1,6 @@
 """Continued pretraining (`--init`): both encoders start from an export, a checkpoint, an official
 MoCo checkpoint or a torchvision state dict; a wrong architecture or stem is a one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ import torch
 import torchvision
 from PIL import Image
 
+from moco_retrieval.fileio import atomic_torch_save
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export
 from moco_train.config import TrainConfig
-from moco_retrieval.fileio import atomic_torch_save
 from moco_train.trainer import Trainer
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["-b", 4, "--moco-k", 8, "--max-steps", 1, "--bn-splits", 2]
 
 
@@ -32,8 +33,18 @@ def images(tmp_path_factory) -> Path:
 
 
 def trainer(images: Path, run_dir: Path, **kwargs) -> Trainer:
-    return Trainer(TrainConfig(data=str(images), run_dir=str(run_dir), batch_size=4, moco_k=8, bn_splits=2,
-                               workers=0, progress=False, **kwargs))
+    return Trainer(
+        TrainConfig(
+            data=str(images),
+            run_dir=str(run_dir),
+            batch_size=4,
+            moco_k=8,
+            bn_splits=2,
+            workers=0,
+            progress=False,
+            **kwargs,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +53,7 @@ def source(images, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     tmp = tmp_path_factory.mktemp("source")
     t = trainer(images, tmp / "run", mlp=True, seed=7)
     path = save_checkpoint(tmp / "run", t.state(), keep=1)
-    return path, {k[len("encoder_q."):]: v for k, v in t.model.state_dict().items() if k.startswith("encoder_q.")}
+    return path, {k[len("encoder_q.") :]: v for k, v in t.model.state_dict().items() if k.startswith("encoder_q.")}
 
 
 def assert_starts_from(t: Trainer, expected: dict[str, torch.Tensor], with_head: bool) -> None:
@@ -75,7 +86,11 @@ def test_init_from_an_export_reinitialises_the_head(images, source, tmp_path):
 
 def test_init_from_an_official_moco_checkpoint_and_a_torchvision_state_dict(images, source, tmp_path):
     _, expected = source
-    official = {"arch": "resnet18", "epoch": 200, "state_dict": {f"module.encoder_q.{k}": v for k, v in expected.items()}}
+    official = {
+        "arch": "resnet18",
+        "epoch": 200,
+        "state_dict": {f"module.encoder_q.{k}": v for k, v in expected.items()},
+    }
     torch.save(official, tmp_path / "moco.pth.tar")
     t = trainer(images, tmp_path / "a", mlp=True, init=str(tmp_path / "moco.pth.tar"))
     assert_starts_from(t, expected, with_head=True)
@@ -88,14 +103,21 @@ def test_init_from_an_official_moco_checkpoint_and_a_torchvision_state_dict(imag
 
 
 def moco_train(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["-a", "resnet34"], "holds a resnet18, but this run trains a resnet34 (use -a resnet18)"),
-    (["--cifar-stem", "off"], "was trained with the CIFAR stem (3x3 conv, no max-pool), but this run uses the standard"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-a", "resnet34"], "holds a resnet18, but this run trains a resnet34 (use -a resnet18)"),
+        (
+            ["--cifar-stem", "off"],
+            "was trained with the CIFAR stem (3x3 conv, no max-pool), but this run uses the standard",
+        ),
+    ],
+)
 def test_a_wrong_architecture_or_stem_is_a_one_line_error(images, source, tmp_path, extra, message):
     path, _ = source
     proc = moco_train("train", images, "--run-dir", tmp_path / "run", *TINY, "--init", path, *extra)
@@ -111,8 +133,9 @@ def test_a_state_dict_of_another_resnet_does_not_fit(images, tmp_path):
 
 def test_the_start_record_names_the_init(images, source, tmp_path):
     path, _ = source
-    proc = moco_train("train", images, "--run-dir", tmp_path / "run", *TINY, "-j", 0, "--mlp", "--init", path,
-                      "--no-progress")
+    proc = moco_train(
+        "train", images, "--run-dir", tmp_path / "run", *TINY, "-j", 0, "--mlp", "--init", path, "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["init"].endswith("backbone and projection head")

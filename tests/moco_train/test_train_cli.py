@@ -1,4 +1,5 @@
 """`moco-train train | knn | export` end to end in child processes on real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import csv
@@ -15,13 +16,13 @@ from PIL import Image
 from moco_train.config import COMPILE_MIN_STEPS
 from moco_train.curves import plot_run, read_log
 from moco_train.trainer import resolve_compile
-
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
 
 
 def moco_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -50,8 +51,25 @@ def trained(demo_data, tmp_path_factory):
     listing = tmp / "images.txt"
     listing.write_text("\n".join(str(p) for p in images) + "\n")
     run_dir = tmp / "run"
-    proc = moco_train("train", listing, "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
-                      "-j", 0, "--v2", "--moco-t", 0.2, "--seed", 1)
+    proc = moco_train(
+        "train",
+        listing,
+        "--run-dir",
+        run_dir,
+        "--max-steps",
+        3,
+        "-b",
+        32,
+        "--moco-k",
+        128,
+        "-j",
+        0,
+        "--v2",
+        "--moco-t",
+        0.2,
+        "--seed",
+        1,
+    )
     return tmp, run_dir, proc
 
 
@@ -62,8 +80,13 @@ def test_train_logs_progress_and_checkpoints(trained):
     assert "img_s=" in proc.stderr and "loss=" in proc.stderr  # the progress bar
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     start = records[0]
-    assert (start["event"], start["images"], start["moco_k"], start["cifar_stem"], start["input_size"]) == \
-        ("start", 320, 128, True, 32)
+    assert (start["event"], start["images"], start["moco_k"], start["cifar_stem"], start["input_size"]) == (
+        "start",
+        320,
+        128,
+        True,
+        32,
+    )
     steps = [r for r in records if r["event"] == "step"]
     assert len(steps) == 3 and {"loss", "acc", "lr", "img_per_s"} <= steps[0].keys()
     assert [r for r in records if r["event"] == "epoch"]
@@ -85,10 +108,12 @@ def test_curves_are_drawn_each_epoch_and_on_demand(trained, tmp_path):
 def test_plot_keeps_one_record_per_step_and_draws_the_knn_panel(tmp_path):
     """After a resume the re-trained steps replace the interrupted session's; a kNN panel appears
     when the monitor logged results; a cut-off last line (a crash mid-write) is skipped."""
-    records = [{"event": "start"}] + [{"event": "step", "step": s, "loss": 9.0, "acc": 1.0, "lr": 0.1}
-                                      for s in (1, 2, 3)]
-    records += [{"event": "resume"}] + [{"event": "step", "step": s, "loss": 5.0, "acc": 2.0, "lr": 0.1}
-                                        for s in (3, 4)]
+    records = [{"event": "start"}] + [
+        {"event": "step", "step": s, "loss": 9.0, "acc": 1.0, "lr": 0.1} for s in (1, 2, 3)
+    ]
+    records += [{"event": "resume"}] + [
+        {"event": "step", "step": s, "loss": 5.0, "acc": 2.0, "lr": 0.1} for s in (3, 4)
+    ]
     records += [{"event": "epoch", "step": 4, "knn_top1": 30.0}]
     (tmp_path / "log.jsonl").write_text("\n".join(map(json.dumps, records)) + '\n{"event": "st')
     steps, knn = read_log(tmp_path)
@@ -106,16 +131,44 @@ def test_knn_and_export_agree(trained, demo_data):
     bank = subset(demo_data / "train", tmp / "bank", 20)
     queries = subset(demo_data / "test", tmp / "queries", 10)
     ckpt = run_dir / "checkpoint_00000003.pt"
-    by_ckpt = moco_train("knn", "--bank", bank, "--queries", queries, "--checkpoint", ckpt, "-k", 20, "-j", 0,
-                         "--json", "--predictions", tmp / "ckpt.csv")
+    by_ckpt = moco_train(
+        "knn",
+        "--bank",
+        bank,
+        "--queries",
+        queries,
+        "--checkpoint",
+        ckpt,
+        "-k",
+        20,
+        "-j",
+        0,
+        "--json",
+        "--predictions",
+        tmp / "ckpt.csv",
+    )
     result = json.loads(by_ckpt.stdout)
     assert (result["bank_images"], result["query_images"]) == (200, 100)
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
     exported = moco_train("export", ckpt, tmp / "encoder.pt")
     assert "resnet18" in exported.stdout and "sha256:" in exported.stdout
-    by_export = moco_train("knn", "--bank", bank, "--queries", queries, "--checkpoint", tmp / "encoder.pt",
-                           "-k", 20, "-j", 0, "--json", "--predictions", tmp / "export.csv")
+    by_export = moco_train(
+        "knn",
+        "--bank",
+        bank,
+        "--queries",
+        queries,
+        "--checkpoint",
+        tmp / "encoder.pt",
+        "-k",
+        20,
+        "-j",
+        0,
+        "--json",
+        "--predictions",
+        tmp / "export.csv",
+    )
     assert json.loads(by_export.stdout) == result
     rows = list(csv.reader((tmp / "ckpt.csv").open()))
     assert rows[0] == ["path", "true_class", "predicted_class"] and len(rows) == 101
@@ -125,17 +178,30 @@ def test_knn_and_export_agree(trained, demo_data):
 
 def test_user_errors_are_one_line(tmp_path, trained):
     _, run_dir, _ = trained
-    assert_one_line_error(moco_train("train", tmp_path / "nope", "--run-dir", tmp_path / "r", check=False),
-                          "no such folder or file")
+    assert_one_line_error(
+        moco_train("train", tmp_path / "nope", "--run-dir", tmp_path / "r", check=False), "no such folder or file"
+    )
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(moco_train("train", tmp_path / "empty", "--run-dir", tmp_path / "r", check=False),
-                          "no image files found")
-    assert_one_line_error(moco_train("knn", "--bank", tmp_path / "nope", "--queries", tmp_path / "nope",
-                                     "--checkpoint", run_dir / "checkpoint_00000003.pt", check=False),
-                          "no such folder")
+    assert_one_line_error(
+        moco_train("train", tmp_path / "empty", "--run-dir", tmp_path / "r", check=False), "no image files found"
+    )
+    assert_one_line_error(
+        moco_train(
+            "knn",
+            "--bank",
+            tmp_path / "nope",
+            "--queries",
+            tmp_path / "nope",
+            "--checkpoint",
+            run_dir / "checkpoint_00000003.pt",
+            check=False,
+        ),
+        "no such folder",
+    )
     (tmp_path / "junk.pt").write_text("junk")
-    assert_one_line_error(moco_train("export", tmp_path / "junk.pt", tmp_path / "out.pt", check=False),
-                          "not a readable checkpoint")
+    assert_one_line_error(
+        moco_train("export", tmp_path / "junk.pt", tmp_path / "out.pt", check=False), "not a readable checkpoint"
+    )
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -145,10 +211,32 @@ def test_compiled_encoders_train_like_eager_ones(trained):
     bit), the checkpoint has the same keys and shapes, and it exports."""
     tmp, eager_dir, _ = trained
     run_dir = tmp / "compiled"
-    moco_train("train", tmp / "images.txt", "--run-dir", run_dir, "--max-steps", 3, "-b", 32, "--moco-k", 128,
-               "-j", 0, "--v2", "--moco-t", 0.2, "--seed", 1, "--compile", "on", "--no-progress")
-    logs = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-            for name, d in (("eager", eager_dir), ("compiled", run_dir))}
+    moco_train(
+        "train",
+        tmp / "images.txt",
+        "--run-dir",
+        run_dir,
+        "--max-steps",
+        3,
+        "-b",
+        32,
+        "--moco-k",
+        128,
+        "-j",
+        0,
+        "--v2",
+        "--moco-t",
+        0.2,
+        "--seed",
+        1,
+        "--compile",
+        "on",
+        "--no-progress",
+    )
+    logs = {
+        name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        for name, d in (("eager", eager_dir), ("compiled", run_dir))
+    }
     assert logs["compiled"][0]["compiled"] is True and logs["eager"][0]["compiled"] is False  # 3 steps < auto's minimum
     losses = {name: [r["loss"] for r in records if r["event"] == "step"] for name, records in logs.items()}
     assert losses["compiled"][0] == pytest.approx(losses["eager"][0], rel=1e-3)

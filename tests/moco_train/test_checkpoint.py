@@ -1,4 +1,5 @@
 """Checkpoints: contents, rotation, truncated files skipped, and exact resume on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from moco_train.checkpoint import (CheckpointError, find_resume, list_checkpoints, load_checkpoint, rng_state,
-                                   set_rng_state)
+from moco_train.checkpoint import (
+    CheckpointError,
+    find_resume,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from moco_train.config import TrainConfig
 from moco_train.trainer import Trainer
 
@@ -31,9 +38,24 @@ def images(tmp_path_factory) -> Path:
 
 
 def config(data: Path, run_dir: Path, epochs: int, workers: int = 0, resume: str | None = None) -> TrainConfig:
-    return TrainConfig(data=str(data), run_dir=str(run_dir), epochs=epochs, batch_size=8, moco_k=32,
-                       moco_dim=16, bn_splits=2, schedule=[1], lr=0.05, mlp=True, aug_plus=True,
-                       workers=workers, save_every_steps=3, keep=10, resume=resume, progress=False)
+    return TrainConfig(
+        data=str(data),
+        run_dir=str(run_dir),
+        epochs=epochs,
+        batch_size=8,
+        moco_k=32,
+        moco_dim=16,
+        bn_splits=2,
+        schedule=[1],
+        lr=0.05,
+        mlp=True,
+        aug_plus=True,
+        workers=workers,
+        save_every_steps=3,
+        keep=10,
+        resume=resume,
+        progress=False,
+    )
 
 
 def final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -60,8 +82,7 @@ def straight(images, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 
 def test_checkpoints_hold_the_whole_training_state(straight):
     run_dir, state = straight
-    assert [p.name for p in list_checkpoints(run_dir)] == [
-        f"checkpoint_{s:08d}.pt" for s in (3, 4, 6, 8)]
+    assert [p.name for p in list_checkpoints(run_dir)] == [f"checkpoint_{s:08d}.pt" for s in (3, 4, 6, 8)]
     blob = load_checkpoint(list_checkpoints(run_dir)[-1])
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step", "rng", "args"):
         assert key in blob
@@ -107,6 +128,7 @@ def labelled(tmp_path_factory) -> Path:
 def test_resume_is_exact_with_the_knn_monitor_on(images, labelled, tmp_path):
     """The monitor runs after each epoch's checkpoint and draws random numbers (it builds a model);
     a run resumed from that checkpoint must still match the uninterrupted one to the bit."""
+
     def monitored(run_dir: Path, epochs: int, resume: str | None = None) -> Trainer:
         cfg = config(images, run_dir, epochs=epochs, resume=resume)
         cfg.knn_bank = cfg.knn_queries = str(labelled)
@@ -118,8 +140,11 @@ def test_resume_is_exact_with_the_knn_monitor_on(images, labelled, tmp_path):
     monitored(tmp_path / "resumed", epochs=1)
     resumed = monitored(tmp_path / "resumed", epochs=2, resume="auto")
     assert_identical(final_state(resumed), final_state(straight))
-    epochs = [r for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines())
-              if r["event"] == "epoch"]
+    epochs = [
+        r
+        for r in map(json.loads, (tmp_path / "straight" / "log.jsonl").read_text().splitlines())
+        if r["event"] == "epoch"
+    ]
     assert len(epochs) == 2 and all("knn_top1" in r for r in epochs)
 
 
@@ -128,10 +153,24 @@ def test_moco_v3_resumes_exactly(images, tmp_path, arch):
     """v3: LARS (ResNet) or AdamW (ViT) state, the warm-up/cosine lr and the momentum schedule, which
     is a function of the step count, all continue exactly from a mid-run checkpoint (both schedules
     span the whole run, so the interrupted run is the same 2-epoch run stopped after its first epoch)."""
+
     def v3(run_dir: Path, resume: str | None = None) -> Trainer:
-        cfg = TrainConfig(data=str(images), run_dir=str(run_dir), epochs=2, batch_size=8, moco_v3=True, arch=arch,
-                          moco_mlp_dim=32, moco_dim=16, warmup_epochs=1, crop_size=16 if arch == "resnet18" else None,
-                          workers=0, keep=10, resume=resume, progress=False)
+        cfg = TrainConfig(
+            data=str(images),
+            run_dir=str(run_dir),
+            epochs=2,
+            batch_size=8,
+            moco_v3=True,
+            arch=arch,
+            moco_mlp_dim=32,
+            moco_dim=16,
+            warmup_epochs=1,
+            crop_size=16 if arch == "resnet18" else None,
+            workers=0,
+            keep=10,
+            resume=resume,
+            progress=False,
+        )
         trainer = Trainer(cfg)
         trainer.fit()
         return trainer
@@ -143,7 +182,9 @@ def test_moco_v3_resumes_exactly(images, tmp_path, arch):
     assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
     assert resumed.recipe.optimizer == ("lars" if arch == "resnet18" else "adamw")
     assert_identical(dict(resumed.model.state_dict()), dict(straight.model.state_dict()))
-    for a, b in zip(resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()):
+    for a, b in zip(
+        resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()
+    ):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -1,12 +1,12 @@
 """RetrievalClient against a real server in a child process (small real encoder, real store):
 order, per-item failures, the message-size check, the in-flight bound, errors as status codes,
 and an Upsert stream that survives a server killed and restarted mid-stream."""
+
 from __future__ import annotations
 
 import asyncio
 import io
 import signal
-import socket
 import threading
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,13 +16,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from moco_retrieval.net import free_port
 from retrieval_client import AsyncRetrievalClient, RetrievalClient, RetrievalError, UpsertItem
-from server_harness import ServerProcess, make_export
+from tests.server_harness import ServerProcess, make_export
 
 MAX_MESSAGE_MB = 1
 
 
-def demo_images(demo_data: Path, classes: tuple[str, ...], per_class: int, split: str = "train") -> list[tuple[str, bytes]]:
+def demo_images(
+    demo_data: Path, classes: tuple[str, ...], per_class: int, split: str = "train"
+) -> list[tuple[str, bytes]]:
     """(class, JPEG bytes) for the first `per_class` images of each class."""
     out = []
     for cls in classes:
@@ -37,12 +40,6 @@ def noise_png(side: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +90,9 @@ def test_upsert_many_reports_item_failures_and_keeps_going(client, demo_data):
     result = client.upsert_many(items, batch_size=2)
     assert result.upserted == 4
     assert [(f.index, f.id, f.code) for f in result.failures] == [
-        (1, "fail/corrupt", grpc.StatusCode.INVALID_ARGUMENT), (3, "fail/wrong-dim", grpc.StatusCode.INVALID_ARGUMENT)]
+        (1, "fail/corrupt", grpc.StatusCode.INVALID_ARGUMENT),
+        (3, "fail/wrong-dim", grpc.StatusCode.INVALID_ARGUMENT),
+    ]
     assert all(f.message for f in result.failures)
     got = client.get(["fail/ok2", "fail/vector", "fail/ok0"], include_embedding=True)
     assert [g.id for g in got] == ["fail/ok2", "fail/vector", "fail/ok0"]
@@ -104,12 +103,13 @@ def test_upsert_many_reports_item_failures_and_keeps_going(client, demo_data):
 
 
 def test_oversize_items_are_refused_before_sending_and_batches_fit_the_limit(client, demo_data):
-    (_, small), = demo_images(demo_data, ("frog",), 1)
+    ((_, small),) = demo_images(demo_data, ("frog",), 1)
     big = noise_png(700)  # ~1.4 MB > 1 MiB
     medium = [noise_png(330, seed) for seed in range(5)]  # ~330 kB each: at most 3 per message
     assert len(big) > MAX_MESSAGE_MB * 1024 * 1024 > 3 * len(medium[0])
-    items = ([UpsertItem("size/small", image=small), UpsertItem("size/big", image=big)]
-             + [UpsertItem(f"size/medium{i}", image=m) for i, m in enumerate(medium)])
+    items = [UpsertItem("size/small", image=small), UpsertItem("size/big", image=big)] + [
+        UpsertItem(f"size/medium{i}", image=m) for i, m in enumerate(medium)
+    ]
     result = client.upsert_many(items, batch_size=64)
     assert result.upserted == 6
     (failure,) = result.failures
@@ -234,8 +234,9 @@ def test_upsert_many_survives_a_server_killed_mid_stream(export, tmp_path, demo_
                 yield UpsertItem(f"kill/{n:03d}", image=data, metadata={"n": str(n)})
 
         with RetrievalClient(first.address, timeout=120) as c:
-            result = c.upsert_many(items(), batch_size=8, max_in_flight=2,
-                                   on_ack=lambda stored, failures: acks.append(stored))
+            result = c.upsert_many(
+                items(), batch_size=8, max_in_flight=2, on_ack=lambda stored, failures: acks.append(stored)
+            )
             assert restarted.is_set()
             assert result.upserted == len(images) == sum(acks) and not result.failures
             stored = c.get([f"kill/{n:03d}" for n in range(len(images))])
@@ -249,8 +250,10 @@ def test_async_client_has_the_same_api(server, client, demo_data):
     async def session():
         async with AsyncRetrievalClient(server.address, timeout=60) as c:
             emb = await c.embed([data for _, data in images])
-            items = [UpsertItem(f"aio/{n}", image=data, label=cls if n % 6 < 3 else "")
-                     for n, (cls, data) in enumerate(images)]
+            items = [
+                UpsertItem(f"aio/{n}", image=data, label=cls if n % 6 < 3 else "")
+                for n, (cls, data) in enumerate(images)
+            ]
             items.insert(2, UpsertItem("aio/corrupt", image=b"not an image"))
             result = await c.upsert_many(items, batch_size=2, max_in_flight=2)
             hits = await c.search(vector=emb[4], k=3)

@@ -1,6 +1,7 @@
 """The Dockerfile, checked without a Docker engine: hadolint, the files it COPYs, and its Python
 install steps replayed on the CPU (the same requirements with the CPU wheels, the project installed
 non-editable from exactly the COPYed files into a fresh environment, its console scripts run)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from tests import REPO
 from tests.server_harness import ServerProcess, make_export
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
 DOCKERFILE = REPO / "Dockerfile"
 BIN = Path(sys.executable).parent
 CONSOLE_SCRIPTS = ("moco-train", "retrieval-server", "retrieval-client")
@@ -26,10 +29,14 @@ CONSOLE_SCRIPTS = ("moco-train", "retrieval-server", "retrieval-client")
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
-                                         if not line.lstrip().startswith("#")))
-    return [(m.group(1).upper(), m.group(2).strip())
-            for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.MULTILINE)]
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.MULTILINE)
+    ]
 
 
 def copied_sources() -> list[str]:
@@ -56,8 +63,11 @@ def test_hadolint_passes() -> None:
 
 
 def test_every_copied_file_exists_and_is_not_dockerignored() -> None:
-    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     sources = copied_sources()
     assert "requirements.txt" in sources and "pyproject.toml" in sources
     for source in sources:
@@ -97,21 +107,48 @@ def image_like_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(src, dest)
     env_dir = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
-    site = Path(subprocess.run([str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "deps_from_project_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(BIN / "pip"), "--python", str(env_dir / "bin" / "python"), "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--no-index", str(context)], check=True, cwd=root)
+    subprocess.run(
+        [
+            str(BIN / "pip"),
+            "--python",
+            str(env_dir / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(context),
+        ],
+        check=True,
+        cwd=root,
+    )
     return env_dir
 
 
 def test_installed_project_imports_from_the_image_environment(image_like_env: Path) -> None:
-    code = ("import moco_retrieval, moco_train, retrieval_server, retrieval_client, moco_retrieval.api.v1.retrieval_pb2_grpc\n"
-            "import torch, torchvision, faiss, grpc\n"
-            "import retrieval_server.healthcheck\n"
-            "print(moco_retrieval.__file__, moco_train.__file__, retrieval_server.__file__, retrieval_client.__file__)")
-    result = subprocess.run([str(image_like_env / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                            cwd=image_like_env, env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import moco_retrieval, moco_train, retrieval_server, retrieval_client\n"
+        "import moco_retrieval.api.v1.retrieval_pb2_grpc\n"
+        "import torch, torchvision, faiss, grpc\n"
+        "import retrieval_server.healthcheck\n"
+        "print(moco_retrieval.__file__, moco_train.__file__, retrieval_server.__file__, retrieval_client.__file__)"
+    )
+    result = subprocess.run(
+        [str(image_like_env / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=image_like_env,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     for path in result.stdout.split():
         assert Path(path).is_relative_to(image_like_env), f"{path} imported from outside the installed environment"
@@ -121,8 +158,9 @@ def test_installed_project_imports_from_the_image_environment(image_like_env: Pa
 def test_console_scripts_run(image_like_env: Path, script: str) -> None:
     exe = image_like_env / "bin" / script
     assert exe.exists(), f"{script} was not installed"
-    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=image_like_env,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, cwd=image_like_env, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
 
@@ -143,8 +181,14 @@ def test_healthcheck_command_follows_the_servers_health(tmp_path: Path) -> None:
     command[0] = sys.executable
 
     def check(port: int) -> subprocess.CompletedProcess:
-        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60,
-                              env={**os.environ, "RETRIEVAL_PORT": str(port)})
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            env={**os.environ, "RETRIEVAL_PORT": str(port)},
+        )
 
     with ServerProcess(make_export(tmp_path), tmp_path / "store") as server:
         healthy = check(server.port)

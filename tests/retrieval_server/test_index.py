@@ -1,6 +1,7 @@
 """The FAISS mirror and the SQLite store in-process: every factory keeps ids straight through adds,
 overwrites and deletes (IVF trains once it has enough vectors, HNSW rebuilds on delete), and a
 restart from a snapshot plus later rows and tombstones equals the live index."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,9 @@ class Mirror:
     def upsert(self, ids: list[str], vectors: np.ndarray, labels: list[str | None]) -> None:
         done = self.store.upsert([NewItem(i, v, lab) for i, v, lab in zip(ids, vectors, labels)])
         rows = np.array([w.row for w in done.items], dtype=np.int64)
-        self.index.apply_upsert(done.version, rows, vectors, [w.label for w in done.items],
-                                np.array([w.existed for w in done.items]))
+        self.index.apply_upsert(
+            done.version, rows, vectors, [w.label for w in done.items], np.array([w.existed for w in done.items])
+        )
 
     def delete(self, ids: list[str]) -> None:
         done = self.store.delete(ids, ignore_missing=False)
@@ -54,7 +56,7 @@ def test_ids_survive_adds_overwrites_deletes_and_restart(tmp_path: Path, factory
     vectors = _vectors(n, 0)
     labels = [("odd" if j % 2 else "even") if j % 10 == 0 else None for j in range(n)]
     for start in range(0, n, 500):
-        m.upsert(ids[start:start + 500], vectors[start:start + 500], labels[start:start + 500])
+        m.upsert(ids[start : start + 500], vectors[start : start + 500], labels[start : start + 500])
     assert not m.index.items.in_fallback  # trained, or never needed training
     m.delete(ids[:20])
     fresh = _vectors(10, 1)

@@ -1,4 +1,5 @@
 """The InstDisc weighted kNN vote against hand-computed cases."""
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def test_classify_takes_the_top_k_neighbours_by_cosine_similarity():
 
 
 def test_k_larger_than_the_bank_uses_the_whole_bank():
-    scores = knn_classify(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
-                          torch.tensor([0, 1]), num_classes=2, k=200)
+    scores = knn_classify(
+        torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]), num_classes=2, k=200
+    )
     assert scores.shape == (1, 2) and scores[0, 0] > scores[0, 1] > 0
 
 

@@ -1,21 +1,31 @@
 """Exports that keep the MoCo projection head serve its (e.g. 128-d) output exactly."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moco_retrieval.export import ExportError, ExportMeta, embed, export_model, load_export, make_export
+from moco_retrieval.fileio import atomic_torch_save
+from moco_retrieval.preprocessing import Preprocessing
 from moco_train.builder import build_encoder
 from moco_train.checkpoint import to_export
-from moco_retrieval.export import ExportError, embed, export_model, load_export, save_export
-from moco_retrieval.preprocessing import Preprocessing
+
 
 @pytest.mark.parametrize("mlp", [False, True])
 def test_keep_head_reproduces_encoder_output(tmp_path, mlp):
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", dim=128, mlp=mlp, cifar_stem=True).eval()
     path = tmp_path / "head.pt"
-    meta = save_export(path, encoder.state_dict(), arch="resnet18", cifar_stem=True,
-                       preprocessing=Preprocessing.for_input_size(32), keep_head=True)
+    blob = make_export(
+        encoder.state_dict(),
+        arch="resnet18",
+        cifar_stem=True,
+        preprocessing=Preprocessing.for_input_size(32),
+        keep_head=True,
+    )
+    atomic_torch_save(blob, path)
+    meta = ExportMeta.from_dict(blob["meta"])
     assert (meta.head, meta.feature_dim) == ("mlp" if mlp else "linear", 128)
     model, loaded = load_export(path)
     assert loaded == meta
@@ -27,8 +37,10 @@ def test_keep_head_reproduces_encoder_output(tmp_path, mlp):
 
 def test_default_export_drops_head(tmp_path):
     encoder = build_encoder("resnet18", dim=128, mlp=True, cifar_stem=True)
-    meta = save_export(tmp_path / "e.pt", encoder.state_dict(), arch="resnet18", cifar_stem=True,
-                       preprocessing=Preprocessing.for_input_size(32))
+    blob = make_export(
+        encoder.state_dict(), arch="resnet18", cifar_stem=True, preprocessing=Preprocessing.for_input_size(32)
+    )
+    meta = ExportMeta.from_dict(blob["meta"])
     assert (meta.head, meta.feature_dim) == ("none", 512)
 
 
@@ -44,5 +56,6 @@ def test_keep_head_without_head_is_an_error():
     encoder = build_encoder("resnet18", dim=128, mlp=False, cifar_stem=True)
     state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("fc.")}
     with pytest.raises(ExportError, match="no projection head"):
-        save_export("/nonexistent/x.pt", state, arch="resnet18", cifar_stem=True,
-                    preprocessing=Preprocessing.for_input_size(32), keep_head=True)
+        make_export(
+            state, arch="resnet18", cifar_stem=True, preprocessing=Preprocessing.for_input_size(32), keep_head=True
+        )

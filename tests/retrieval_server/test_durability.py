@@ -1,10 +1,10 @@
 """Durability and lifecycle of a real server process: SIGKILL in the middle of a bulk upsert loses
 no acknowledged item and leaves no half-written batch; restarts replay the index snapshot plus later
 rows and deletes; SIGTERM exits 0; start-up errors are one line and a non-zero exit."""
+
 from __future__ import annotations
 
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -18,9 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from moco_retrieval.net import free_port
+from retrieval_server.process import serve_command
 from retrieval_server.store import Store
-from server_harness import (REPO, ServerProcess, make_export, png_bytes, run_server_expecting_failure, serve_command,
-                            server_env)
+from tests.server_harness import REPO, ServerProcess, make_export, png_bytes, run_server_expecting_failure, server_env
+
+pytestmark = pytest.mark.slow
 
 BATCH, DIM = 16, 512
 
@@ -28,8 +31,15 @@ BATCH, DIM = 16, 512
 def _batch(seq: int) -> list[pb.Item]:
     rng = np.random.default_rng(seq)
     vectors = rng.standard_normal((BATCH, DIM)).astype(np.float32)
-    return [pb.Item(id=f"s{seq:04d}-{i:02d}", embedding=pb.Vector(values=v.tolist()),
-                    label="even" if i % 2 == 0 else "", metadata={"seq": str(seq)}) for i, v in enumerate(vectors)]
+    return [
+        pb.Item(
+            id=f"s{seq:04d}-{i:02d}",
+            embedding=pb.Vector(values=v.tolist()),
+            label="even" if i % 2 == 0 else "",
+            metadata={"seq": str(seq)},
+        )
+        for i, v in enumerate(vectors)
+    ]
 
 
 def _expected(item: pb.Item) -> np.ndarray:
@@ -171,7 +181,11 @@ def test_startup_errors_are_one_line(tmp_path: Path) -> None:
     refused = run_server_expecting_failure(model_b, store)
     assert refused.returncode != 0
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    assert "FAILED_PRECONDITION" in refused.stderr and fingerprint_a in refused.stderr and "--reset-store" in refused.stderr
+    assert (
+        "FAILED_PRECONDITION" in refused.stderr
+        and fingerprint_a in refused.stderr
+        and "--reset-store" in refused.stderr
+    )
     assert Store(store).counts() == (BATCH, {"even": BATCH // 2})  # untouched by the refused start
     with ServerProcess(model_b, store, "--reset-store") as server:
         info = server.stub().Info(pb.InfoRequest())
@@ -183,12 +197,6 @@ def test_startup_errors_are_one_line(tmp_path: Path) -> None:
     assert "retrieval-server: error:" in refused.stderr and "bad.pt" in refused.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_not_serving_until_loaded(tmp_path: Path) -> None:
     """While the store is locked by another writer the server cannot load: health says NOT_SERVING
     and calls get UNAVAILABLE; once the lock goes it serves."""
@@ -197,7 +205,7 @@ def test_not_serving_until_loaded(tmp_path: Path) -> None:
     Store(store).close()
     blocker = sqlite3.connect(store / Store.FILENAME, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    port, ready = _free_port(), tmp_path / "ready.json"
+    port, ready = free_port(), tmp_path / "ready.json"
     cmd = serve_command(model, store, "--ready-file", ready)
     cmd[cmd.index("--port") + 1] = str(port)
     proc = subprocess.Popen(cmd, env=server_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

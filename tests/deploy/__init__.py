@@ -1,0 +1,1 @@
+"""Tests of the deployment: the Docker image recipe, Prometheus, alerts and the dashboard."""

@@ -1,0 +1,275 @@
+"""Every bad input of every RPC, one parametrised case each, against the server in this process: the
+production wiring (GrpcServer: interceptors, message limits, health) with the real encoder, store,
+FAISS index and batcher, called over gRPC on 127.0.0.1. Each case checks its status code and
+message, and that nothing stored changed. (The child-process tests cover the wire protocol,
+durability and signals.)"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from retrieval_server.config import ServerConfig
+from retrieval_server.metrics import ServerMetrics
+from retrieval_server.server import GrpcServer, load_service
+from tests.retrieval_server.calls import (
+    LIMITS,
+    MAX_K,
+    MAX_QUEUE,
+    bomb,
+    expect,
+    load_corpus,
+    metric,
+    png_truncated,
+    samples,
+    state,
+    upsert,
+)
+from tests.server_harness import make_export, png_bytes
+
+Code = grpc.StatusCode
+GOOD = np.ones(512).tolist()
+
+
+class InProcess:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.metrics = ServerMetrics()
+        self.grpc = GrpcServer(cfg, self.metrics, workers=16)
+        self.service = load_service(cfg, self.metrics)
+        self.grpc.attach(self.service)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+
+    def scrape(self) -> dict:
+        return samples(generate_latest(self.metrics.registry).decode())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.grpc.server.stop(0).wait()
+        self.service.batcher.close()
+        self.service.store.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("validation")
+    server = InProcess(ServerConfig(model=make_export(root), store=root / "store", port=0, metrics_port=0, **LIMITS))
+    load_corpus(server.stub)
+    yield server
+    server.close()
+
+
+def vec(values: list[float]) -> pb.Query:
+    return pb.Query(vector=pb.Vector(values=values))
+
+
+def assignments(*pairs: tuple[str, str]) -> list[pb.LabelAssignment]:
+    return [pb.LabelAssignment(id=i, label=label) for i, label in pairs]
+
+
+# (rpc, request, status, words of the message)
+CASES: dict[str, tuple[str, Callable[[], object], grpc.StatusCode, str]] = {
+    # images
+    "embed-not-an-image": (
+        "Embed",
+        lambda: pb.EmbedRequest(images=[b"not an image"]),
+        Code.INVALID_ARGUMENT,
+        "image 0",
+    ),
+    "embed-truncated": (
+        "Embed",
+        lambda: pb.EmbedRequest(images=[png_bytes(1), png_truncated()]),
+        Code.INVALID_ARGUMENT,
+        "image 1",
+    ),
+    "embed-empty-bytes": ("Embed", lambda: pb.EmbedRequest(images=[b""]), Code.INVALID_ARGUMENT, "empty"),
+    "embed-bomb": ("Embed", lambda: pb.EmbedRequest(images=[bomb()]), Code.RESOURCE_EXHAUSTED, "exceeds the limit"),
+    "embed-no-images": ("Embed", lambda: pb.EmbedRequest(), Code.INVALID_ARGUMENT, "no images"),
+    "embed-message-too-large": (
+        "Embed",
+        lambda: pb.EmbedRequest(images=[b"\0" * (1024 * 1024 + 10)]),
+        Code.RESOURCE_EXHAUSTED,
+        "",
+    ),
+    "embed-queue-full": (
+        "Embed",
+        lambda: pb.EmbedRequest(images=[png_bytes(i) for i in range(MAX_QUEUE + 1)]),
+        Code.RESOURCE_EXHAUSTED,
+        "queue full",
+    ),
+    # queries, k and tau
+    "search-wrong-dimension": (
+        "Search",
+        lambda: pb.SearchRequest(query=vec([0.1] * 511)),
+        Code.INVALID_ARGUMENT,
+        "dimension 511",
+    ),
+    "search-nan": ("Search", lambda: pb.SearchRequest(query=vec([math.nan] + GOOD[1:])), Code.INVALID_ARGUMENT, "NaN"),
+    "search-zeros": ("Search", lambda: pb.SearchRequest(query=vec([0.0] * 512)), Code.INVALID_ARGUMENT, "zeros"),
+    "search-empty-query": ("Search", lambda: pb.SearchRequest(query=pb.Query()), Code.INVALID_ARGUMENT, "empty query"),
+    "search-k-zero": (
+        "Search",
+        lambda: pb.SearchRequest(query=vec(GOOD), k=0),
+        Code.INVALID_ARGUMENT,
+        "k must be positive",
+    ),
+    "search-k-above-max": (
+        "Search",
+        lambda: pb.SearchRequest(query=vec(GOOD), k=MAX_K + 1),
+        Code.OUT_OF_RANGE,
+        "max_k",
+    ),
+    "search-nan-min-score": (
+        "Search",
+        lambda: pb.SearchRequest(query=vec(GOOD), min_score=math.nan),
+        Code.INVALID_ARGUMENT,
+        "min_score",
+    ),
+    "search-bomb": (
+        "Search",
+        lambda: pb.SearchRequest(query=pb.Query(image=bomb())),
+        Code.RESOURCE_EXHAUSTED,
+        "pixels",
+    ),
+    "search-unknown-id": ("Search", lambda: pb.SearchRequest(query=pb.Query(id="nope")), Code.NOT_FOUND, "nope"),
+    "classify-k-negative": (
+        "Classify",
+        lambda: pb.ClassifyRequest(query=vec(GOOD), k=-3),
+        Code.INVALID_ARGUMENT,
+        "k must be",
+    ),
+    "classify-k-above-max": (
+        "Classify",
+        lambda: pb.ClassifyRequest(query=vec(GOOD), k=MAX_K + 1),
+        Code.OUT_OF_RANGE,
+        "max_k",
+    ),
+    "classify-tau-zero": (
+        "Classify",
+        lambda: pb.ClassifyRequest(query=vec(GOOD), tau=0.0),
+        Code.INVALID_ARGUMENT,
+        "tau",
+    ),
+    "classify-bad-image": (
+        "Classify",
+        lambda: pb.ClassifyRequest(query=pb.Query(image=b"\x89PNG")),
+        Code.INVALID_ARGUMENT,
+        "query image",
+    ),
+    "classify-unknown-id": ("Classify", lambda: pb.ClassifyRequest(query=pb.Query(id="nope")), Code.NOT_FOUND, "nope"),
+    "label-corpus-k-zero": ("LabelCorpus", lambda: pb.LabelCorpusRequest(k=0), Code.INVALID_ARGUMENT, "k must be"),
+    "label-corpus-nan-tau": ("LabelCorpus", lambda: pb.LabelCorpusRequest(tau=math.nan), Code.INVALID_ARGUMENT, "tau"),
+    # unknown ids: all or nothing
+    "get-unknown-id": ("Get", lambda: pb.GetRequest(ids=["a1", "nope"]), Code.NOT_FOUND, "nope"),
+    "delete-unknown-id": ("Delete", lambda: pb.DeleteRequest(ids=["a1", "nope"]), Code.NOT_FOUND, "nothing deleted"),
+    "set-labels-unknown-id": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a1", "x"), ("nope", "x"))),
+        Code.NOT_FOUND,
+        "nope",
+    ),
+    "set-labels-id-twice": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a1", "x"), ("a1", "y"))),
+        Code.INVALID_ARGUMENT,
+        "twice",
+    ),
+    "set-labels-nan-confidence": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(
+            assignments=[pb.LabelAssignment(id="a1", label="x", confidence=math.nan)], source=pb.PREDICTED
+        ),
+        Code.INVALID_ARGUMENT,
+        "confidence",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_bad_request_gets_its_status_and_changes_nothing(served: InProcess, case: str) -> None:
+    rpc, request, code, words = CASES[case]
+    before = state(served.stub)
+    expect(code, getattr(served.stub, rpc), request(), match=words)
+    assert state(served.stub) == before
+
+
+# Upsert items that fail alone, with the status of each (the stream goes on).
+BAD_ITEMS: dict[str, tuple[Callable[[], pb.Item], grpc.StatusCode, str]] = {
+    "empty-id": (lambda: pb.Item(id="", image=png_bytes(1)), Code.INVALID_ARGUMENT, "id must be"),
+    "long-id": (lambda: pb.Item(id="x" * 513, image=png_bytes(1)), Code.INVALID_ARGUMENT, "id must be"),
+    "no-content": (lambda: pb.Item(id="b-none"), Code.INVALID_ARGUMENT, "neither image nor embedding"),
+    "wrong-dimension": (
+        lambda: pb.Item(id="b-dim", embedding=pb.Vector(values=[1.0] * 3)),
+        Code.INVALID_ARGUMENT,
+        "dimension 3",
+    ),
+    "infinite": (
+        lambda: pb.Item(id="b-inf", embedding=pb.Vector(values=[math.inf] * 512)),
+        Code.INVALID_ARGUMENT,
+        "NaN or Inf",
+    ),
+    "not-an-image": (lambda: pb.Item(id="b-img", image=b"garbage"), Code.INVALID_ARGUMENT, ""),
+    "bomb": (lambda: pb.Item(id="b-bomb", image=bomb()), Code.RESOURCE_EXHAUSTED, "exceeds the limit"),
+    "truncated": (lambda: pb.Item(id="b-trunc", image=png_truncated()), Code.INVALID_ARGUMENT, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ITEMS))
+def test_a_bad_upsert_item_fails_alone(served: InProcess, case: str) -> None:
+    item, code, words = BAD_ITEMS[case]
+    before = state(served.stub)
+    good = pb.Item(id="fine", embedding=pb.Vector(values=GOOD))
+    (ack,) = upsert(served.stub, [item(), good])
+    assert (ack.upserted, ack.failed, ack.errors[0].index) == (1, 1, 0)
+    assert ack.errors[0].code == code.value[0] and words.lower() in ack.errors[0].message.lower()
+    assert served.stub.Delete(pb.DeleteRequest(ids=["fine"])).deleted == 1
+    assert state(served.stub) == before
+
+
+def test_a_duplicate_id_in_one_batch_fails_the_second(served: InProcess) -> None:
+    before = state(served.stub)
+    (dup,) = upsert(served.stub, [pb.Item(id="dup", image=png_bytes(5))] * 2)
+    assert (dup.upserted, dup.failed, dup.errors[0].index) == (1, 1, 1) and "duplicate" in dup.errors[0].message
+    assert served.stub.Delete(pb.DeleteRequest(ids=["dup"])).deleted == 1
+    assert state(served.stub) == before
+
+
+def test_upsert_images_beyond_the_queue_fail_alone(served: InProcess) -> None:
+    """More images than queue slots: those items fail with RESOURCE_EXHAUSTED, the vector item goes in."""
+    before = state(served.stub)
+    crowd = [pb.Item(id=f"q{i}", image=png_bytes(i)) for i in range(MAX_QUEUE + 1)]
+    (full,) = upsert(served.stub, crowd + [pb.Item(id="vec", embedding=pb.Vector(values=GOOD))])
+    assert (full.upserted, full.failed) == (1, MAX_QUEUE + 1)
+    assert {e.code for e in full.errors} == {Code.RESOURCE_EXHAUSTED.value[0]}
+    assert "queue full" in full.errors[0].message
+    assert served.stub.Delete(pb.DeleteRequest(ids=["vec"])).deleted == 1
+    assert state(served.stub) == before
+
+
+def test_a_passed_deadline_is_not_run(served: InProcess) -> None:
+    forwards = metric(served.scrape(), "retrieval_batch_size_count")
+    expect(Code.DEADLINE_EXCEEDED, served.stub.Embed, pb.EmbedRequest(images=[png_bytes(3)]), timeout=1e-6)
+    assert metric(served.scrape(), "retrieval_batch_size_count") == forwards
+
+
+def test_failed_calls_are_counted_and_the_server_keeps_serving(served: InProcess) -> None:
+    before = served.scrape()
+    for request in (pb.EmbedRequest(images=[b"junk"]), pb.EmbedRequest(images=[bomb()])):
+        with pytest.raises(grpc.RpcError):
+            served.stub.Embed(request)
+    after = served.scrape()
+    for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+        handled = {"grpc_method": "Embed", "grpc_code": code}
+        assert (
+            metric(after, "grpc_server_handled_total", **handled)
+            == metric(before, "grpc_server_handled_total", **handled) + 1
+        )
+    assert metric(after, "retrieval_image_decode_errors_total") > metric(before, "retrieval_image_decode_errors_total")
+    assert served.stub.Info(pb.InfoRequest()).item_count == 12
