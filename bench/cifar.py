@@ -3,6 +3,7 @@ encoders on it (InstDisc vote of moco_retrieval.knn, k=200, several temperatures
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import tarfile
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from moco_retrieval.export import embed, export_model
+from moco_retrieval.fileio import atomic_write
 from moco_retrieval.images import decode_image
 from moco_retrieval.knn import knn_classify, topk_accuracy
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
@@ -133,3 +135,27 @@ def train_timeline(run_dir: Path) -> dict[int, float]:
             last = r["time"] - session_start
             elapsed[r["step"]] = offset + last
     return elapsed
+
+
+def cifar_parser(doc: str, work: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the data (--cifar) and cache (--work, ~/.cache/moco-retrieval/WORK) options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--cifar", type=Path, default=Path("/tmp/cifar10"), help="where CIFAR-10 is (unpacked if missing)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path.home() / ".cache" / "moco-retrieval" / work,
+        help="runs, checkpoints and cached evaluations (resumed when the script runs again)",
+    )
+    return parser
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

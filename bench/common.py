@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import psutil
 
+from moco_retrieval.devices import cpu_has_native_bf16
+
 
 @dataclass(frozen=True)
 class LoadResult:
@@ -130,6 +132,7 @@ def machine_info() -> dict:
         "faiss": faiss.__version__,
         "faiss_omp_threads": faiss.omp_get_max_threads(),
         "grpcio": grpc.__version__,
+        "native_bf16": cpu_has_native_bf16(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -31,8 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -52,12 +50,15 @@ from cifar import (  # noqa: E402
     KNN_TAUS,
     cached,
     checkpoint_scores,
+    cifar_parser,
     ensure_cifar,
     eval_data,
     knn_scores,
     raw_pixel_scores,
+    save_figure,
     train_timeline,
 )
+from common import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = dict(
@@ -74,51 +75,15 @@ def cosine(step: int, total: int) -> float:
 def train_ours(args, run_dir: Path) -> None:
     """`moco-train train` with the recipe; --resume auto continues an interrupted run exactly."""
     r = RECIPE
-    cmd = [
-        sys.executable,
-        "-m",
-        "moco_train",
-        "train",
-        str(args.cifar / "train"),
-        "--run-dir",
-        str(run_dir),
-        "--epochs",
-        str(args.epochs),
-        "-b",
-        str(r["batch_size"]),
-        "--lr",
-        str(r["lr"]),
-        "--momentum",
-        str(r["momentum"]),
-        "--wd",
-        str(r["wd"]),
-        "--moco-k",
-        str(r["moco_k"]),
-        "--moco-m",
-        str(r["moco_m"]),
-        "--moco-dim",
-        str(r["dim"]),
-        "--moco-t",
-        str(args.moco_t),
-        "--v2",
-        "--bn",
-        "split",
-        "--bn-splits",
-        str(r["bn_splits"]),
-        "-j",
-        str(r["workers"]),
-        "--seed",
-        str(r["seed"]),
-        "--compile",
-        "off",
-        "--save-every-steps",
-        str(args.eval_every),
-        "--keep",
-        "0",
-        "--resume",
-        "auto",
-        "--no-progress",
-    ]
+    flags = {
+        "--run-dir": run_dir, "--epochs": args.epochs, "-b": r["batch_size"], "--lr": r["lr"],
+        "--momentum": r["momentum"], "--wd": r["wd"], "--moco-k": r["moco_k"], "--moco-m": r["moco_m"],
+        "--moco-dim": r["dim"], "--moco-t": args.moco_t, "--bn": "split", "--bn-splits": r["bn_splits"],
+        "-j": r["workers"], "--seed": r["seed"], "--compile": "off", "--save-every-steps": args.eval_every,
+        "--keep": 0, "--resume": "auto",
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "moco_train", "train", str(args.cifar / "train"), "--v2", "--no-progress"]
+    cmd += [str(x) for flag, value in flags.items() for x in (flag, value)]
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
@@ -300,15 +265,11 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("MoCo v2 on CIFAR-10, ResNet-18: kNN on the 10k test images, 50k bank")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moco-retrieval" / "learning_curve")
+    parser = cifar_parser(__doc__, "learning_curve")
     parser.add_argument("--epochs", type=int, default=10, help="ours' run length (both trainers' lr schedule)")
     parser.add_argument(
         "--lightly-epochs",
@@ -344,7 +305,6 @@ def main() -> None:
     measured = evaluate_all(args, args.work, data, bf16)
     attach_times(measured["curves"]["ours"], train_timeline(args.work / "ours"), args.steps_per_epoch)
     attach_times(measured["curves"]["lightly"], lightly_timeline(args.work / "lightly"), args.steps_per_epoch)
-    import lightly
 
     report = {
         "benchmark": "learning_curve",
@@ -362,13 +322,7 @@ def main() -> None:
             "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
             "labels": "never used in pretraining; only as the kNN bank's and queries' classes",
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)),
-            "native_bf16": bf16,
-            "torch": torch.__version__,
-            "lightly": lightly.__version__,
-        },
+        "machine": machine_info(),
         **measured,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

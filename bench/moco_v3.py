@@ -22,22 +22,27 @@ lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from moco_retrieval.devices import cpu_has_native_bf16
 from moco_train.checkpoint import list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import KNN_TAUS, cached, checkpoint_scores, ensure_cifar, eval_data, train_timeline  # noqa: E402
+from cifar import (  # noqa: E402
+    KNN_TAUS,
+    cached,
+    checkpoint_scores,
+    cifar_parser,
+    ensure_cifar,
+    eval_data,
+    save_figure,
+    train_timeline,
+)
+from common import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 128
@@ -136,15 +141,11 @@ def plot(report: dict, path: Path) -> None:
         "(kNN on the 10k test images, 50k bank)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar", type=Path, default=Path("/tmp/cifar10"))
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moco-retrieval" / "moco_v3")
+    parser = cifar_parser(__doc__, "moco_v3")
     parser.add_argument("--budget-minutes", type=float, default=20.0, help="training time of each run")
     parser.add_argument("--knn-tau", type=float, default=0.1, help="vote temperature of the plotted curves")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
@@ -165,12 +166,7 @@ def main() -> None:
             "knn": "10,000 CIFAR-10 test images against the 50,000 training images",
             "lightly": "lightly 1.6 has no MoCo v3 modules; not run",
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)),
-            "native_bf16": bf16,
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "runs": runs,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

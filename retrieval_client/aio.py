@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from pathlib import Path
 
 import grpc
 from grpc import aio
 
-from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
-
 from .client import (
-    DEFAULT_ADDRESS,
-    DEFAULT_TIMEOUT,
     Classification,
     ItemFailure,
     Op,
@@ -39,20 +34,7 @@ class AsyncRetrievalClient(_ClientBase):
     `items` of upsert_many is an ordinary iterable, read in a worker thread (it may read files).
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        token: str | None = None,
-        tls: bool | str | Path = False,
-        timeout: float = DEFAULT_TIMEOUT,
-    ):
-        super().__init__(address, token, tls, timeout)
-        self._channel = (
-            aio.secure_channel(address, self._credentials, self._options)
-            if self._credentials is not None
-            else aio.insecure_channel(address, self._options)
-        )
-        self._stub = pb_grpc.RetrievalStub(self._channel)
+    _channels = aio
 
     async def __aenter__(self) -> AsyncRetrievalClient:
         return self

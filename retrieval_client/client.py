@@ -255,15 +255,26 @@ class _ClientBase:
     """What the blocking and the asyncio clients share: the channel settings and every unary
     method, written once as an Op generator that `_run` drives (blocking here, awaited in aio)."""
 
-    _stub: Any
+    _channels: Any  # the grpc module or grpc.aio: where the channel comes from
 
-    def __init__(self, address: str, token: str | None, tls: bool | str | Path, timeout: float):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        token: str | None = None,
+        tls: bool | str | Path = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        self._credentials = _credentials(tls)
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        credentials = _credentials(tls)
         self._info: ServerInfo | None = None
+        if credentials is not None:
+            self._channel = self._channels.secure_channel(address, credentials, options)
+        else:
+            self._channel = self._channels.insecure_channel(address, options)
+        self._stub = pb_grpc.RetrievalStub(self._channel)
 
     def _run(self, op: Op):
         raise NotImplementedError
@@ -394,20 +405,7 @@ class RetrievalClient(_ClientBase):
     a server that is unreachable before giving up.
     """
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        token: str | None = None,
-        tls: bool | str | Path = False,
-        timeout: float = DEFAULT_TIMEOUT,
-    ):
-        super().__init__(address, token, tls, timeout)
-        self._channel = (
-            grpc.secure_channel(address, self._credentials, self._options)
-            if self._credentials is not None
-            else grpc.insecure_channel(address, self._options)
-        )
-        self._stub = pb_grpc.RetrievalStub(self._channel)
+    _channels = grpc
 
     def __enter__(self) -> RetrievalClient:
         return self

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from moco_retrieval.export import embed, export_model
 from moco_retrieval.vit import VIT_ARCHS, build_vit, sincos_position_embedding
@@ -19,6 +17,7 @@ from moco_train.checkpoint import load_file, to_export
 from moco_train.config import TrainConfig
 from moco_train.optim import LARS, cosine_momentum, lr_factor
 from moco_train.trainer import Trainer
+from tests.images import noise_images
 
 
 def tiny_base(dim: int = 8) -> nn.Module:
@@ -123,11 +122,7 @@ def test_vit_shapes_position_embedding_and_official_names():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("imgs"), 16, size=(32, 32))
 
 
 def vit_trainer(images, run_dir, **kwargs) -> Trainer:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from moco_train.checkpoint import (
     CheckpointError,
@@ -23,6 +22,7 @@ from moco_train.checkpoint import (
 )
 from moco_train.config import TrainConfig
 from moco_train.trainer import Trainer
+from tests.images import noise_images
 
 STEPS_PER_EPOCH = 4
 
@@ -30,11 +30,7 @@ STEPS_PER_EPOCH = 4
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """32 small images: 4 steps of batch 8 per epoch."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(32):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("imgs"), 32)
 
 
 def config(data: Path, run_dir: Path, epochs: int, workers: int = 0, resume: str | None = None) -> TrainConfig:
@@ -117,11 +113,8 @@ def test_mid_epoch_resume_from_the_newest_valid_checkpoint(images, tmp_path, str
 def labelled(tmp_path_factory) -> Path:
     """A labelled folder for the kNN monitor: two classes of 8 small images."""
     root = tmp_path_factory.mktemp("labelled")
-    rng = np.random.default_rng(1)
-    for c in ("a", "b"):
-        (root / c).mkdir()
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    for seed, c in enumerate(("a", "b"), start=1):
+        noise_images(root / c, 8, seed=seed)
     return root
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from moco_retrieval.architectures import build_backbone
 from moco_retrieval.export import ExportError, embed, export_model, load_export
@@ -15,6 +14,7 @@ from moco_train.builder import build_encoder
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export, to_official
 from moco_train.config import TrainConfig
 from moco_train.trainer import Trainer
+from tests.images import noise_images
 
 
 def backbone_from(state: dict[str, torch.Tensor], prefix: str, arch: str, cifar_stem: bool) -> torch.nn.Module:
@@ -28,11 +28,7 @@ def backbone_from(state: dict[str, torch.Tensor], prefix: str, arch: str, cifar_
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    data = noise_images(tmp_path / "data", 8)
     trainer = Trainer(
         TrainConfig(
             data=str(data), run_dir=str(tmp_path / "run"), batch_size=4, moco_k=8, bn_splits=2, mlp=True, progress=False

@@ -8,28 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from moco_retrieval.fileio import atomic_torch_save
 from moco_train.checkpoint import CheckpointError, load_file, save_checkpoint, to_export
 from moco_train.config import TrainConfig
 from moco_train.trainer import Trainer
 from tests import REPO
+from tests.images import noise_images
 
 TINY = ["-b", 4, "--moco-k", 8, "--max-steps", 1, "--bn-splits", 2]
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return root
+    return noise_images(tmp_path_factory.mktemp("imgs"), 8)
 
 
 def trainer(images: Path, run_dir: Path, **kwargs) -> Trainer:

@@ -18,6 +18,10 @@ from moco_train.curves import plot_run, read_log
 from moco_train.trainer import resolve_compile
 from tests import REPO
 
+# 3 steps of MoCo v2 at batch 32 (τ 0.2: at the small-image default of 0.1 the first losses are tiny,
+# and the compiled-vs-eager comparison below is relative).
+TINY_V2 = ["--max-steps", 3, "-b", 32, "--moco-k", 128, "-j", 0, "--v2", "--moco-t", 0.2, "--seed", 1]
+
 
 def moco_train(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
@@ -56,19 +60,7 @@ def trained(demo_data, tmp_path_factory):
         listing,
         "--run-dir",
         run_dir,
-        "--max-steps",
-        3,
-        "-b",
-        32,
-        "--moco-k",
-        128,
-        "-j",
-        0,
-        "--v2",
-        "--moco-t",
-        0.2,
-        "--seed",
-        1,
+        *TINY_V2,
     )
     return tmp, run_dir, proc
 
@@ -131,45 +123,18 @@ def test_knn_and_export_agree(trained, demo_data):
     bank = subset(demo_data / "train", tmp / "bank", 20)
     queries = subset(demo_data / "test", tmp / "queries", 10)
     ckpt = run_dir / "checkpoint_00000003.pt"
-    by_ckpt = moco_train(
-        "knn",
-        "--bank",
-        bank,
-        "--queries",
-        queries,
-        "--checkpoint",
-        ckpt,
-        "-k",
-        20,
-        "-j",
-        0,
-        "--json",
-        "--predictions",
-        tmp / "ckpt.csv",
-    )
-    result = json.loads(by_ckpt.stdout)
+
+    def knn(checkpoint: Path, predictions: Path) -> dict:
+        flags = ["--bank", bank, "--queries", queries, "--checkpoint", checkpoint, "-k", 20, "-j", 0]
+        return json.loads(moco_train("knn", *flags, "--json", "--predictions", predictions).stdout)
+
+    result = knn(ckpt, tmp / "ckpt.csv")
     assert (result["bank_images"], result["query_images"]) == (200, 100)
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
     exported = moco_train("export", ckpt, tmp / "encoder.pt")
     assert "resnet18" in exported.stdout and "sha256:" in exported.stdout
-    by_export = moco_train(
-        "knn",
-        "--bank",
-        bank,
-        "--queries",
-        queries,
-        "--checkpoint",
-        tmp / "encoder.pt",
-        "-k",
-        20,
-        "-j",
-        0,
-        "--json",
-        "--predictions",
-        tmp / "export.csv",
-    )
-    assert json.loads(by_export.stdout) == result
+    assert knn(tmp / "encoder.pt", tmp / "export.csv") == result
     rows = list(csv.reader((tmp / "ckpt.csv").open()))
     assert rows[0] == ["path", "true_class", "predicted_class"] and len(rows) == 101
     assert rows[1][1] == "airplane" and rows[-1][1] == "truck"
@@ -216,19 +181,7 @@ def test_compiled_encoders_train_like_eager_ones(trained):
         tmp / "images.txt",
         "--run-dir",
         run_dir,
-        "--max-steps",
-        3,
-        "-b",
-        32,
-        "--moco-k",
-        128,
-        "-j",
-        0,
-        "--v2",
-        "--moco-t",
-        0.2,
-        "--seed",
-        1,
+        *TINY_V2,
         "--compile",
         "on",
         "--no-progress",

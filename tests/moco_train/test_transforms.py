@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from torchvision import transforms as T
 
 from moco_retrieval.preprocessing import Preprocessing
 from moco_train.config import Recipe, TrainConfig, resolve
 from moco_train.trainer import Trainer
 from moco_train.transforms import GaussianBlur, train_augmentation
+from tests.images import noise_images
 
 
 def ops(compose: T.Compose) -> list:
@@ -43,9 +42,7 @@ def test_large_crops_keep_moco_v2_blur_and_crop_scale():
 
 def test_the_stem_follows_the_crop_size_not_the_image_size(tmp_path: Path):
     """Photos of 200 px trained at --crop-size 64 get the CIFAR stem (else the last map is 2x2)."""
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (200, 160, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+    noise_images(tmp_path, 8, size=(160, 200), suffix=".jpg")
 
     def trainer(crop_size: int | None) -> Trainer:
         return Trainer(

@@ -21,7 +21,7 @@ from PIL import Image
 
 from retrieval_client import RetrievalClient
 from retrieval_client.sheet import sheet_size
-from tests.server_harness import ServerProcess, make_export
+from tests.server_harness import ServerProcess, make_export, self_signed_certificate
 
 TOKEN = "s3cret-token"
 CLASSES = ("airplane", "cat", "ship")
@@ -350,29 +350,7 @@ def test_index_survives_a_server_killed_mid_run(export, demo_data, tmp_path):
 
 def test_tls_with_a_root_certificate(export, tmp_path):
     """A TLS server: the CA from RETRIEVAL_TLS_CA or --tls-ca works; plaintext gets one clear error."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     with ServerProcess(export, tmp_path / "store", "--tls-cert", cert, "--tls-key", key) as srv:
         by_env = run_cli("info", env={"RETRIEVAL_ADDRESS": srv.address, "RETRIEVAL_TLS_CA": str(cert)})
         assert by_env.returncode == 0 and "item_count: 0" in by_env.stdout, by_env.stderr

@@ -4,53 +4,23 @@ serving a 128-d projection-head export."""
 
 from __future__ import annotations
 
-import subprocess
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from tests.server_harness import ServerProcess, make_export, png_bytes
+from tests.server_harness import ServerProcess, make_export, png_bytes, self_signed_certificate
 
 TOKEN, READ_ONLY = "s3cret-full", "s3cret-read"
 Code = grpc.StatusCode
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("secure")
-    cert, key = _self_signed(root)
+    cert, key = self_signed_certificate(root)
     (root / "token").write_text(TOKEN + "\n")
     env = {"RETRIEVAL_READ_ONLY_TOKEN": READ_ONLY, "RETRIEVAL_MAX_K": "33", "RETRIEVAL_DEFAULT_K": "7"}
     with ServerProcess(
