@@ -45,6 +45,11 @@ class ServerConfig:
     auth_token_file: Path | None = option(None, help="file holding the bearer token")
     read_only_token: str | None = option(None, help="bearer token allowed to read only (PERMISSION_DENIED on writes)")
     read_only_token_file: Path | None = option(None, help="file holding the read-only token")
+    store_max_mb: float = option(
+        0,
+        help="largest size of the store's database in MiB (0: the disk's); writes beyond it "
+        "get RESOURCE_EXHAUSTED, as on a full disk",
+    )
     snapshot_every: int = option(
         10000, help="write a FAISS snapshot after this many changed items (0: only at shutdown)"
     )

@@ -3,8 +3,10 @@ interceptor that counts and times every call, unary or streaming, by method and 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -64,6 +66,14 @@ class ServerMetrics:
         )
         self.index_items = Gauge("retrieval_index_items", "Items in the index.", registry=r)
         self.labelled_items = Gauge("retrieval_labelled_items", "Items with a human label.", registry=r)
+        self.store_free_bytes = Gauge(
+            "retrieval_store_free_bytes", "Free space on the store's filesystem (read at each scrape).", registry=r
+        )
+        self.store_size_bytes = Gauge(
+            "retrieval_store_size_bytes",
+            "Size of the store's database, WAL included (read at each scrape).",
+            registry=r,
+        )
         self.decode_errors = Counter(
             "retrieval_image_decode_errors_total", "Images that could not be decoded.", registry=r
         )
@@ -80,10 +90,22 @@ class ServerMetrics:
             registry=r,
         )
 
+    def watch_store(self, free_bytes: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        """Read the store's free space and size at each scrape (NaN while they cannot be read)."""
+        for gauge, read in ((self.store_free_bytes, free_bytes), (self.store_size_bytes, size_bytes)):
+            gauge.set_function(partial(_or_nan, read))
+
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP server in a daemon thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, server.server_port
+
+
+def _or_nan(read: Callable[[], int]) -> float:
+    try:
+        return float(read())
+    except OSError:
+        return math.nan
 
 
 _TYPES = {

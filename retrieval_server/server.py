@@ -37,7 +37,7 @@ from .faiss_index import resolve_gpus
 from .index import ItemIndex
 from .metrics import MetricsInterceptor, ServerMetrics
 from .service import RetrievalService
-from .store import Store
+from .store import StorageError, Store, StoreInUse, StoreLock
 
 log = logging.getLogger("retrieval_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -95,9 +95,13 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         raise StartupError(str(exc)) from exc
     meta = encoder.meta
     try:
-        store = Store(cfg.store)
+        Path(cfg.store).mkdir(parents=True, exist_ok=True)
+        lock = StoreLock(cfg.store).acquire()  # held until the process exits
+        store = Store(cfg.store, max_mb=cfg.store_max_mb)
         other = store.bind_model(meta.fingerprint, meta.feature_dim, reset=cfg.reset_store)
-    except (sqlite3.Error, OSError) as exc:
+    except StoreInUse as exc:
+        raise StartupError(str(exc)) from exc
+    except (sqlite3.Error, OSError, StorageError) as exc:
         raise StartupError(f"store {cfg.store}: {exc}") from exc
     if other is not None:
         raise StartupError(
@@ -126,10 +130,11 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         capacity=cfg.max_queue,
         decode_threads=cfg.decode_threads,
     )
+    metrics.watch_store(store.free_bytes, store.size_bytes)
     metrics.model_info.labels(
         meta.arch, meta.fingerprint, str(meta.feature_dim), encoder.device, index.device, cfg.index_factory, __version__
     ).set(1)
-    return RetrievalService(cfg, encoder, batcher, store, index, metrics)
+    return RetrievalService(cfg, encoder, batcher, store, index, metrics, store_lock=lock)
 
 
 class GrpcServer:
@@ -201,9 +206,7 @@ def serve(cfg: ServerConfig) -> int:
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
     grpc_server.health.enter_graceful_shutdown()
     server.stop(cfg.grace_s).wait()
-    service.batcher.close()
-    version = service.snapshot()
-    service.store.close()
+    version = service.close()
     http_server.shutdown()
-    log.info("stopped cleanly (index snapshot at store version %d)", version)
+    log.info("stopped cleanly (%s)", f"index snapshot at store version {version}" if version else "no snapshot")
     return 0

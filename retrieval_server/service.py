@@ -25,7 +25,7 @@ from .encoder import Encoder
 from .faiss_index import GPU_MAX_K
 from .index import ItemIndex, NoLabels, Vote
 from .metrics import ServerMetrics
-from .store import NewItem, Store, UnknownIds
+from .store import NewItem, StorageError, Store, StoreLock, UnknownIds
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -43,14 +43,30 @@ class RpcError(Exception):
         self.message = message
 
 
+# Storage failures of a write (the store rolled it back) as API: no space may clear up (free space,
+# raise --store-max-mb); a store that cannot be written needs an operator; other I/O errors may pass.
+STORAGE_STATUS = {
+    "full": Code.RESOURCE_EXHAUSTED,
+    "read_only": Code.FAILED_PRECONDITION,
+    "io": Code.UNAVAILABLE,
+}
+
+
+def _abort(context: grpc.ServicerContext, exc: RpcError | StorageError) -> None:
+    if isinstance(exc, StorageError):
+        log.warning("write refused by the storage: %s", exc)
+        context.abort(STORAGE_STATUS[exc.kind], str(exc))
+    context.abort(exc.code, exc.message)
+
+
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapped(self: RetrievalService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             _deadline(context)
             return method(self, request, context)
-        except RpcError as exc:
-            context.abort(exc.code, exc.message)
+        except (RpcError, StorageError) as exc:
+            _abort(context, exc)
 
     return wrapped
 
@@ -61,8 +77,8 @@ def _streaming(method: Callable) -> Callable:
         try:
             _deadline(context)
             yield from method(self, request, context)
-        except RpcError as exc:
-            context.abort(exc.code, exc.message)
+        except (RpcError, StorageError) as exc:
+            _abort(context, exc)
 
     return wrapped
 
@@ -91,6 +107,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         store: Store,
         index: ItemIndex,
         metrics: ServerMetrics,
+        store_lock: StoreLock | None = None,
     ) -> None:
         self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = (
             cfg,
@@ -100,6 +117,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             index,
             metrics,
         )
+        self._store_lock = store_lock
         self.dim = encoder.dim
         self.max_k = min(cfg.max_k, GPU_MAX_K) if index.gpus else cfg.max_k
         self._writes = threading.Lock()  # store commit + index update, in version order
@@ -290,22 +308,35 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 self._changed_since_snapshot = 0
                 threading.Thread(target=self._snapshot_locked, name="snapshot", daemon=True).start()
 
-    def snapshot(self) -> int:
-        """Write the index snapshot now (shutdown) and drop the tombstones it covers."""
+    def close(self) -> int | None:
+        """After the last call: stop the batcher, write the index snapshot, close the store and
+        release it; the snapshot's store version (None if it could not be written)."""
+        self.batcher.close()
+        version = self.snapshot()
+        self.store.close()
+        if self._store_lock is not None:
+            self._store_lock.release()
+        return version
+
+    def snapshot(self) -> int | None:
+        """Write the index snapshot now (at shutdown) and drop the tombstones it covers; its store
+        version, or None when it could not be written (logged: it only speeds up the next start)."""
         with self._snapshot_lock:
             return self._snapshot()
 
     def _snapshot_locked(self) -> None:
         try:
             self._snapshot()
-        except Exception:  # noqa: BLE001 - a failed snapshot only costs start-up time
-            log.exception("index snapshot failed")
         finally:
             self._snapshot_lock.release()
 
-    def _snapshot(self) -> int:
-        version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
-        self.store.prune_tombstones(version)
+    def _snapshot(self) -> int | None:
+        try:
+            version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
+            self.store.prune_tombstones(version)
+        except (OSError, RuntimeError, StorageError) as exc:  # a full or read-only disk, FAISS I/O
+            log.warning("index snapshot skipped: %s (the next start rebuilds the index from the store)", exc)
+            return None
         return version
 
     def _update_gauges(self) -> None:

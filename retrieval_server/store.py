@@ -10,16 +10,22 @@ version v is brought up to date with the rows and tombstones after v.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import shutil
 import sqlite3
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 # Values per `IN (...)` query: well under SQLite's limit on bound parameters.
 SQLITE_IN_CHUNK = 500
 
@@ -47,6 +53,67 @@ CREATE INDEX IF NOT EXISTS items_version ON items(version);
 CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tombstones (row INTEGER PRIMARY KEY, version INTEGER NOT NULL);
 """
+
+
+class StorageError(Exception):
+    """A write the storage refused; nothing of it was kept (the transaction rolled back).
+
+    kind: "full" (no space left, or the --store-max-mb quota), "read_only" (the database, its
+    directory or filesystem cannot be written, or permission is denied), "io" (another I/O error).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def storage_error(exc: sqlite3.Error | OSError, store: Path) -> StorageError:
+    """The StorageError for a failed write of the store at `store`, from SQLite's error code (or errno)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    errno = getattr(exc, "errno", None)
+    if name.startswith("SQLITE_FULL") or errno == 28:  # ENOSPC
+        kind, what = "full", "no space left for the store"
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN", "SQLITE_AUTH")) or errno in (1, 13, 30):
+        kind, what = "read_only", "the store cannot be written"  # EPERM, EACCES, EROFS
+    else:
+        kind, what = "io", "the store had an I/O error"
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return StorageError(kind, f"{what} ({store}: {detail}); nothing of this write was stored")
+
+
+class StoreInUse(Exception):
+    """Another process holds the store (a running server)."""
+
+
+class StoreLock:
+    """An exclusive advisory lock (flock) on DIR/store.lock, held by a serving process and by a
+    restore: one server per store, and no restore under a running server. The kernel drops it
+    when the holder exits, however it exits."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "store.lock"
+        self._file: IO | None = None
+
+    def acquire(self) -> StoreLock:
+        f = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise StoreInUse(f"{self.path.parent} is in use by another process (a running server?)") from None
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class UnknownIds(KeyError):
@@ -138,7 +205,9 @@ def _row(r: tuple, with_embedding: bool) -> Row:
 class Store:
     FILENAME = "items.sqlite3"
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, max_mb: float = 0) -> None:
+        """Open (or create) the store in `directory`; max_mb > 0 caps the database's size (writes
+        beyond it fail as a full disk does)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / self.FILENAME
@@ -146,6 +215,9 @@ class Store:
         self._local = threading.local()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
+        if max_mb > 0:
+            page_size = self._writer.execute("PRAGMA page_size").fetchone()[0]
+            self._writer.execute(f"PRAGMA max_page_count = {max(1, int(max_mb * 2**20 / page_size))}")
         # Identifies this store's history for index snapshots; replaced when the store is reset.
         self._writer.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
 
@@ -164,10 +236,43 @@ class Store:
             conn.execute("PRAGMA query_only=ON")
         return conn
 
-    def close(self) -> None:
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error, so a batch is
+        all in or all out; storage failures (full, read-only, I/O) become StorageError."""
         with self._write_lock:
-            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            c = self._writer
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+                c.execute("COMMIT")
+            except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError) as exc:
+                if c.in_transaction:  # a failed COMMIT leaves the transaction open
+                    c.execute("ROLLBACK")
+                raise storage_error(exc, self.directory) from exc
+
+    def close(self) -> None:
+        """Fold the WAL into the database (skipped, with a warning, when the disk cannot take it:
+        the WAL is replayed on the next open) and close."""
+        with self._write_lock:
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning("store %s: WAL checkpoint skipped at close (%s)", self.directory, exc)
             self._writer.close()
+
+    def size_bytes(self) -> int:
+        """The database with its WAL and shared-memory files."""
+        files = [self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")]
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    def free_bytes(self) -> int:
+        """Space left on the store's filesystem for an unprivileged writer."""
+        return shutil.disk_usage(self.directory).free
 
     # -- meta -------------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -184,8 +289,11 @@ class Store:
 
     def bind_model(self, fingerprint: str, dim: int, reset: bool) -> str | None:
         """Record the model of an empty store. Returns the other fingerprint if the store belongs to
-        another model (and reset is false); with reset, drops every item first."""
-        with self._write_lock, _transaction(self._writer) as c:
+        another model (and reset is false); with reset, drops every item first. A store already bound
+        to this model is not written (so a store on a full disk still starts, and serves reads)."""
+        if self.get_meta("fingerprint") == fingerprint:
+            return None
+        with self._write() as c:
             stored = c.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
             if stored and stored[0] != fingerprint:
                 if not reset:
@@ -209,7 +317,7 @@ class Store:
     def upsert(self, items: list[NewItem]) -> Upserted:
         """Insert or overwrite items in one transaction."""
         out = []
-        with self._write_lock, _transaction(self._writer) as c:
+        with self._write() as c:
             version = self._bump(c)
             existing = self._rows_of(c, [item.id for item in items])
             for item in items:
@@ -225,7 +333,7 @@ class Store:
 
     def delete(self, ids: list[str], ignore_missing: bool) -> Deleted:
         """Delete items (all-or-nothing unless ignore_missing)."""
-        with self._write_lock, _transaction(self._writer) as c:
+        with self._write() as c:
             found = self._rows_of(c, ids)
             missing = [i for i in ids if i not in found]
             if missing and not ignore_missing:
@@ -238,7 +346,7 @@ class Store:
 
     def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> list[LabelChange]:
         """Set (or clear, with None) human or predicted labels of (id, label, confidence), all-or-nothing."""
-        with self._write_lock, _transaction(self._writer) as c:
+        with self._write() as c:
             found = self._rows_of(c, [a[0] for a in assignments])
             missing = [a[0] for a in assignments if a[0] not in found]
             if missing:
@@ -256,14 +364,14 @@ class Store:
 
     def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
         """Store LabelCorpus proposals by row (rows deleted meanwhile are skipped)."""
-        with self._write_lock, _transaction(self._writer) as c:
+        with self._write() as c:
             c.executemany(
                 "UPDATE items SET predicted_label = ?, predicted_confidence = ? WHERE row = ?",
                 [(lab, conf, row) for row, lab, conf in proposals],
             )
 
     def prune_tombstones(self, up_to_version: int) -> None:
-        with self._write_lock, _transaction(self._writer) as c:
+        with self._write() as c:
             c.execute("DELETE FROM tombstones WHERE version <= ?", (up_to_version,))
 
     @staticmethod
@@ -324,17 +432,3 @@ class Store:
             self._reader.execute("SELECT label, COUNT(*) FROM items WHERE label IS NOT NULL GROUP BY label").fetchall()
         )
         return total, labels
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any error): a batch is all in or all out."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")

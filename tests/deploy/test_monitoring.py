@@ -173,6 +173,8 @@ def test_alert_rules_load_evaluate_and_measure_something(stack) -> None:
         "RetrievalHighLatencyP99",
         "RetrievalQueueSaturated",
         "RetrievalQueueRejecting",
+        "RetrievalStoreDiskLow",
+        "RetrievalStoreDiskFillingUp",
     }
     for rule in loaded:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"

@@ -53,8 +53,7 @@ class InProcess:
     def close(self) -> None:
         self.channel.close()
         self.grpc.server.stop(0).wait()
-        self.service.batcher.close()
-        self.service.store.close()
+        self.service.close()
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +272,26 @@ def test_failed_calls_are_counted_and_the_server_keeps_serving(served: InProcess
         )
     assert metric(after, "retrieval_image_decode_errors_total") > metric(before, "retrieval_image_decode_errors_total")
     assert served.stub.Info(pb.InfoRequest()).item_count == 12
+
+
+@pytest.mark.parametrize("rpc", ["Upsert", "Delete", "SetLabels", "LabelCorpus"])
+def test_writes_to_a_store_that_cannot_be_written_get_failed_precondition(served: InProcess, rpc: str) -> None:
+    """SQLite refuses the write (SQLITE_READONLY: here its query_only switch on the server's write
+    connection, as a read-only database or filesystem would; a filesystem cannot be remounted
+    read-only under files open for writing, see test_storage.py for a read-only directory at start)."""
+    requests = {
+        "Upsert": lambda: iter([pb.UpsertRequest(items=[pb.Item(id="new", embedding=pb.Vector(values=GOOD))])]),
+        "Delete": lambda: pb.DeleteRequest(ids=["a1"]),
+        "SetLabels": lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "cat"))),
+        "LabelCorpus": lambda: pb.LabelCorpusRequest(apply=True),
+    }
+    before = state(served.stub)
+    writer = served.service.store._writer
+    writer.execute("PRAGMA query_only = ON")
+    try:
+        err = expect(Code.FAILED_PRECONDITION, getattr(served.stub, rpc), requests[rpc](), match="cannot be written")
+        assert str(served.service.store.directory) in err.details()
+        assert state(served.stub) == before  # reads go on, nothing changed
+    finally:
+        writer.execute("PRAGMA query_only = OFF")
+    list(served.stub.LabelCorpus(pb.LabelCorpusRequest(apply=False)))  # and it serves on
