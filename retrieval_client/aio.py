@@ -57,14 +57,19 @@ class AsyncRetrievalClient(_ClientBase):
             raise RetrievalError.from_rpc(err, self.address) from None
 
     async def classify_many(
-        self, queries: Sequence[dict], k: int | None = None, tau: float | None = None, workers: int = 8
+        self,
+        queries: Sequence[dict],
+        k: int | None = None,
+        tau: float | None = None,
+        workers: int = 8,
+        neighbors: int | None = None,
     ) -> list[Classification]:
         """At most `workers` concurrent classify calls; results in input order."""
         slots = asyncio.Semaphore(max(1, workers))
 
         async def one(query: dict) -> Classification:
             async with slots:
-                return await self.classify(k=k, tau=tau, **query)
+                return await self.classify(k=k, tau=tau, neighbors=neighbors, **query)
 
         return list(await asyncio.gather(*(one(q) for q in queries)))
 

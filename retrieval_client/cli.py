@@ -214,7 +214,9 @@ def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 def cmd_classify(client: RetrievalClient, args: argparse.Namespace) -> int:
     images = [read_image(p) for p in args.images]
-    results = client.classify_many([{"image": b} for b in images], k=args.k, tau=args.tau, workers=args.workers)
+    results = client.classify_many(
+        [{"image": b} for b in images], k=args.k, tau=args.tau, workers=args.workers, neighbors=0
+    )
     if args.json:
         json.dump(
             [
@@ -355,7 +357,7 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
             }
             client.set_labels({**{i: "" for i in current - chosen.keys()}, **chosen})
             current = set(chosen)
-            preds = client.classify_many([{"vector": v} for v in vectors], k=args.k, tau=args.tau)
+            preds = client.classify_many([{"vector": v} for v in vectors], k=args.k, tau=args.tau, neighbors=0)
             correct = sum(p.label == q.label for p, q in zip(preds, queries))
             rows.append(("all" if n is None else n, len(chosen), f"{100.0 * correct / len(queries):.2f}"))
     finally:

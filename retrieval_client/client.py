@@ -158,11 +158,14 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def _vector(values: np.ndarray | Sequence[float]) -> pb.Vector:
-    arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    return pb.Vector(values=arr.tolist())
+    """Sent packed: little-endian float32 bytes (Vector.data), no per-element conversion."""
+    return pb.Vector(data=np.ascontiguousarray(values, dtype="<f4").reshape(-1).tobytes())
 
 
 def _array(vec: pb.Vector) -> np.ndarray:
+    """Vector.data or Vector.values (a server predating packed vectors) as a float32 array."""
+    if vec.data:
+        return np.frombuffer(vec.data, dtype="<f4").astype(np.float32)
     return np.asarray(vec.values, dtype=np.float32)
 
 
@@ -299,7 +302,7 @@ class _ClientBase:
         info = yield from self._limits()
         out: list[np.ndarray] = []
         for chunk in _chunks(list(images), info.max_batch_size or 1 << 30, self._max_payload(info), len):
-            r = yield "Embed", pb.EmbedRequest(images=[bytes(b) for b in chunk])
+            r = yield "Embed", pb.EmbedRequest(images=[bytes(b) for b in chunk], packed=True)
             out.extend(_array(v) for v in r.embeddings)
         return np.stack(out).astype(np.float32, copy=False) if out else np.zeros((0, info.dim), np.float32)
 
@@ -340,6 +343,7 @@ class _ClientBase:
                     ids=ids[start : start + _GET_CHUNK],
                     include_embedding=include_embedding,
                     ignore_missing=ignore_missing,
+                    packed=True,
                 ),
             )
             out.extend(_stored(i) for i in r.items)
@@ -377,13 +381,17 @@ class _ClientBase:
         vector: np.ndarray | Sequence[float] | None = None,
         k: int | None = None,
         tau: float | None = None,
+        neighbors: int | None = None,
     ) -> Classification:
-        """InstDisc kNN vote among the human-labelled items. Query by image, stored id or vector."""
+        """InstDisc kNN vote among the human-labelled items. Query by image, stored id or vector.
+        `neighbors`: how many voting neighbours to return (None: all k; 0 skips their lookup)."""
         request = pb.ClassifyRequest(query=_query(image, id, vector))
         if k is not None:
             request.k = k
         if tau is not None:
             request.tau = tau
+        if neighbors is not None:
+            request.neighbors = neighbors
         return self._run(self._one("Classify", request, _classification))
 
     def _label_corpus_request(
@@ -428,12 +436,17 @@ class RetrievalClient(_ClientBase):
             raise RetrievalError.from_rpc(err, self.address) from None
 
     def classify_many(
-        self, queries: Sequence[dict], k: int | None = None, tau: float | None = None, workers: int = 8
+        self,
+        queries: Sequence[dict],
+        k: int | None = None,
+        tau: float | None = None,
+        workers: int = 8,
+        neighbors: int | None = None,
     ) -> list[Classification]:
         """Concurrent classify calls; `queries` are dicts like {"image": b"..."} or {"vector": v};
         results in input order."""
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(lambda q: self.classify(k=k, tau=tau, **q), queries))
+            return list(pool.map(lambda q: self.classify(k=k, tau=tau, neighbors=neighbors, **q), queries))
 
     def label_corpus(
         self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0, apply: bool = False

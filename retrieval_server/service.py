@@ -83,6 +83,13 @@ def _streaming(method: Callable) -> Callable:
     return wrapped
 
 
+def to_vector(x: np.ndarray, packed: bool) -> pb.Vector:
+    """A float32 vector as Vector.data (little-endian bytes) or Vector.values."""
+    if packed:
+        return pb.Vector(data=np.ascontiguousarray(x, dtype="<f4").tobytes())
+    return pb.Vector(values=x.tolist())
+
+
 def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
     return Code.RESOURCE_EXHAUSTED if isinstance(exc, ImageTooLargeError) else Code.INVALID_ARGUMENT
 
@@ -127,7 +134,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # -- validation -------------------------------------------------------------------------------
     def _vector(self, v: pb.Vector, what: str = "vector") -> np.ndarray:
-        x = np.asarray(v.values, dtype=np.float32)
+        if v.data and len(v.values):
+            raise RpcError(Code.INVALID_ARGUMENT, f"{what} sets both values and data; set one")
+        if v.data:
+            if len(v.data) % 4:
+                raise RpcError(Code.INVALID_ARGUMENT, f"{what} data is {len(v.data)} bytes, not float32s")
+            x = np.frombuffer(v.data, dtype="<f4")
+        else:
+            x = np.asarray(v.values, dtype=np.float32)
         if x.shape != (self.dim,):
             raise RpcError(Code.INVALID_ARGUMENT, f"{what} has dimension {x.size}, the model's is {self.dim}")
         if not np.isfinite(x).all():
@@ -136,6 +150,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         if norm == 0.0:
             raise RpcError(Code.INVALID_ARGUMENT, f"{what} is all zeros (cannot be normalised)")
         return (x / norm).astype(np.float32)
+
+    @staticmethod
+    def _count(request: Any, field: str, default: int) -> int:
+        """An optional count field: `default` when unset; negative is INVALID_ARGUMENT."""
+        if not request.HasField(field):
+            return default
+        value = getattr(request, field)
+        if value < 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"{field} must not be negative, got {value}")
+        return value
 
     def _k(self, request: Any, default: int) -> int:
         if not request.HasField("k"):
@@ -194,7 +218,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         for i, r in enumerate(results):
             if isinstance(r, ImageDecodeError):
                 raise RpcError(image_status(r), f"image {i}: {r}")
-        return pb.EmbedResponse(embeddings=[pb.Vector(values=r.tolist()) for r in results], dim=self.dim)
+        return pb.EmbedResponse(embeddings=[to_vector(r, request.packed) for r in results], dim=self.dim)
 
     # -- writes -----------------------------------------------------------------------------------
     @_streaming
@@ -363,7 +387,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 metadata=row.metadata,
             )
             if row.embedding is not None:
-                item.embedding.values.extend(row.embedding.tolist())
+                item.embedding.CopyFrom(to_vector(row.embedding, request.packed))
             items.append(item)
         return pb.GetResponse(items=items)
 
@@ -414,12 +438,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
+        shown = self._count(request, "neighbors", k)
         vector, exclude = self._query(request.query, context)
         vote = self._vote(vector[None], k, tau, "classify", exclude)
         shares, names = vote.shares[0], vote.classes
         best = int(np.argmax(shares))  # first maximum: ties go to the first label in sorted order
         voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
-        valid = vote.rows[0] >= 0
+        valid = np.flatnonzero(vote.rows[0] >= 0)[:shown]
         return pb.ClassifyResponse(
             label=names[best],
             confidence=float(shares[best]),

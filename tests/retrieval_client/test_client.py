@@ -180,6 +180,8 @@ def test_search_classify_label_corpus(client, demo_data):
     assert by_img.confidence == pytest.approx(by_img.scores[0][1]) and len(by_img.neighbors) == 5
     many = client.classify_many([{"image": query}, {"id": items[-1].id}], k=5)
     assert [m.label for m in many] == [by_img.label, client.classify(id=items[-1].id, k=5).label]
+    bare = client.classify(image=query, k=5, tau=0.1, neighbors=0)  # the vote without the neighbours
+    assert (bare.label, bare.scores, bare.neighbors) == (by_img.label, by_img.scores, [])
 
     ours = {p.id: p for p in client.label_corpus(k=5, tau=0.1, apply=True) if p.id.startswith("knn/")}
     assert set(ours) == {it.id for it in items} - set(labelled)

@@ -183,6 +183,38 @@ def test_classify_and_set_labels(stub, corpus) -> None:
     assert stub.Info(pb.InfoRequest()).labelled_count == 8
 
 
+def test_classify_returns_as_many_neighbours_as_asked(stub, corpus) -> None:
+    """neighbors unset: all k (as before the field existed); 0: none; n: the best n. The vote is the same."""
+    query = pb.Query(image=corpus["a10"])
+    full = stub.Classify(pb.ClassifyRequest(query=query, k=6))
+    none = stub.Classify(pb.ClassifyRequest(query=query, k=6, neighbors=0))
+    two = stub.Classify(pb.ClassifyRequest(query=query, k=6, neighbors=2))
+    assert len(full.neighbors) == 6 and len(none.neighbors) == 0
+    assert [n.id for n in two.neighbors] == [n.id for n in full.neighbors[:2]]
+    for reply in (none, two):
+        assert (reply.label, list(reply.scores)) == (full.label, list(full.scores))
+
+
+def test_packed_vectors_equal_repeated_floats(stub, corpus) -> None:
+    """Vector.data (little-endian float32 bytes) carries the same numbers as Vector.values, both ways."""
+    images = [corpus["a1"], corpus["a2"]]
+    plain = stub.Embed(pb.EmbedRequest(images=images)).embeddings
+    packed = stub.Embed(pb.EmbedRequest(images=images, packed=True)).embeddings
+    for p, v in zip(packed, plain):
+        assert not p.values and np.array_equal(np.frombuffer(p.data, "<f4"), np.array(v.values, np.float32))
+    (got,) = stub.Get(pb.GetRequest(ids=["a3"], include_embedding=True, packed=True)).items
+    (ref,) = stub.Get(pb.GetRequest(ids=["a3"], include_embedding=True)).items
+    assert np.array_equal(np.frombuffer(got.embedding.data, "<f4"), np.array(ref.embedding.values, np.float32))
+    by_data = stub.Search(pb.SearchRequest(query=pb.Query(vector=pb.Vector(data=got.embedding.data)), k=4))
+    by_values = stub.Search(pb.SearchRequest(query=pb.Query(vector=ref.embedding), k=4))
+    assert [n.id for n in by_data.neighbors] == [n.id for n in by_values.neighbors] and by_data.neighbors[0].id == "a3"
+    (ack,) = upsert(stub, [pb.Item(id="packed", embedding=pb.Vector(data=got.embedding.data))])
+    assert ack.upserted == 1
+    (stored,) = stub.Get(pb.GetRequest(ids=["packed"], include_embedding=True, packed=True)).items
+    assert stored.embedding.data == got.embedding.data  # a normalised vector is stored as sent
+    assert stub.Delete(pb.DeleteRequest(ids=["packed"])).deleted == 1
+
+
 def test_label_corpus(stub, corpus) -> None:
     proposals = list(stub.LabelCorpus(pb.LabelCorpusRequest(k=4, tau=0.07)))
     assert [p.id for p in proposals] == ["a10", "a11", "a8", "a9"]  # every unlabelled item, by id

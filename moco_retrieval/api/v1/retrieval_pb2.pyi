@@ -17,16 +17,20 @@ HUMAN: LabelSource
 PREDICTED: LabelSource
 
 class Vector(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "data")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "packed")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    packed: bool
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("embeddings", "dim")
@@ -126,14 +130,16 @@ class SetLabelsResponse(_message.Message):
     def __init__(self, updated: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("ids", "include_embedding", "ignore_missing")
+    __slots__ = ("ids", "include_embedding", "ignore_missing", "packed")
     IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     IGNORE_MISSING_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
     include_embedding: bool
     ignore_missing: bool
-    def __init__(self, ids: _Optional[_Iterable[str]] = ..., include_embedding: _Optional[bool] = ..., ignore_missing: _Optional[bool] = ...) -> None: ...
+    packed: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., include_embedding: _Optional[bool] = ..., ignore_missing: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class StoredItem(_message.Message):
     __slots__ = ("id", "label", "predicted_label", "predicted_confidence", "metadata", "embedding")
@@ -214,14 +220,16 @@ class SearchResponse(_message.Message):
     def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("query", "k", "tau")
+    __slots__ = ("query", "k", "tau", "neighbors")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     query: Query
     k: int
     tau: float
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ...) -> None: ...
+    neighbors: int
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ..., neighbors: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("label", "score")
