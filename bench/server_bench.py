@@ -49,7 +49,7 @@ CHUNK = 10_000  # vectors are generated (and ingested) 10k at a time
 NUM_CLASSES = 10
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-SYSTEMS = ("server", "faiss", "milvus")
+SYSTEMS = ("server", "faiss", "milvus")  # what stores the vectors; "server-bare" and "faiss-omp" are variants
 MILVUS_COLLECTION = "bench"
 RESULTS = REPO / "bench" / "results" / "server_bench.json"
 
@@ -99,20 +99,27 @@ class BenchServer(ServerProcess):
         return out
 
 
-class ServerTarget:
-    """Our server over gRPC with the raw generated stubs (no client-library overhead)."""
+def packed(x: np.ndarray) -> pb.Vector:
+    return pb.Vector(data=np.ascontiguousarray(x, dtype="<f4").tobytes())
 
-    def __init__(self, port: int, upsert_batch: int) -> None:
+
+class ServerTarget:
+    """Our server over gRPC with the raw generated stubs (no client-library overhead), vectors
+    packed as the client library sends them; `neighbors`: Classify's ClassifyRequest.neighbors
+    (None: all k, the default; 0: the vote alone)."""
+
+    def __init__(self, port: int, upsert_batch: int, neighbors: int | None = None) -> None:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.RetrievalStub(self.channel)
         self.upsert_batch = upsert_batch
+        self.neighbors = neighbors
 
     def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
         def requests():
             for s in range(0, len(x), self.upsert_batch):
                 yield pb.UpsertRequest(
                     items=[
-                        pb.Item(id=item_id(start + j), embedding=pb.Vector(values=x[j].tolist()), label=labels[j])
+                        pb.Item(id=item_id(start + j), embedding=packed(x[j]), label=labels[j])
                         for j in range(s, min(s + self.upsert_batch, len(x)))
                     ]
                 )
@@ -122,11 +129,14 @@ class ServerTarget:
             raise RuntimeError(f"server rejected {failed} items")
 
     def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
-        reqs = [pb.SearchRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k) for q in queries]
+        reqs = [pb.SearchRequest(query=pb.Query(vector=packed(q)), k=k) for q in queries]
         return lambda i: [int(n.id[1:]) for n in self.stub.Search(reqs[i % len(reqs)], timeout=600).neighbors]
 
     def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
-        reqs = [pb.ClassifyRequest(query=pb.Query(vector=pb.Vector(values=q.tolist())), k=k, tau=tau) for q in queries]
+        reqs = [pb.ClassifyRequest(query=pb.Query(vector=packed(q)), k=k, tau=tau) for q in queries]
+        if self.neighbors is not None:
+            for r in reqs:
+                r.neighbors = self.neighbors
         return lambda i: self.stub.Classify(reqs[i % len(reqs)], timeout=600).label
 
     def close(self) -> None:
@@ -137,12 +147,19 @@ class FaissTarget:
     """The same exact inner-product search in-process: the floor any server can reach. Classify is
     the labelled-only search plus the shared InstDisc vote (moco_retrieval.knn)."""
 
-    def __init__(self, dim: int) -> None:
-        self.all = faiss.IndexFlatIP(dim)
-        self.labelled = faiss.IndexFlatIP(dim)
-        self.classes = np.zeros(0, dtype=np.int64)
+    def __init__(self, dim: int, threads: int = 1, shares: FaissTarget | None = None) -> None:
+        """`threads`: OpenMP threads per query (set in each calling thread); `shares`: another
+        FaissTarget whose indexes this one searches (the same data, another thread count)."""
+        self.threads = threads
+        self.all = shares.all if shares else faiss.IndexFlatIP(dim)
+        self.labelled = shares.labelled if shares else faiss.IndexFlatIP(dim)
+        self.classes = shares.classes if shares else np.zeros(0, dtype=np.int64)
+        self.shares = shares
 
     def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
+        if self.shares is not None:
+            self.classes = self.shares.classes
+            return
         self.all.add(x)
         mask = np.array([bool(lab) for lab in labels])
         self.labelled.add(np.ascontiguousarray(x[mask]))
@@ -150,6 +167,7 @@ class FaissTarget:
 
     def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
         def call(i: int) -> list[int]:
+            faiss.omp_set_num_threads(self.threads)
             j = i % len(queries)
             return self.all.search(queries[j : j + 1], k)[1][0].tolist()
 
@@ -157,6 +175,7 @@ class FaissTarget:
 
     def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
         def call(i: int) -> str:
+            faiss.omp_set_num_threads(self.threads)
             j = i % len(queries)
             sims, idx = self.labelled.search(queries[j : j + 1], k)
             votes = knn_vote(torch.from_numpy(sims), torch.from_numpy(self.classes[idx]), NUM_CLASSES, tau)
@@ -386,6 +405,8 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
         for c in args.concurrency:
             row: dict = {"concurrency": c}
             for name, target in targets.items():
+                if op == "search" and name == "server-bare":
+                    continue  # the neighbours switch is Classify's
                 call = (
                     target.search_call(queries, args.k)
                     if op == "search"
@@ -399,8 +420,13 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
                     flush=True,
                 )
             if "faiss" in row:
-                row["overhead_p50_server_over_faiss"] = ratio(row["server"]["p50_ms"], row["faiss"]["p50_ms"])
-                row["qps_faiss_over_server"] = ratio(row["faiss"]["qps"], row["server"]["qps"])
+                # The floor: in-process FAISS with the better of 1 thread per query and all cores.
+                floors = [row[n] for n in ("faiss", "faiss-omp") if n in row]
+                best_p50, best_qps = min(f["p50_ms"] for f in floors), max(f["qps"] for f in floors)
+                row["overhead_p50_server_over_faiss"] = ratio(row["server"]["p50_ms"], best_p50)
+                row["qps_faiss_over_server"] = ratio(best_qps, row["server"]["qps"])
+                if "server-bare" in row:
+                    row["overhead_p50_bare_over_faiss"] = ratio(row["server-bare"]["p50_ms"], best_p50)
             if "milvus" in row:
                 row["qps_server_over_milvus"] = ratio(row["server"]["qps"], row["milvus"]["qps"])
                 row["p50_milvus_over_server"] = ratio(row["milvus"]["p50_ms"], row["server"]["p50_ms"])
@@ -411,7 +437,6 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
 
 # ---------------------------------------------------------------- report
 def markdown(results: dict) -> str:
-    systems = [s for s in SYSTEMS if s in results["settings"]["systems"]]
     lines = [
         f"Machine: {results['machine']['nproc']} CPUs, shared; dimension {results['settings']['dim']}; "
         f"Search k={results['settings']['k']}, Classify k={results['settings']['classify_k']}. "
@@ -419,8 +444,13 @@ def markdown(results: dict) -> str:
         "",
     ]
     for op in ("search", "classify"):
+        systems = [
+            s for s in results["settings"]["systems"] if any(s in row for z in results["sizes"] for row in z[op])
+        ]
         head = "| vectors | clients | " + " | ".join(f"{s} QPS | {s} p50/p99 ms" for s in systems)
-        head += " | server p50 / FAISS p50 | server QPS / Milvus QPS |"
+        head += " | server p50 / best FAISS p50 | server QPS / Milvus QPS |"
+        if op == "classify":
+            head += " server-bare p50 / best FAISS p50 |"
         lines += [
             f"**{op.capitalize()}** (over gRPC vs in-process FAISS vs Milvus Lite)",
             "",
@@ -435,6 +465,7 @@ def markdown(results: dict) -> str:
                     + " | ".join(cells)
                     + f" | {row.get('overhead_p50_server_over_faiss', '-')} | "
                     f"{row.get('qps_server_over_milvus', '-')} |"
+                    + (f" {row.get('overhead_p50_bare_over_faiss', '-')} |" if op == "classify" else "")
                 )
         lines.append("")
     lines += [
@@ -552,7 +583,7 @@ def describe(args: argparse.Namespace, info: pb.InfoResponse, label_every: int) 
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "server_index": f"{info.index_type} on {info.index_device}",
         "model": f"{info.arch}, input {info.input_size}px, encoder on {info.model_device}",
-        "systems": ["server", "faiss"] + ([] if args.no_milvus else ["milvus"]),
+        "systems": ["server", "server-bare", "faiss", "faiss-omp"] + ([] if args.no_milvus else ["milvus"]),
         "dim_note": (
             f"Every system stores the served model's {dim}-d vectors ({info.arch}; 128-d is the MoCo "
             "projection head kept by `moco-train export --keep-head`, 512-d the pooled features). "
@@ -658,21 +689,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     write(results, args.out)
 
-    targets: dict = {"server": srv, "faiss": FaissTarget(dim)}
+    one_thread = FaissTarget(dim, threads=1)
+    targets: dict = {
+        "server": srv,
+        "server-bare": ServerTarget(server.port, args.upsert_batch, neighbors=0),  # Classify without neighbours
+        "faiss": one_thread,
+        "faiss-omp": FaissTarget(dim, threads=faiss.omp_get_max_threads(), shares=one_thread),
+    }
     if not args.no_milvus:
         targets["milvus"] = MilvusTarget(work, dim)
     pids = [server.proc.pid] + ([targets["milvus"].proc.pid] if "milvus" in targets else [])
     queries = chunk_vectors(args.seed + 1, 0, dim)[: args.queries]
     stored = 0
     for size in args.sizes:
-        row: dict = {"ingest_items_per_s": ingest(targets, args.seed, dim, stored, size, label_every)}
+        stores = {n: t for n, t in targets.items() if n in SYSTEMS}
+        row: dict = {"ingest_items_per_s": ingest(stores, args.seed, dim, stored, size, label_every)}
         stored = size
         row["settle_s"] = round(settle(pids), 1)
         count = srv.stub.Info(pb.InfoRequest()).item_count
         if count != size:
             raise RuntimeError(f"server holds {count} items, expected {size}")
         row["top_k_agreement_with_faiss"] = agreement(
-            {n: t.search_call(queries, args.k) for n, t in targets.items()}, min(20, len(queries))
+            {n: t.search_call(queries, args.k) for n, t in stores.items()}, min(20, len(queries))
         )
         row |= bench_size(targets, size, queries, args)
         row["memory"] = memory(server, targets, size, dim, results["server_rss_empty_mb"])

@@ -123,6 +123,18 @@ def make_export(
     return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "meta": meta.to_dict(), "state_dict": state}
 
 
+def half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in float16 (half the file; models load them back into float32)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def half_precision(blob: dict[str, Any]) -> dict[str, Any]:
+    """An export dict with float16 weights, its fingerprint recomputed over them."""
+    state = half(blob["state_dict"])
+    meta = {**blob["meta"], "fingerprint": fingerprint_state_dict(state)}
+    return {**blob, "meta": meta, "state_dict": state}
+
+
 def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportMeta]:
     """Load an export as an eval-mode backbone on `device`, verifying its fingerprint."""
     try:

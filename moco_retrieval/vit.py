@@ -142,7 +142,7 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(x)
         if tokens.shape[1] + 1 != self.pos_embed.shape[1]:
             raise ValueError(f"{self.cfg.img_size} px model got a {x.shape[-1]} px input")
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 

@@ -11,9 +11,10 @@ import warnings
 from pathlib import Path
 
 from moco_retrieval.devices import DeviceError, resolve_device
-from moco_retrieval.export import ExportError, export_model
-from moco_retrieval.fileio import atomic_torch_save
+from moco_retrieval.export import ExportError, export_model, half, half_precision
+from moco_retrieval.fileio import atomic_torch_save, atomic_write
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
+from moco_retrieval.onnx import to_onnx
 from moco_retrieval.options import add_options, from_args
 
 from .checkpoint import CheckpointError, load_file, to_export, to_official
@@ -63,13 +64,16 @@ def _export_parser(sub) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("retrieval", "official"),
+        choices=("retrieval", "official", "onnx"),
         default="retrieval",
         help="retrieval (default): the export that moco-train knn and retrieval-server load; "
         "official: facebookresearch/moco's checkpoint layout (state_dict with "
         "module.encoder_q.*, the projection head included when CKPT has it), for its "
-        "main_lincls.py --pretrained and detectron2 conversion script",
+        "main_lincls.py --pretrained and detectron2 conversion script; onnx: the served encoder "
+        "with its L2 normalisation as an ONNX graph (images in, embeddings out; the export's "
+        "preprocessing in the metadata property moco_retrieval.meta)",
     )
+    p.add_argument("--fp16", action="store_true", help="store the weights in half precision (half the size)")
 
 
 def _plot_parser(sub) -> None:
@@ -147,13 +151,23 @@ def cmd_knn(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "official":
         official = to_official(load_file(args.checkpoint), args.checkpoint)
+        if args.fp16:
+            official["state_dict"] = half(official["state_dict"])
         atomic_torch_save(official, Path(args.out))
         print(
             f"wrote {args.out}: {official['arch']} in the official MoCo layout ({len(official['state_dict'])} tensors)"
         )
         return
     blob = to_export(load_file(args.checkpoint), args.checkpoint, keep_head=args.keep_head)
-    _, meta = export_model(blob, args.checkpoint)
+    if args.fp16:
+        blob = half_precision(blob)
+    model, meta = export_model(blob, args.checkpoint)
+    if args.format == "onnx":
+        onnx_model = to_onnx(model, meta)
+        atomic_write(Path(args.out), lambda f: f.write(onnx_model))
+        print(f"wrote {args.out}: {meta.arch} as ONNX ({len(onnx_model) / 2**20:.1f} MB), {meta.feature_dim}-d, "
+              f"input {meta.preprocessing.input_size}px, {meta.fingerprint}")  # fmt: skip
+        return
     atomic_torch_save(blob, Path(args.out))
     print(
         f"wrote {args.out}: {meta.arch} (cifar stem: {meta.cifar_stem}), {meta.feature_dim}-d features, "

@@ -28,6 +28,12 @@ class ServerConfig:
     metrics_port: int = option(9100, help="Prometheus port (0 picks a free one)")
     ready_file: Path | None = option(None, help="written atomically as JSON {port, metrics_port, pid} once SERVING")
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="encoder device")
+    encoder: str = option(
+        "auto",
+        choices=("auto", "torch", "onnx"),
+        help="encoder runtime: torch, or onnx (ONNX Runtime, CPU); auto: onnx on the CPU (faster "
+        "than torch's float32 there, see the README), torch on a GPU",
+    )
     index_factory: str = option("Flat", help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32, IVF4096,PQ32")
     index_gpus: str = option("auto", help="auto (all GPUs if any), 0 (CPU) or a number of GPUs")
     max_batch_size: int = option(64, help="images per model forward")

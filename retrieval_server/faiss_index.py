@@ -6,6 +6,7 @@ enough vectors arrive to train them."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import faiss
 import numpy as np
@@ -13,6 +14,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 # FAISS GPU indexes cannot return more neighbours than this.
 GPU_MAX_K = 2048
+# Searches of at least this many queries (LabelCorpus chunks, batch searches) use every core, and so
+# does one query over at least this many vectors when it is the only search running (see _threads).
+PARALLEL_QUERIES = 16
+PARALLEL_MIN_VECTORS = 262_144
+MAX_THREADS = faiss.omp_get_max_threads()
 
 
 def resolve_gpus(index_gpus: str) -> int:
@@ -55,6 +61,8 @@ class FaissIndex:
         self.cpu = cpu if cpu is not None else self._rebuilt(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
         self._gpu: faiss.Index | None = None
         self._gpu_stale = True
+        self._active = 0  # searches running now (for the thread choice)
+        self._active_lock = threading.Lock()
 
     def _new_inner(self) -> faiss.Index:
         return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
@@ -126,9 +134,26 @@ class FaissIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if params is None and self.gpus > 0:
             return self._replica().search(queries, k)  # the caller keeps k <= GPU_MAX_K
-        if params is None:
-            return self.cpu.search(queries, k)
-        return self.cpu.search(queries, k, params=params)
+        with self._active_lock:
+            self._active += 1
+            alone = self._active == 1
+        try:
+            faiss.omp_set_num_threads(self._threads(len(queries), alone))
+            if params is None:
+                return self.cpu.search(queries, k)
+            return self.cpu.search(queries, k, params=params)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _threads(self, queries: int, alone: bool) -> int:
+        """OpenMP threads for this search (set for the calling gRPC worker thread only). All cores
+        for a batch of queries, or for one query over a large index while no other search runs;
+        otherwise one: concurrent searches already share the cores, and splitting a small scan
+        across threads mostly waits at barriers (far slower still when the cores are busy)."""
+        if queries >= PARALLEL_QUERIES or (alone and self.cpu.ntotal >= PARALLEL_MIN_VECTORS):
+            return MAX_THREADS
+        return 1
 
     def _replica(self) -> faiss.Index:
         if self._gpu is None or self._gpu_stale:

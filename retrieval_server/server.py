@@ -90,7 +90,7 @@ def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
 def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
     """The encoder, the store (bound to the model's fingerprint), the index and the batcher."""
     try:
-        encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels)
+        encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels, runtime=cfg.encoder)
     except (ExportError, DeviceError, FileNotFoundError, RuntimeError) as exc:
         raise StartupError(str(exc)) from exc
     meta = encoder.meta
