@@ -24,6 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -41,6 +42,7 @@ from moco_retrieval.fileio import atomic_torch_save, atomic_write
 from moco_retrieval.images import decode_image
 from moco_retrieval.knn import knn_vote
 from moco_retrieval.net import free_port
+from moco_retrieval.onnx import OnnxEncoder, to_onnx
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
 from retrieval_server.process import ServerProcess
 
@@ -153,17 +155,18 @@ class FaissTarget:
         self.threads = threads
         self.all = shares.all if shares else faiss.IndexFlatIP(dim)
         self.labelled = shares.labelled if shares else faiss.IndexFlatIP(dim)
-        self.classes = shares.classes if shares else np.zeros(0, dtype=np.int64)
+        self._classes = np.zeros(0, dtype=np.int64)
         self.shares = shares
 
+    @property
+    def classes(self) -> np.ndarray:
+        return self.shares.classes if self.shares else self._classes
+
     def add(self, start: int, x: np.ndarray, labels: list[str]) -> None:
-        if self.shares is not None:
-            self.classes = self.shares.classes
-            return
         self.all.add(x)
         mask = np.array([bool(lab) for lab in labels])
         self.labelled.add(np.ascontiguousarray(x[mask]))
-        self.classes = np.concatenate([self.classes, [int(lab[5:]) for lab in np.asarray(labels)[mask]]])
+        self._classes = np.concatenate([self._classes, [int(lab[5:]) for lab in np.asarray(labels)[mask]]])
 
     def search_call(self, queries: np.ndarray, k: int) -> Callable[[int], list[int]]:
         def call(i: int) -> list[int]:
@@ -282,7 +285,7 @@ def demo_images(n: int) -> list[bytes]:
 
 
 def direct_embed(
-    net: torch.nn.Module, transform: Callable, images: list[bytes], batch_size: int, max_s: float
+    forward: Callable[[torch.Tensor], object], transform: Callable, images: list[bytes], batch_size: int, max_s: float
 ) -> tuple[float, float]:
     """(images/s with decoding + preprocessing, images/s of the forward alone) in-process, batched."""
     forward_s, done = 0.0, 0
@@ -290,11 +293,14 @@ def direct_embed(
     while done < len(images) and time.perf_counter() - start < max_s:
         batch = torch.stack([transform(decode_image(b)) for b in images[done : done + batch_size]])
         t = time.perf_counter()
-        with torch.inference_mode():  # as the server's encoder
-            embed(net, batch)
+        forward(batch)
         forward_s += time.perf_counter() - t
         done += len(batch)
     return done / (time.perf_counter() - start), done / forward_s
+
+
+def onnx_forward(encoder: OnnxEncoder, batch: torch.Tensor) -> np.ndarray:
+    return encoder(batch.numpy())
 
 
 def bench_embed(
@@ -316,19 +322,28 @@ def bench_embed(
     net, meta = load_export(model)
     transform = eval_transform(meta.preprocessing)
     default_threads = torch.get_num_threads()
-    configs = [(t, b) for t in sorted({1, default_threads}) for b in batch_sizes]
-    direct_embed(net, transform, images[: max(batch_sizes)], max(batch_sizes), case_s)  # warm-up
-    reqs = [pb.EmbedRequest(images=[b]) for b in images]
-    direct: dict[tuple[int, int], list[tuple[float, float]]] = {cfg: [] for cfg in configs}
+    onnx_model = to_onnx(net, meta)
+    runtimes: dict[tuple[str, int], Callable] = {}
+    for t in sorted({1, default_threads}):
+        runtimes["torch", t] = partial(embed, net)
+        runtimes["onnx", t] = partial(onnx_forward, OnnxEncoder(onnx_model, threads=t))
+    configs = [(rt, t, b) for rt, t in runtimes for b in batch_sizes]
+    for (_, t), forward in runtimes.items():  # warm-up
+        torch.set_num_threads(t)
+        with torch.inference_mode():
+            direct_embed(forward, transform, images[: max(batch_sizes)], max(batch_sizes), case_s)
+    reqs = [pb.EmbedRequest(images=[b], packed=True) for b in images]
+    direct: dict[tuple[str, int, int], list[tuple[float, float]]] = {cfg: [] for cfg in configs}
     served: dict[int, list[LoadResult]] = {c: [] for c in concurrencies}
     batching: dict[int, list[tuple[float, float]]] = {c: [] for c in concurrencies}
     for r in range(rounds):
-        for threads, b in configs:
+        for rt, threads, b in configs:
             torch.set_num_threads(threads)
-            direct[threads, b].append(direct_embed(net, transform, images, b, case_s))
+            with torch.inference_mode():  # as the server's encoder
+                direct[rt, threads, b].append(direct_embed(runtimes[rt, threads], transform, images, b, case_s))
             print(
-                f"  embed round {r}: direct {threads} thread(s) batch {b} {direct[threads, b][-1][0]:.1f} img/s "
-                f"({direct[threads, b][-1][1]:.1f} forward only)",
+                f"  embed round {r}: direct {rt} {threads} thread(s) batch {b} "
+                f"{direct[rt, threads, b][-1][0]:.1f} img/s ({direct[rt, threads, b][-1][1]:.1f} forward only)",
                 flush=True,
             )
         torch.set_num_threads(default_threads)
@@ -358,9 +373,10 @@ def bench_embed(
                 flush=True,
             )
     out: dict = {"images": len(images), "rounds": rounds, "direct": [], "server": []}
-    for (threads, b), runs in direct.items():
+    for (rt, threads, b), runs in direct.items():
         out["direct"].append(
             {
+                "runtime": rt,
                 "torch_threads": threads,
                 "batch_size": b,
                 "end_to_end_images_per_s": round(float(np.median([d[0] for d in runs])), 2),
@@ -380,6 +396,13 @@ def bench_embed(
             }
         )
     best_direct = max(out["direct"], key=lambda d: d["end_to_end_images_per_s"])
+    for rt in ("torch", "onnx"):
+        out[f"direct_best_forward_only_{rt}"] = max(
+            d["forward_only_images_per_s"] for d in out["direct"] if d["runtime"] == rt
+        )
+    out["onnx_over_torch_forward_only"] = ratio(
+        out["direct_best_forward_only_onnx"], out["direct_best_forward_only_torch"]
+    )
     best = max(r["images_per_s"] for r in out["server"])
     out["direct_best"] = best_direct
     out["server_best_over_direct_best_end_to_end"] = ratio(best, best_direct["end_to_end_images_per_s"])
@@ -497,12 +520,17 @@ def markdown(results: dict) -> str:
         d = e["direct_best"]
         lines.append(
             f"Embed images/s over gRPC (single-image calls, dynamic batching): {per_c}; direct in-process, "
-            f"best of batch sizes {'/'.join(str(b) for b in sorted({x['batch_size'] for x in e['direct']}))} x 1 "
-            "or all "
-            f"torch threads ({d['torch_threads']} thread(s), batch {d['batch_size']}): "
+            f"best of torch and ONNX Runtime x batch sizes "
+            f"{'/'.join(str(b) for b in sorted({x['batch_size'] for x in e['direct']}))} x 1 or all threads "
+            f"({d.get('runtime', 'torch')}, {d['torch_threads']} thread(s), batch {d['batch_size']}): "
             f"{d['end_to_end_images_per_s']} with decoding, {d['forward_only_images_per_s']} forward only "
             f"(best server / best direct: {e['server_best_over_direct_best_end_to_end']})."
         )
+        if "onnx_over_torch_forward_only" in e:
+            lines.append(
+                f"Direct forward, best of each runtime: ONNX Runtime {e['direct_best_forward_only_onnx']} img/s, "
+                f"torch {e['direct_best_forward_only_torch']} img/s ({e['onnx_over_torch_forward_only']}x)."
+            )
     return "\n".join(lines)
 
 

@@ -56,6 +56,7 @@ class DynamicBatcher:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._reserved = 0
+        self._decoding = 0  # images reserved whose decode has not finished: what a batch may wait for
         self._pool = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
         metrics.queue_capacity.set(capacity)
@@ -104,6 +105,7 @@ class DynamicBatcher:
                     f"{self.capacity} slots free; retry later"
                 )
             self._reserved += n
+            self._decoding += n
             self.metrics.queue_depth.set(self._reserved)
 
     def _release(self, n: int) -> None:
@@ -111,14 +113,20 @@ class DynamicBatcher:
             self._reserved -= n
             self.metrics.queue_depth.set(self._reserved)
 
+    def _decoded(self) -> None:
+        with self._lock:
+            self._decoding -= 1
+
     def _decode(self, image: bytes, future: Future, deadline: float | None) -> None:
         if future.cancelled() or (deadline is not None and time.monotonic() >= deadline):
+            self._decoded()
             self._release(1)
             future.cancel()
             return
         try:
             tensor = self.encoder.preprocess(image)
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+            self._decoded()
             self._release(1)
             if isinstance(exc, ImageDecodeError):
                 self.metrics.decode_errors.inc()
@@ -126,16 +134,26 @@ class DynamicBatcher:
                 future.set_exception(exc)
             return
         self._queue.put(_Job(tensor, future, deadline))
+        self._decoded()
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        """The first job plus whatever arrives within max_delay, up to max_batch_size."""
+        """The first job plus the others queued, up to max_batch_size. It waits (at most
+        max_delay) only while images are still being decoded: a batch takes the size of the queue,
+        and a lone request does not wait for company that is not coming."""
         batch, stop = [first], False
         end = time.monotonic() + self.max_delay_s
         while len(batch) < self.max_batch_size:
             try:
-                job = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+                job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                with self._lock:
+                    coming = self._decoding > 0
+                if not coming:
+                    break
+                try:
+                    job = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+                except queue.Empty:
+                    break
             if job is None:
                 stop = True
                 break

@@ -49,6 +49,8 @@ class Encoder:
         """(B, 3, S, S) -> (B, D) L2-normalised float32, C-contiguous, on the CPU."""
         if self._onnx is not None:
             return np.ascontiguousarray(self._onnx(batch.numpy()), dtype=np.float32)
+        if self.device != "cpu":
+            batch = batch.pin_memory()  # page-locked: embed's non-blocking copy overlaps the transfer
         with torch.inference_mode():
             out = embed(self.model, batch)
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)
