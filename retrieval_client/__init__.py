@@ -10,6 +10,7 @@ from .client import (
     RetrievalError,
     ServerInfo,
     StoredItem,
+    Suggestion,
     UpsertItem,
     UpsertResult,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "RetrievalError",
     "ServerInfo",
     "StoredItem",
+    "Suggestion",
     "UpsertItem",
     "UpsertResult",
 ]

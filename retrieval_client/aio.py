@@ -13,9 +13,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 import grpc
 from grpc import aio
 
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+
 from .client import (
     Classification,
     ItemFailure,
+    Neighbor,
     Op,
     Proposal,
     RetrievalError,
@@ -23,6 +26,7 @@ from .client import (
     UpsertResult,
     _BatchSource,
     _ClientBase,
+    _neighbor,
     _proposal,
     _UpsertSession,
 )
@@ -80,6 +84,17 @@ class AsyncRetrievalClient(_ClientBase):
         try:
             async for p in self._stub.LabelCorpus(request, metadata=self._metadata):
                 yield _proposal(p)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    async def duplicates(self, min_score: float, max_neighbors: int | None = None) -> AsyncIterator[list[Neighbor]]:
+        """See RetrievalClient.duplicates."""
+        request = pb.DuplicatesRequest(min_score=min_score)
+        if max_neighbors is not None:
+            request.max_neighbors = max_neighbors
+        try:
+            async for group in self._stub.Duplicates(request, metadata=self._metadata):
+                yield [_neighbor(n) for n in group.items]
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 

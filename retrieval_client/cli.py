@@ -13,20 +13,24 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from moco_retrieval.fileio import atomic_open
 from moco_retrieval.images import image_files
+from moco_retrieval.knn import knn_classify
 
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError, UpsertItem
 from .sheet import Tile, load_thumbnail, write_sheet
+
+EMBED_CHUNK = 256  # images per Embed call of evaluate
 
 PROG = "retrieval-client"
 
@@ -275,6 +279,32 @@ def cmd_info(client: RetrievalClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(client: RetrievalClient, args: argparse.Namespace) -> int:
+    suggestions = client.suggest(args.n, seed=args.seed, sample=args.sample, k=args.k, tau=args.tau)
+    if args.json:
+        json.dump([vars(s) for s in suggestions], sys.stdout, indent=2)
+        print()
+    else:
+        print_table(
+            ["id", "reason", "score", "predicted", "margin", "uri"],
+            [[s.id, s.reason, f"{s.score:.3f}", s.predicted_label or "-", f"{s.margin:.3f}", s.metadata.get("uri", "")]
+             for s in suggestions],
+        )  # fmt: skip
+    return 0
+
+
+def cmd_duplicates(client: RetrievalClient, args: argparse.Namespace) -> int:
+    groups = 0
+    with _output(args.out) as out:
+        writer = csv.writer(out)
+        writer.writerow(["group", "id", "score", "label", "uri"])
+        for groups, group in enumerate(client.duplicates(args.min_score, args.max_neighbors), start=1):
+            writer.writerows([groups, n.id, f"{n.score:.6f}", n.label, n.metadata.get("uri", "")] for n in group)
+    where = f", written to {args.out}" if args.out else ""
+    print(f"{groups} groups of items at least {args.min_score:g} similar{where}", file=sys.stderr)
+    return 0
+
+
 def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
     count = 0
     with _output(args.out) as out:
@@ -317,57 +347,50 @@ def parse_shots(text: str) -> list[int | None]:
 
 
 def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
+    """Few-shot accuracy without touching the store: the images are embedded by the service
+    (Embed stores nothing) and the InstDisc vote runs here with the shared moco_retrieval.knn, the
+    server's Classify defaults for k and tau, and classes in sorted order as the server numbers
+    them: the predictions of Classify on a store holding exactly the chosen examples."""
     labelled = [f for f in walk_images(Path(args.labelled)) if f.label]
     queries = [f for f in walk_images(Path(args.queries)) if f.label]
     if not labelled or not queries:
         raise CommandError("--labelled and --queries must hold images in one folder per class")
     info = client.info()
-    if info.labelled_count:
-        print(
-            f"warning: the store already holds {info.labelled_count} human-labelled items; they vote too",
-            file=sys.stderr,
+    k, tau = args.k or info.default_k, args.tau or info.default_tau
+    with tqdm(total=len(labelled) + len(queries), desc="embedding", unit="img", file=sys.stderr, disable=None) as bar:
+        bank = _embed_files(client, labelled, bar)
+        query_vectors = _embed_files(client, queries, bar)
+    classes = sorted({f.label for f in labelled})
+    pool: dict[str, list[int]] = {}
+    for i, f in enumerate(labelled):
+        pool.setdefault(f.label, []).append(i)
+    truth = torch.tensor([classes.index(q.label) if q.label in classes else -1 for q in queries])
+    rows = []
+    for n in args.shots:
+        rng = random.Random(args.seed * 1_000_003 + (n or 0))
+        chosen = sorted(
+            i
+            for label, members in sorted(pool.items())
+            for i in (members if n is None or n >= len(members) else rng.sample(members, n))
         )
-    run = f"evaluate-{secrets.token_hex(4)}"
-    ids = {f"{run}/{f.rel}": f for f in labelled}
-    try:
-        with tqdm(total=len(ids), desc="uploading", unit="img", file=sys.stderr, disable=None) as bar:
-            result = client.upsert_many(
-                (
-                    UpsertItem(id=i, image=read_image(f.path), metadata={"uri": f.path.resolve().as_uri()})
-                    for i, f in ids.items()
-                ),
-                on_ack=lambda n, failures: bar.update(n + len(failures)),
-            )
-        failed = {x.id for x in result.failures}
-        for x in result.failures:
-            print(f"warning: {ids[x.id].rel} not uploaded: {x.code.name}: {x.message}", file=sys.stderr)
-        pool: dict[str, list[str]] = {}
-        for i, f in ids.items():
-            if i not in failed:
-                pool.setdefault(f.label, []).append(i)
-        vectors = client.embed([read_image(q.path) for q in queries])
-        rows = []
-        current: set[str] = set()
-        for n in args.shots:
-            rng = random.Random(args.seed * 1_000_003 + (n or 0))
-            chosen = {
-                i: label
-                for label, members in sorted(pool.items())
-                for i in (members if n is None or n >= len(members) else rng.sample(members, n))
-            }
-            client.set_labels({**{i: "" for i in current - chosen.keys()}, **chosen})
-            current = set(chosen)
-            preds = client.classify_many([{"vector": v} for v in vectors], k=args.k, tau=args.tau, neighbors=0)
-            correct = sum(p.label == q.label for p, q in zip(preds, queries))
-            rows.append(("all" if n is None else n, len(chosen), f"{100.0 * correct / len(queries):.2f}"))
-    finally:
-        try:
-            client.delete(list(ids), ignore_missing=True)
-        except RetrievalError as exc:
-            print(f"warning: could not remove the evaluation items ({run}/...): {exc}", file=sys.stderr)
-    print(f"{len(pool)} classes, {len(queries)} queries, chance {100.0 / len(pool):.2f}%")
+        shares = knn_classify(
+            torch.from_numpy(query_vectors), torch.from_numpy(bank[chosen]),
+            torch.tensor([classes.index(labelled[i].label) for i in chosen]), len(classes), k=k, tau=tau,
+        )  # fmt: skip
+        correct = int((shares.argmax(dim=1) == truth).sum())
+        rows.append(("all" if n is None else n, len(chosen), f"{100.0 * correct / len(queries):.2f}"))
+    print(f"{len(pool)} classes, {len(queries)} queries, chance {100.0 / len(pool):.2f}% (k={k}, tau={tau:g})")
     print_table(["shots", "labelled", "top-1 %"], rows)
     return 0
+
+
+def _embed_files(client: RetrievalClient, files: list[ImageFile], bar: tqdm) -> np.ndarray:
+    vectors = []
+    for start in range(0, len(files), EMBED_CHUNK):
+        chunk = files[start : start + EMBED_CHUNK]
+        vectors.append(client.embed([read_image(f.path) for f in chunk]))
+        bar.update(len(chunk))
+    return np.concatenate(vectors)
 
 
 # ---- argument parsing -------------------------------------------------------------------------
@@ -462,6 +485,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true", help="store the proposals as predicted labels")
     p.add_argument("--out", help="write the proposals CSV here instead of stdout")
     knn_options(p)
+
+    p = command("suggest", cmd_suggest, "which unlabelled items to label next (typical, then uncertain)")
+    p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same suggestions (default 0)")
+    p.add_argument(
+        "--sample", type=int, default=None, help="unlabelled items considered at most (server default 50,000)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    knn_options(p)
+
+    p = command("duplicates", cmd_duplicates, "groups of near-duplicate stored items (CSV)")
+    p.add_argument(
+        "--min-score", type=float, default=0.95, help="cosine similarity that links two items (default 0.95)"
+    )
+    p.add_argument("--max-neighbors", type=int, default=None, help="nearest items checked per item (server default 10)")
+    p.add_argument("--out", help="write the CSV here instead of stdout")
 
     p = command("evaluate", cmd_evaluate, "few-shot labelling benchmark: top-1 accuracy of Classify per shot count")
     p.add_argument("--labelled", required=True, metavar="DIR", help="labelled pool, one folder per class")

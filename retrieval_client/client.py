@@ -83,6 +83,19 @@ class Classification:
 
 
 @dataclass(frozen=True)
+class Suggestion:
+    """An item to label next: reason "typical" (of a cluster with no label yet) or "uncertain" (its
+    vote is split), the vote's label and margin when labels exist, and its metadata."""
+
+    id: str
+    reason: str
+    score: float
+    predicted_label: str
+    margin: float
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Proposal:
     id: str
     label: str
@@ -204,6 +217,14 @@ def _classification(r: pb.ClassifyResponse) -> Classification:
         scores=[(x.label, float(x.score)) for x in r.scores],
         neighbors=[_neighbor(n) for n in r.neighbors],
     )
+
+
+def _suggestions(r: pb.SuggestResponse) -> list[Suggestion]:
+    reasons = {pb.Suggestion.TYPICAL: "typical", pb.Suggestion.UNCERTAIN: "uncertain"}
+    return [
+        Suggestion(s.id, reasons[s.reason], float(s.score), s.predicted_label, float(s.margin), dict(s.metadata))
+        for s in r.suggestions
+    ]
 
 
 def _proposal(p: pb.LabelProposal) -> Proposal:
@@ -394,6 +415,21 @@ class _ClientBase:
             request.neighbors = neighbors
         return self._run(self._one("Classify", request, _classification))
 
+    def suggest(
+        self,
+        n: int,
+        seed: int = 0,
+        sample: int | None = None,
+        k: int | None = None,
+        tau: float | None = None,
+    ) -> list[Suggestion]:
+        """Which unlabelled items to label next (see the proto's Suggest): best first."""
+        request = pb.SuggestRequest(n=n, seed=seed)
+        for name, value in (("sample", sample), ("k", k), ("tau", tau)):
+            if value is not None:
+                setattr(request, name, value)
+        return self._run(self._one("Suggest", request, _suggestions))
+
     def _label_corpus_request(
         self, k: int | None, tau: float | None, min_confidence: float, apply: bool
     ) -> pb.LabelCorpusRequest:
@@ -456,6 +492,18 @@ class RetrievalClient(_ClientBase):
         try:
             for p in self._stub.LabelCorpus(request, metadata=self._metadata):
                 yield _proposal(p)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    def duplicates(self, min_score: float, max_neighbors: int | None = None) -> Iterator[list[Neighbor]]:
+        """Groups of near-duplicate items (cosine >= min_score, linked), largest first, streamed;
+        each member's score is its highest similarity to another member."""
+        request = pb.DuplicatesRequest(min_score=min_score)
+        if max_neighbors is not None:
+            request.max_neighbors = max_neighbors
+        try:
+            for group in self._stub.Duplicates(request, metadata=self._metadata):
+                yield [_neighbor(n) for n in group.items]
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 

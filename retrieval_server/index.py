@@ -166,6 +166,12 @@ class ItemIndex:
             keep &= scores[0] >= min_score
         return Hits(*_drop(scores[0], rows[0], keep, k))
 
+    def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest items of each normalised query (Q, D): (scores (Q, k), rows (Q, k), -1
+        padding), for batch work such as near-duplicate search."""
+        with self._search_lock():
+            return self.items.search(queries, min(k, GPU_MAX_K) if self.gpus else k)
+
     def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
         """The InstDisc vote of each normalised query (Q, D) among its k nearest labelled items;
         `exclude` (one query only) leaves a stored query's own row out. Raises NoLabels."""

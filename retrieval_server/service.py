@@ -21,17 +21,22 @@ from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
 from . import __version__
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
 from .config import ServerConfig
+from .duplicates import duplicate_groups
 from .encoder import Encoder
 from .faiss_index import GPU_MAX_K
 from .index import ItemIndex, NoLabels, Vote
 from .metrics import ServerMetrics
 from .store import NewItem, StorageError, Store, StoreLock, UnknownIds
+from .suggest import suggest
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 MAX_ID_BYTES = 512
 DEFAULT_SEARCH_K = 10
 LABEL_CORPUS_CHUNK = 1024
+MAX_SUGGESTIONS = 10_000
+SUGGEST_SAMPLE = 50_000
+DUPLICATE_NEIGHBORS = 10
 
 
 class RpcError(Exception):
@@ -478,6 +483,59 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 yield pb.LabelProposal(id=item_id, label=lab, confidence=conf)
 
     @_unary
+    def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
+        if request.n <= 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"n must be positive, got {request.n}")
+        if request.n > MAX_SUGGESTIONS:
+            raise RpcError(Code.OUT_OF_RANGE, f"n={request.n} is above max_suggestions={MAX_SUGGESTIONS}")
+        sample = self._count(request, "sample", SUGGEST_SAMPLE)
+        if sample <= 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"sample must be positive, got {sample}")
+        k, tau = self._k(request, self.cfg.default_k), self._tau(request)
+        if self.index.item_count <= self.index.labelled_count:
+            raise RpcError(Code.FAILED_PRECONDITION, "no unlabelled item is stored: nothing to suggest")
+        start = time.perf_counter()
+        found = suggest(self.store, self.index, min(request.n, sample), request.seed, sample, k, tau)
+        self.m.index_search_seconds.labels("suggest").observe(time.perf_counter() - start)
+        stored = self.store.by_rows([s.row for s in found.items])
+        return pb.SuggestResponse(
+            suggestions=[
+                pb.Suggestion(
+                    id=stored[s.row].id,
+                    reason=s.reason,
+                    score=s.score,
+                    predicted_label=s.predicted_label,
+                    margin=s.margin,
+                    metadata=stored[s.row].metadata,
+                )  # fmt: skip
+                for s in found.items
+                if s.row in stored  # deleted meanwhile
+            ],
+            candidates=found.candidates,
+            clusters=found.clusters,
+        )
+
+    @_streaming
+    def Duplicates(self, request: pb.DuplicatesRequest, context: grpc.ServicerContext) -> Iterator[pb.DuplicateGroup]:
+        if not 0.0 < request.min_score <= 1.0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"min_score must be in (0, 1], got {request.min_score}")
+        neighbors = self._count(request, "max_neighbors", DUPLICATE_NEIGHBORS)
+        if neighbors <= 0:
+            raise RpcError(Code.INVALID_ARGUMENT, f"max_neighbors must be positive, got {neighbors}")
+        if neighbors > self.max_k:
+            raise RpcError(Code.OUT_OF_RANGE, f"max_neighbors={neighbors} is above the server's max_k={self.max_k}")
+        for group in duplicate_groups(self.store, self.index, request.min_score, neighbors):
+            if not context.is_active():
+                return
+            stored = self.store.by_rows(group.rows)
+            yield pb.DuplicateGroup(items=[
+                pb.Neighbor(id=r.id, score=float(score), label=r.label or "", predicted_label=r.predicted_label or "",
+                            metadata=r.metadata)  # fmt: skip
+                for row, score in zip(group.rows.tolist(), group.scores.tolist())
+                if (r := stored.get(row)) is not None
+            ])  # fmt: skip
+
+    @_unary
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         total, label_counts = self.store.counts()
         meta = self.encoder.meta
@@ -499,4 +557,5 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             max_message_bytes=self.cfg.max_message_bytes,
             server_version=__version__,
             model_device=self.encoder.device,
+            max_suggestions=MAX_SUGGESTIONS,
         )

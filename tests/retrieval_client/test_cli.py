@@ -8,18 +8,21 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from retrieval_client import RetrievalClient
+from retrieval_client import RetrievalClient, UpsertItem
+from retrieval_client.cli import walk_images
 from retrieval_client.sheet import sheet_size
 from tests.server_harness import ServerProcess, make_export, self_signed_certificate
 
@@ -357,3 +360,53 @@ def test_tls_with_a_root_certificate(export, tmp_path):
         by_flag = run_cli("info", "--address", srv.address, "--tls-ca", str(cert))
         assert by_flag.returncode == 0, by_flag.stderr
         one_error_line(run_cli("info", "--address", srv.address, "--timeout", "5"))
+
+
+def test_evaluate_leaves_the_store_alone_and_equals_classify_on_an_empty_store(export, demo_data, tmp_path):
+    """A store already holding labels: evaluate neither lets them vote nor changes them, and a
+    Classify running meanwhile gets the same answers throughout. Its accuracy equals what Classify
+    gives on an empty store holding exactly the examples evaluate chose."""
+    classes = tuple(sorted(os.listdir(demo_data / "train")))[:4]
+    labelled = copy_demo(demo_data, tmp_path / "labelled", "train", 12, classes)
+    queries = copy_demo(demo_data, tmp_path / "queries", "test", 10, classes)
+    with ServerProcess(export, tmp_path / "busy") as busy:
+        with RetrievalClient(busy.address) as c:  # labels of its own, which must not vote in evaluate
+            images = sorted((demo_data / "test").glob("*/*.jpg"))[-30:]
+            c.upsert_many([UpsertItem(f"own{i}", image=p.read_bytes(), label="own") for i, p in enumerate(images)])
+            probe = images[0].read_bytes()
+            expected = c.classify(image=probe, k=5)
+            before = c.info()
+            answers, stop = [], threading.Event()
+
+            def classify_meanwhile() -> None:
+                with RetrievalClient(busy.address) as other:
+                    while not stop.is_set():
+                        answers.append(other.classify(image=probe, k=5))
+
+            watcher = threading.Thread(target=classify_meanwhile)
+            watcher.start()
+            try:
+                flags = ["--labelled", str(labelled), "--queries", str(queries), "--shots", "3", "--seed", "5"]
+                proc = run_cli("evaluate", *flags, "--k", "20", "--tau", "0.1", env={"RETRIEVAL_ADDRESS": busy.address})
+            finally:
+                stop.set()
+                watcher.join()
+            assert proc.returncode == 0, proc.stderr
+            assert answers and all(a == expected for a in answers)
+            after = c.info()
+            assert (after.item_count, after.label_counts) == (before.item_count, before.label_counts)
+    accuracy = float(next(line.split()[2] for line in proc.stdout.splitlines() if line.split()[:1] == ["3"]))
+
+    # The same three examples per class (evaluate's draw), in an empty store, through Classify.
+    files = [f for f in walk_images(labelled) if f.label]
+    pool: dict[str, list] = {}
+    for f in files:
+        pool.setdefault(f.label, []).append(f)
+    rng = random.Random(5 * 1_000_003 + 3)
+    chosen = [f for label, members in sorted(pool.items()) for f in rng.sample(members, 3)]
+    with ServerProcess(export, tmp_path / "empty") as empty, RetrievalClient(empty.address) as c:
+        c.upsert_many([UpsertItem(f.rel, image=f.path.read_bytes(), label=f.label) for f in chosen])
+        query_files = [f for f in walk_images(queries) if f.label]
+        preds = c.classify_many([{"image": f.path.read_bytes()} for f in query_files], k=20, tau=0.1)
+    by_classify = 100.0 * sum(p.label == f.label for p, f in zip(preds, query_files)) / len(query_files)
+    assert accuracy == pytest.approx(by_classify, abs=1e-6), proc.stdout

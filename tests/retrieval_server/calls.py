@@ -9,9 +9,14 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
+from retrieval_server.config import ServerConfig
+from retrieval_server.metrics import ServerMetrics
+from retrieval_server.server import GrpcServer, load_service
 from tests.server_harness import png_bytes
 
 MAX_QUEUE, MAX_K, MAX_PIXELS = 16, 64, 4096
@@ -89,3 +94,24 @@ def bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (100, 100)).save(buf, format="PNG")  # 10,000 px > MAX_PIXELS
     return buf.getvalue()
+
+
+class InProcess:
+    """The server in this process: the production wiring (GrpcServer), real encoder, store, index
+    and batcher, called over gRPC on 127.0.0.1."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.metrics = ServerMetrics()
+        self.grpc = GrpcServer(cfg, self.metrics, workers=16)
+        self.service = load_service(cfg, self.metrics)
+        self.grpc.attach(self.service)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+
+    def scrape(self) -> dict:
+        return samples(generate_latest(self.metrics.registry).decode())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.grpc.server.stop(0).wait()
+        self.service.close()

@@ -12,23 +12,19 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 from retrieval_server.config import ServerConfig
-from retrieval_server.metrics import ServerMetrics
-from retrieval_server.server import GrpcServer, load_service
 from tests.retrieval_server.calls import (
     LIMITS,
     MAX_K,
     MAX_QUEUE,
+    InProcess,
     bomb,
     expect,
     load_corpus,
     metric,
     png_truncated,
-    samples,
     state,
     upsert,
 )
@@ -36,24 +32,6 @@ from tests.server_harness import make_export, png_bytes
 
 Code = grpc.StatusCode
 GOOD = np.ones(512).tolist()
-
-
-class InProcess:
-    def __init__(self, cfg: ServerConfig) -> None:
-        self.metrics = ServerMetrics()
-        self.grpc = GrpcServer(cfg, self.metrics, workers=16)
-        self.service = load_service(cfg, self.metrics)
-        self.grpc.attach(self.service)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
-        self.stub = pb_grpc.RetrievalStub(self.channel)
-
-    def scrape(self) -> dict:
-        return samples(generate_latest(self.metrics.registry).decode())
-
-    def close(self) -> None:
-        self.channel.close()
-        self.grpc.server.stop(0).wait()
-        self.service.close()
 
 
 @pytest.fixture(scope="module")

@@ -273,12 +273,79 @@ class LabelProposal(_message.Message):
     confidence: float
     def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
+class SuggestRequest(_message.Message):
+    __slots__ = ("n", "seed", "sample", "k", "tau")
+    N_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    seed: int
+    sample: int
+    k: int
+    tau: float
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., sample: _Optional[int] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ...) -> None: ...
+
+class Suggestion(_message.Message):
+    __slots__ = ("id", "reason", "score", "predicted_label", "margin", "metadata")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPICAL: _ClassVar[Suggestion.Reason]
+        UNCERTAIN: _ClassVar[Suggestion.Reason]
+    TYPICAL: Suggestion.Reason
+    UNCERTAIN: Suggestion.Reason
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LABEL_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: Suggestion.Reason
+    score: float
+    predicted_label: str
+    margin: float
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[_Union[Suggestion.Reason, str]] = ..., score: _Optional[float] = ..., predicted_label: _Optional[str] = ..., margin: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SuggestResponse(_message.Message):
+    __slots__ = ("suggestions", "candidates", "clusters")
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    candidates: int
+    clusters: int
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., candidates: _Optional[int] = ..., clusters: _Optional[int] = ...) -> None: ...
+
+class DuplicatesRequest(_message.Message):
+    __slots__ = ("min_score", "max_neighbors")
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    min_score: float
+    max_neighbors: int
+    def __init__(self, min_score: _Optional[float] = ..., max_neighbors: _Optional[int] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Neighbor]
+    def __init__(self, items: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device")
+    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device", "max_suggestions")
     class LabelCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +370,7 @@ class InfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     arch: str
     dim: int
@@ -320,4 +388,5 @@ class InfoResponse(_message.Message):
     max_message_bytes: int
     server_version: str
     model_device: str
-    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ...) -> None: ...
+    max_suggestions: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ...) -> None: ...

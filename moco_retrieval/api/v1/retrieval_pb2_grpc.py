@@ -79,6 +79,16 @@ class RetrievalStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Suggest = channel.unary_unary(
+                '/retrieval.v1.Retrieval/Suggest',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.SuggestRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SuggestResponse.FromString,
+                _registered_method=True)
+        self.Duplicates = channel.unary_stream(
+                '/retrieval.v1.Retrieval/Duplicates',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -153,6 +163,33 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suggest(self, request, context):
+        """Which unlabelled items to label next, for a small labelling budget. Without human labels (or
+        with fewer than n): the most typical item of each cluster of the stored embeddings that holds
+        no labelled item, largest clusters first (diversity and typicality, as TypiClust, Hacohen et
+        al. 2022). With labels, the rest of the n are the items whose InstDisc vote is least decided
+        (small margin between the top two vote shares), weighted by typicality so that outliers do not
+        dominate. Works on a deterministic sample of at most `sample` unlabelled items (FAISS k-means);
+        the same store, request and seed give the same suggestions.
+        INVALID_ARGUMENT: n <= 0 or sample <= 0; OUT_OF_RANGE: n above InfoResponse.max_suggestions;
+        FAILED_PRECONDITION: no unlabelled item is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Duplicates(self, request, context):
+        """Groups of near-duplicate stored items: each item is linked to those of its max_neighbors
+        nearest items whose cosine similarity is at least min_score, and linked items form a group
+        (connected components). Streamed largest group first. One pass of FAISS searches in chunks:
+        memory stays bounded by the index and one chunk of results. With an approximate index
+        (IVF, HNSW, PQ) some near duplicates may be missed.
+        INVALID_ARGUMENT: min_score outside (0, 1] or max_neighbors <= 0; OUT_OF_RANGE: max_neighbors > max_k.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +237,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.InfoRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.InfoResponse.SerializeToString,
+            ),
+            'Suggest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suggest,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SuggestRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.SuggestResponse.SerializeToString,
+            ),
+            'Duplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.Duplicates,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +492,60 @@ class Retrieval:
             '/retrieval.v1.Retrieval/Info',
             retrieval_dot_v1_dot_retrieval__pb2.InfoRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suggest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/Suggest',
+            retrieval_dot_v1_dot_retrieval__pb2.SuggestRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.SuggestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Duplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/Duplicates',
+            retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.FromString,
             options,
             channel_credentials,
             insecure,
