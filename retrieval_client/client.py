@@ -121,6 +121,8 @@ class ServerInfo:
     max_message_bytes: int
     server_version: str
     model_device: str
+    max_suggestions: int = 0
+    predicted_count: int = 0
 
 
 @dataclass
@@ -250,6 +252,8 @@ def _server_info(r: pb.InfoResponse) -> ServerInfo:
         max_message_bytes=r.max_message_bytes,
         server_version=r.server_version,
         model_device=r.model_device,
+        max_suggestions=r.max_suggestions,
+        predicted_count=r.predicted_count,
     )
 
 

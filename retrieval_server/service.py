@@ -550,6 +550,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             item_count=total,
             labelled_count=sum(label_counts.values()),
             label_counts=label_counts,
+            predicted_count=self.store.predicted_count(),
             max_k=self.max_k,
             default_k=self.cfg.default_k,
             default_tau=self.cfg.default_tau,

@@ -426,6 +426,12 @@ class Store:
         rows = self._reader.execute("SELECT row FROM tombstones WHERE version > ?", (version,)).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64)
 
+    def predicted_count(self) -> int:
+        """Items with a predicted label and no human label (what is left to review)."""
+        return self._reader.execute(
+            "SELECT COUNT(*) FROM items WHERE predicted_label IS NOT NULL AND label IS NULL"
+        ).fetchone()[0]
+
     def counts(self) -> tuple[int, dict[str, int]]:
         total = self._reader.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         labels = dict(

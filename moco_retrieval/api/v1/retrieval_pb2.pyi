@@ -345,7 +345,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device", "max_suggestions")
+    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device", "max_suggestions", "predicted_count")
     class LabelCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +371,7 @@ class InfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     arch: str
     dim: int
@@ -389,4 +390,5 @@ class InfoResponse(_message.Message):
     server_version: str
     model_device: str
     max_suggestions: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ...) -> None: ...
+    predicted_count: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ..., predicted_count: _Optional[int] = ...) -> None: ...

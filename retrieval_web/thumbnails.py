@@ -1,0 +1,59 @@
+"""Thumbnails of stored items, read from their `uri` metadata, only under the configured image
+roots: a path that leaves a root (`..`, a symbolic link pointing out of it), a file that is not an
+image, or a missing one is refused. Thumbnails are cached in memory, keyed by file and mtime."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+
+from moco_retrieval.images import ImageDecodeError, decode_image, is_image_path
+
+THUMBNAIL_PX = 160
+
+
+class ThumbnailRefused(Exception):
+    """The uri is not an image file under an image root (the message says why, for the log)."""
+
+
+def resolve(uri: str, roots: list[Path]) -> Path:
+    """The real path of an item's image: a file:// URI or a path, inside one of the roots after every
+    symbolic link is followed."""
+    if not uri:
+        raise ThumbnailRefused("the item has no uri")
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise ThumbnailRefused(f"not a local file: {uri}")
+    path = Path(unquote(parsed.path) if parsed.scheme else uri)
+    candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        real = candidate.resolve()
+        if any(real.is_relative_to(root) for root in roots):
+            if not is_image_path(real):
+                raise ThumbnailRefused(f"not an image file: {uri}")
+            if not real.is_file():
+                raise ThumbnailRefused(f"no such file: {uri}")
+            return real
+    raise ThumbnailRefused(f"outside the image roots: {uri}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(path: Path, mtime_ns: int) -> bytes:
+    image = decode_image(path)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def thumbnail(uri: str, roots: list[Path]) -> bytes:
+    """A JPEG thumbnail of the item's image (ThumbnailRefused when it may not or cannot be read)."""
+    path = resolve(uri, roots)
+    try:
+        return _thumbnail(path, path.stat().st_mtime_ns)
+    except (ImageDecodeError, OSError) as exc:
+        raise ThumbnailRefused(f"unreadable image: {uri} ({exc})") from exc
