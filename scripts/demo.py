@@ -38,6 +38,7 @@ from typing import Any
 from moco_retrieval.images import image_files
 from retrieval_client.client import RetrievalClient
 from retrieval_server.process import ServerProcess, serve_command
+from retrieval_web.process import WebProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "demo"
@@ -243,6 +244,7 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
     shutil.rmtree(store, ignore_errors=True)  # a new encoder needs a new store
     banner("3/8 start the server (retrieval-server serve)")
     server = ServerProcess(encoder, store, log_dir=out, timeout=READY_TIMEOUT_S)
+    web: WebProcess | None = None
     print("$ " + " ".join(["retrieval-server", *serve_command(encoder, store)[3:]]) + f"  (log in {out})", flush=True)
     try:
         try:
@@ -251,6 +253,10 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
             raise DemoError(str(exc)) from exc
         print(f"serving gRPC on {server.address}, metrics on {server.metrics_url} (pid {server.pid})")
         client_cmd = [tool("retrieval-client"), "--address", server.address]
+        roots = [data.corpus.resolve(), *([data.queries.resolve()] if data.queries else [])]
+        web = WebProcess("--address", server.address, *(x for root in roots for x in ("--image-root", root)))
+        summary["web_url"] = web.url
+        print(f"web page (search, label, review): {web.url}/")
 
         banner("4/8 index the corpus without labels (retrieval-client index)")
         run([*client_cmd, "index", data.corpus])
@@ -303,13 +309,15 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
         summary["metrics_url"] = server.metrics_url
         if args.keep_serving:
             print(
-                f"\nthe server keeps running on {server.address}; try\n"
+                f"\nthe server keeps running on {server.address}, the web page on {web.url}/; try\n"
                 f"  RETRIEVAL_ADDRESS={server.address} retrieval-client search {query}\n"
-                "Ctrl-C stops it.",
+                "Ctrl-C stops both.",
                 flush=True,
             )
             wait_for_interrupt()
     finally:
+        if web is not None:
+            web.close()
         code = server.stop()
     print(f"server exited with status {code}")
     summary["server_exit_code"] = code

@@ -54,6 +54,7 @@ def test_demo_on_the_sample(demo_data: Path, tmp_path: Path) -> None:
     proposals = (out / "proposals.csv").read_text().splitlines()
     assert proposals[0] == "id,label,confidence" and len(proposals) == 1 + 200 - 50
     assert summary["metrics_url"] in result.stdout
+    assert f"web page (search, label, review): {summary['web_url']}/" in result.stdout
     assert summary["server_exit_code"] == 0
     assert "server exited with status 0" in result.stdout
 

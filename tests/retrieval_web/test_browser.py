@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +19,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from retrieval_client import RetrievalClient, UpsertItem
+from retrieval_web.process import WebProcess
 from tests import REPO
 from tests.server_harness import ServerProcess, make_export, server_env
 
@@ -30,20 +29,8 @@ CLASSES = ("airplane", "automobile", "bird", "cat")
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
 
 
-class WebProcess:
-    """`retrieval-web` in a child process; `url` once it listens."""
-
-    def __init__(self, *args: object) -> None:
-        cmd = [sys.executable, "-m", "retrieval_web", "--port", "0", *map(str, args)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env(),
-                                     cwd=REPO)  # fmt: skip
-        line = self.proc.stdout.readline()
-        assert line.startswith("retrieval-web on http://"), line + self.proc.stdout.read()
-        self.url = line.split()[2].rstrip("/")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+def web_process(*args: object) -> WebProcess:
+    return WebProcess(*args, env=server_env(), cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def world(demo_data, tmp_path_factory):
     ).start()
     client = RetrievalClient(server.address, token=TOKEN, timeout=120)
     client.upsert_many(items)
-    web = WebProcess("--address", server.address, "--token", TOKEN, "--image-root", images)
+    web = web_process("--address", server.address, "--token", TOKEN, "--image-root", images)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
@@ -152,7 +139,7 @@ def test_duplicates_page(world):
 def test_a_read_only_token_sees_no_write_action_and_cannot_write(world):
     """A web page started without a token asks for one; with the read-only token there is nothing
     to click that writes, and a write sent anyway is refused by the service."""
-    web = WebProcess("--address", world["server"].address, "--image-root", world["images"])
+    web = web_process("--address", world["server"].address, "--image-root", world["images"])
     try:
         browser = world["browser"]
         browser.delete_all_cookies()
