@@ -85,8 +85,10 @@ def run_strategy(
                 chosen = rng.sample(sorted(set(pool_ids) - set(labelled)), n)
             client.set_labels({i: truth[i] for i in chosen})
             labelled += chosen
-        out[budget] = {"top1": round(accuracy(pool_vectors, truth, labelled, queries, query_classes), 2),
-                       "classes_covered": len({truth[i] for i in labelled})}  # fmt: skip
+        out[budget] = {
+            "top1": round(accuracy(pool_vectors, truth, labelled, queries, query_classes), 2),
+            "classes_covered": len({truth[i] for i in labelled}),
+        }
         print(f"  {strategy:8} seed {seed} {budget:4} labels: {out[budget]}", flush=True)
     return out
 
@@ -148,7 +150,7 @@ def main() -> None:
                         pool_vectors,
                         queries,
                         [c for _, _, c in query],
-                    )  # fmt: skip
+                    )
                     for seed in range(args.seeds)
                 }
                 for strategy in ("suggest", "random")
@@ -175,7 +177,7 @@ def main() -> None:
             "seeds": args.seeds,
             "k": K,
             "tau": TAU,
-        },  # fmt: skip
+        },
         "results": {
             s: {str(seed): {str(b): v for b, v in run.items()} for seed, run in r.items()} for s, r in results.items()
         },
