@@ -76,12 +76,25 @@ def train_ours(args, run_dir: Path) -> None:
     """`moco-train train` with the recipe; --resume auto continues an interrupted run exactly."""
     r = RECIPE
     flags = {
-        "--run-dir": run_dir, "--epochs": args.epochs, "-b": r["batch_size"], "--lr": r["lr"],
-        "--momentum": r["momentum"], "--wd": r["wd"], "--moco-k": r["moco_k"], "--moco-m": r["moco_m"],
-        "--moco-dim": r["dim"], "--moco-t": args.moco_t, "--bn": "split", "--bn-splits": r["bn_splits"],
-        "-j": r["workers"], "--seed": r["seed"], "--compile": "off", "--save-every-steps": args.eval_every,
-        "--keep": 0, "--resume": "auto",
-    }  # fmt: skip
+        "--run-dir": run_dir,
+        "--epochs": args.epochs,
+        "-b": r["batch_size"],
+        "--lr": r["lr"],
+        "--momentum": r["momentum"],
+        "--wd": r["wd"],
+        "--moco-k": r["moco_k"],
+        "--moco-m": r["moco_m"],
+        "--moco-dim": r["dim"],
+        "--moco-t": args.moco_t,
+        "--bn": "split",
+        "--bn-splits": r["bn_splits"],
+        "-j": r["workers"],
+        "--seed": r["seed"],
+        "--compile": "off",
+        "--save-every-steps": args.eval_every,
+        "--keep": 0,
+        "--resume": "auto",
+    }
     cmd = [sys.executable, "-m", "moco_train", "train", str(args.cifar / "train"), "--v2", "--no-progress"]
     cmd += [str(x) for flag, value in flags.items() for x in (flag, value)]
     subprocess.run(cmd, cwd=REPO, check=True)

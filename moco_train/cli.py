@@ -165,8 +165,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "onnx":
         onnx_model = to_onnx(model, meta)
         atomic_write(Path(args.out), lambda f: f.write(onnx_model))
-        print(f"wrote {args.out}: {meta.arch} as ONNX ({len(onnx_model) / 2**20:.1f} MB), {meta.feature_dim}-d, "
-              f"input {meta.preprocessing.input_size}px, {meta.fingerprint}")  # fmt: skip
+        print(
+            f"wrote {args.out}: {meta.arch} as ONNX ({len(onnx_model) / 2**20:.1f} MB), {meta.feature_dim}-d, "
+            f"input {meta.preprocessing.input_size}px, {meta.fingerprint}"
+        )
         return
     atomic_torch_save(blob, Path(args.out))
     print(

@@ -287,9 +287,18 @@ def cmd_suggest(client: RetrievalClient, args: argparse.Namespace) -> int:
     else:
         print_table(
             ["id", "reason", "score", "predicted", "margin", "uri"],
-            [[s.id, s.reason, f"{s.score:.3f}", s.predicted_label or "-", f"{s.margin:.3f}", s.metadata.get("uri", "")]
-             for s in suggestions],
-        )  # fmt: skip
+            [
+                [
+                    s.id,
+                    s.reason,
+                    f"{s.score:.3f}",
+                    s.predicted_label or "-",
+                    f"{s.margin:.3f}",
+                    s.metadata.get("uri", ""),
+                ]
+                for s in suggestions
+            ],
+        )
     return 0
 
 
@@ -374,9 +383,13 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
             for i in (members if n is None or n >= len(members) else rng.sample(members, n))
         )
         shares = knn_classify(
-            torch.from_numpy(query_vectors), torch.from_numpy(bank[chosen]),
-            torch.tensor([classes.index(labelled[i].label) for i in chosen]), len(classes), k=k, tau=tau,
-        )  # fmt: skip
+            torch.from_numpy(query_vectors),
+            torch.from_numpy(bank[chosen]),
+            torch.tensor([classes.index(labelled[i].label) for i in chosen]),
+            len(classes),
+            k=k,
+            tau=tau,
+        )
         correct = int((shares.argmax(dim=1) == truth).sum())
         rows.append(("all" if n is None else n, len(chosen), f"{100.0 * correct / len(queries):.2f}"))
     print(f"{len(pool)} classes, {len(queries)} queries, chance {100.0 / len(pool):.2f}% (k={k}, tau={tau:g})")

@@ -87,11 +87,18 @@ def backup(store_dir: Path, out: Path) -> Manifest:
         if "fingerprint" not in meta:
             raise BackupError(f"{store_dir}: the store has no model yet (nothing was ever served from it)")
         manifest = Manifest(
-            format=BACKUP_FORMAT, version=BACKUP_VERSION, fingerprint=meta["fingerprint"], dim=int(meta["dim"]),
-            store_id=meta.get("store_id", ""), store_version=int(meta.get("version", 0)), items=items,
-            labelled=labelled, sha256=_sha256(copy), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            format=BACKUP_FORMAT,
+            version=BACKUP_VERSION,
+            fingerprint=meta["fingerprint"],
+            dim=int(meta["dim"]),
+            store_id=meta.get("store_id", ""),
+            store_version=int(meta.get("version", 0)),
+            items=items,
+            labelled=labelled,
+            sha256=_sha256(copy),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             server_version=__version__,
-        )  # fmt: skip
+        )
         (Path(tmp) / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
         with atomic_open(out) as f, tarfile.open(fileobj=f, mode="w") as tar:
             tar.add(Path(tmp) / MANIFEST, arcname=MANIFEST)
@@ -147,8 +154,12 @@ def restore(backup_file: Path, store_dir: Path, model: Path, replace: bool = Fal
                 if _sha256(copy) != manifest.sha256:
                     raise BackupError(f"{backup_file}: checksum mismatch, the backup is corrupt; nothing restored")
                 _check_integrity(copy, backup_file)
-                for stale in [store_dir / f"{Store.FILENAME}-wal", store_dir / f"{Store.FILENAME}-shm",
-                              store_dir / SNAPSHOT_POINTER, *store_dir.glob("items-v*.faiss")]:  # fmt: skip
+                for stale in [
+                    store_dir / f"{Store.FILENAME}-wal",
+                    store_dir / f"{Store.FILENAME}-shm",
+                    store_dir / SNAPSHOT_POINTER,
+                    *store_dir.glob("items-v*.faiss"),
+                ]:
                     stale.unlink(missing_ok=True)
                 copy.replace(store_dir / Store.FILENAME)
                 fsync_dir(store_dir)

@@ -47,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "backup":
             m = backup(args.store, args.out)
-            print(f"wrote {args.out}: {m.items} items ({m.labelled} labelled) at store version {m.store_version}, "
-                  f"model {m.fingerprint}, sha256 {m.sha256}")  # fmt: skip
+            print(
+                f"wrote {args.out}: {m.items} items ({m.labelled} labelled) at store version {m.store_version}, "
+                f"model {m.fingerprint}, sha256 {m.sha256}"
+            )
         else:
             m = restore(args.backup, args.store, args.model, replace=args.replace)
-            print(f"restored {m.items} items ({m.labelled} labelled) from {args.backup} (store version "
-                  f"{m.store_version}, {m.created}) into {args.store}")  # fmt: skip
+            print(
+                f"restored {m.items} items ({m.labelled} labelled) from {args.backup} (store version "
+                f"{m.store_version}, {m.created}) into {args.store}"
+            )
     except (BackupError, StoreInUse, OSError) as exc:
         print(f"retrieval-server {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

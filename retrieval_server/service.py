@@ -507,7 +507,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                     predicted_label=s.predicted_label,
                     margin=s.margin,
                     metadata=stored[s.row].metadata,
-                )  # fmt: skip
+                )
                 for s in found.items
                 if s.row in stored  # deleted meanwhile
             ],
@@ -528,12 +528,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if not context.is_active():
                 return
             stored = self.store.by_rows(group.rows)
-            yield pb.DuplicateGroup(items=[
-                pb.Neighbor(id=r.id, score=float(score), label=r.label or "", predicted_label=r.predicted_label or "",
-                            metadata=r.metadata)  # fmt: skip
-                for row, score in zip(group.rows.tolist(), group.scores.tolist())
-                if (r := stored.get(row)) is not None
-            ])  # fmt: skip
+            yield pb.DuplicateGroup(
+                items=[
+                    pb.Neighbor(
+                        id=r.id,
+                        score=float(score),
+                        label=r.label or "",
+                        predicted_label=r.predicted_label or "",
+                        metadata=r.metadata,
+                    )
+                    for row, score in zip(group.rows.tolist(), group.scores.tolist())
+                    if (r := stored.get(row)) is not None
+                ]
+            )
 
     @_unary
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:

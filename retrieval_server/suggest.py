@@ -80,8 +80,11 @@ def typicality(vectors: np.ndarray, assignment: np.ndarray, clusters: int, seed:
         members = np.flatnonzero(assignment == c)
         if len(members) < 2:
             continue  # a lone point is typical of nothing (typicality 0)
-        reference = members if len(members) <= TYPICALITY_REFERENCE else np.sort(
-            rng.choice(members, TYPICALITY_REFERENCE, replace=False))  # fmt: skip
+        reference = (
+            members
+            if len(members) <= TYPICALITY_REFERENCE
+            else np.sort(rng.choice(members, TYPICALITY_REFERENCE, replace=False))
+        )
         sims = vectors[members] @ vectors[reference].T
         sims[members[:, None] == reference[None, :]] = -np.inf  # not itself
         k = min(TYPICALITY_NEIGHBOURS, max(1, len(reference) - 1))
@@ -97,8 +100,15 @@ def suggest(store: Store, index: ItemIndex, n: int, seed: int, sample: int, k: i
     labelled = [chunk.vectors for chunk in store.embeddings("label IS NOT NULL", chunk=CHUNK)]
     labelled_vectors = np.concatenate(labelled) if labelled else np.zeros((0, vectors.shape[1]), np.float32)
     clusters = min(len(rows), len(labelled_vectors) + n)
-    kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=KMEANS_ITERATIONS, seed=seed % 2**31, spherical=True,
-                          min_points_per_centroid=1, max_points_per_centroid=max(256, len(rows)))  # fmt: skip
+    kmeans = faiss.Kmeans(
+        vectors.shape[1],
+        clusters,
+        niter=KMEANS_ITERATIONS,
+        seed=seed % 2**31,
+        spherical=True,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, len(rows)),
+    )
     kmeans.train(np.ascontiguousarray(vectors))
     assignment = kmeans.index.search(vectors, 1)[1][:, 0]
     covered = set(kmeans.index.search(labelled_vectors, 1)[1][:, 0].tolist()) if len(labelled_vectors) else set()

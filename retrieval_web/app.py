@@ -92,8 +92,11 @@ def create_app(address: str, token: str | None = None, image_roots: list[Path] =
             try:
                 return view(*args, **kwargs)
             except RetrievalError as exc:
-                status = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.UNAUTHENTICATED: 401,
-                          grpc.StatusCode.NOT_FOUND: 404}.get(exc.code, 400)  # fmt: skip
+                status = {
+                    grpc.StatusCode.PERMISSION_DENIED: 403,
+                    grpc.StatusCode.UNAUTHENTICATED: 401,
+                    grpc.StatusCode.NOT_FOUND: 404,
+                }.get(exc.code, 400)
                 return jsonify(error=exc.code.name, message=str(exc)), status
 
         return wrapped

@@ -20,8 +20,9 @@ class WebConfig:
     token: str | None = option(None, help="bearer token for the service; without one the page asks for it")
     token_file: Path | None = option(None, help="file holding the bearer token")
     tls_ca: Path | None = option(None, help="PEM root certificate of a TLS service")
-    image_root: list[Path] = option([], "--image-root", help="folders the items' uri metadata may point into "
-                                                             "(thumbnails); repeat for several")  # fmt: skip
+    image_root: list[Path] = option(
+        [], "--image-root", help="folders the items' uri metadata may point into (thumbnails); repeat for several"
+    )
     host: str = option("127.0.0.1", help="address to serve the page on")
     port: int = option(8080, help="port to serve the page on (0 picks a free one)")
     threads: int = option(8, help="request threads")

@@ -78,9 +78,15 @@ class ServerProcess(process.ServerProcess):
     """The shared launcher (retrieval_server.process) with the tests' environment: one CPU thread,
     the repository importable."""
 
-    def __init__(self, model: str | Path, store_dir: str | Path, *extra_args: object,
-                 env: dict[str, str] | None = None, log_dir: str | Path | None = None,
-                 timeout: float = process.START_TIMEOUT_S) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: str | Path,
+        store_dir: str | Path,
+        *extra_args: object,
+        env: dict[str, str] | None = None,
+        log_dir: str | Path | None = None,
+        timeout: float = process.START_TIMEOUT_S,
+    ) -> None:
         super().__init__(model, store_dir, *extra_args, env=server_env(env), cwd=REPO, log_dir=log_dir, timeout=timeout)
 
 

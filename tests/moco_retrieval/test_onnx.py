@@ -49,8 +49,9 @@ def test_onnx_runtime_reproduces_the_pytorch_embeddings(arch):
 
 
 def moco_train(*args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "moco_train", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 

@@ -31,10 +31,12 @@ Code = grpc.StatusCode
 def batch(seq: int) -> pb.UpsertRequest:
     """BATCH items with 512-d embeddings (2 KB each) and their batch number as metadata."""
     vectors = np.random.default_rng(seq).standard_normal((BATCH, DIM))
-    return pb.UpsertRequest(items=[
-        pb.Item(id=f"s{seq:05d}-{i:02d}", embedding=pb.Vector(values=v.tolist()), metadata={"seq": str(seq)})
-        for i, v in enumerate(vectors)
-    ])  # fmt: skip
+    return pb.UpsertRequest(
+        items=[
+            pb.Item(id=f"s{seq:05d}-{i:02d}", embedding=pb.Vector(values=v.tolist()), metadata={"seq": str(seq)})
+            for i, v in enumerate(vectors)
+        ]
+    )
 
 
 def fill(stub, start: int = 0, limit: int = 2000) -> tuple[list[int], grpc.RpcError | None]:
@@ -102,8 +104,12 @@ def test_a_store_over_its_quota_refuses_writes_and_recovers(tmp_path: Path) -> N
 
 def can_mount_tmpfs(directory: Path) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(directory)],
-                          capture_output=True).returncode == 0  # fmt: skip
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(directory)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_full_filesystem_gets_resource_exhausted_and_shutdown_stays_clean(tmp_path: Path) -> None:
@@ -145,8 +151,14 @@ def test_a_read_only_store_directory_is_a_clear_start_up_error(tmp_path: Path) -
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retrieval_server", *map(str, args)], capture_output=True, text=True,
-                          env=server_env(), cwd=REPO, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "retrieval_server", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=server_env(),
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def test_backup_during_an_upsert_stream_restores_whole_batches(tmp_path: Path) -> None:

@@ -65,8 +65,11 @@ def test_with_labels_uncovered_clusters_first_then_uncertain_items(served):
     items += [pb.Item(id=f"mid{i}", embedding=pb.Vector(data=v.tobytes())) for i, v in enumerate(between)]
     items.append(pb.Item(id="outlier", embedding=pb.Vector(data=outlier.tobytes())))
     upsert(served.stub, items)
-    served.stub.SetLabels(pb.SetLabelsRequest(assignments=[
-        pb.LabelAssignment(id="a000", label="A"), pb.LabelAssignment(id="b000", label="B")]))  # fmt: skip
+    served.stub.SetLabels(
+        pb.SetLabelsRequest(
+            assignments=[pb.LabelAssignment(id="a000", label="A"), pb.LabelAssignment(id="b000", label="B")]
+        )
+    )
     reply = suggest(served.stub, 4, k=10, tau=0.1)
     reasons = [s.reason for s in reply.suggestions]
     assert reasons == [pb.Suggestion.TYPICAL] * 2 + [pb.Suggestion.UNCERTAIN] * 2  # half for coverage
@@ -118,11 +121,14 @@ def test_duplicates_are_grouped_by_linked_similarity(served):
     assert not list(served.stub.Duplicates(pb.DuplicatesRequest(min_score=1.0, max_neighbors=1)))[1:]
 
 
-@pytest.mark.parametrize("request_, code, words", [
-    (pb.DuplicatesRequest(min_score=0.0), Code.INVALID_ARGUMENT, "min_score"),
-    (pb.DuplicatesRequest(min_score=1.5), Code.INVALID_ARGUMENT, "min_score"),
-    (pb.DuplicatesRequest(min_score=0.9, max_neighbors=0), Code.INVALID_ARGUMENT, "max_neighbors"),
-    (pb.DuplicatesRequest(min_score=0.9, max_neighbors=5000), Code.OUT_OF_RANGE, "max_k"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "request_, code, words",
+    [
+        (pb.DuplicatesRequest(min_score=0.0), Code.INVALID_ARGUMENT, "min_score"),
+        (pb.DuplicatesRequest(min_score=1.5), Code.INVALID_ARGUMENT, "min_score"),
+        (pb.DuplicatesRequest(min_score=0.9, max_neighbors=0), Code.INVALID_ARGUMENT, "max_neighbors"),
+        (pb.DuplicatesRequest(min_score=0.9, max_neighbors=5000), Code.OUT_OF_RANGE, "max_k"),
+    ],
+)
 def test_duplicates_follow_the_contract(served, request_, code, words):
     expect(code, served.stub.Duplicates, request_, match=words)

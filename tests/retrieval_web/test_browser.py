@@ -44,8 +44,14 @@ def world(demo_data, tmp_path_factory):
         (images / cls).mkdir(parents=True)
         for n, path in enumerate(sorted((demo_data / "train" / cls).glob("*.jpg"))[:12]):
             shutil.copy(path, images / cls / path.name)
-            items.append(UpsertItem(f"{cls}/{path.name}", image=path.read_bytes(), label=cls if n < 2 else "",
-                                    metadata={"uri": (images / cls / path.name).as_uri()}))  # fmt: skip
+            items.append(
+                UpsertItem(
+                    f"{cls}/{path.name}",
+                    image=path.read_bytes(),
+                    label=cls if n < 2 else "",
+                    metadata={"uri": (images / cls / path.name).as_uri()},
+                )
+            )
     server = ServerProcess(
         make_export(root), root / "store", "--auth-token", TOKEN, "--read-only-token", READ_ONLY
     ).start()
@@ -170,8 +176,12 @@ def test_thumbnails_stay_inside_the_image_roots(world, tmp_path):
     shutil.copy(next((world["images"] / "cat").iterdir()), outside)
     (world["images"] / "escape.jpg").symlink_to(outside)
     (world["images"] / "notes.txt").write_text("not an image")
-    bad = {"dotdot": str(world["images"] / ".." / "secret.jpg"), "link": (world["images"] / "escape.jpg").as_uri(),
-           "text": (world["images"] / "notes.txt").as_uri(), "remote": "http://example.com/a.jpg"}  # fmt: skip
+    bad = {
+        "dotdot": str(world["images"] / ".." / "secret.jpg"),
+        "link": (world["images"] / "escape.jpg").as_uri(),
+        "text": (world["images"] / "notes.txt").as_uri(),
+        "remote": "http://example.com/a.jpg",
+    }
     vector = client.embed([outside.read_bytes()])[0]
     client.upsert_many([UpsertItem(f"bad/{k}", embedding=vector, metadata={"uri": v}) for k, v in bad.items()])
     for name in bad:
