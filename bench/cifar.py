@@ -99,7 +99,7 @@ def cached(path: Path, compute: Callable[..., dict], *args: object) -> dict:
         return json.loads(path.read_text())
     value = compute(*args)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
+    atomic_write(path, lambda f: f.write(json.dumps(value).encode()))  # no half-written cache if killed
     print(f"{path.name}: {json.dumps(value)}", flush=True)
     return value
 
