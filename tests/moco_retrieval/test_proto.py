@@ -27,4 +27,16 @@ def test_service_has_the_contract_methods() -> None:
     from moco_retrieval.api.v1 import retrieval_pb2
 
     methods = set(retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].methods_by_name)
-    assert methods == {"Embed", "Upsert", "Delete", "SetLabels", "Get", "Search", "Classify", "LabelCorpus", "Info"}
+    assert methods == {
+        "Embed",
+        "Upsert",
+        "Delete",
+        "SetLabels",
+        "Get",
+        "Search",
+        "Classify",
+        "LabelCorpus",
+        "Info",
+        "Suggest",
+        "Duplicates",
+    }
