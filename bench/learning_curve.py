@@ -220,13 +220,15 @@ def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
     pair_steps = args.lightly_epochs * args.steps_per_epoch
     for path in list_checkpoints(work / "ours"):
         step = int(path.stem.split("_")[1])
-        if step > pair_steps and step % args.long_eval_every:
+        if step % (args.eval_every if step <= pair_steps else args.long_eval_every):
             continue  # past the equal-budget pair, the long run is measured more sparsely
         curves["ours"].append(
             {"step": step, **cached(evals / f"ours_{step:08d}.json", checkpoint_scores, path, data, bf16)}
         )
     for path in sorted((work / "lightly").glob("backbone_*.pt")):
         step = int(path.stem.split("_")[1])
+        if step % args.eval_every:
+            continue
         curves["lightly"].append(
             {"step": step, **cached(evals / f"lightly_{step:08d}.json", state_scores, path, data, bf16)}
         )
@@ -237,7 +239,12 @@ def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
         "raw_pixels": cached(evals / "raw_pixels.json", raw_pixel_scores, data),
     }
     final = list_checkpoints(work / "ours")
-    if bf16 and final and final[-1].stem == f"checkpoint_{args.epochs * args.steps_per_epoch:08d}":
+    if (
+        bf16
+        and "fp32" not in args.skip
+        and final
+        and final[-1].stem == f"checkpoint_{args.epochs * args.steps_per_epoch:08d}"
+    ):
         baselines["ours_final_fp32"] = cached(evals / "ours_final_fp32.json", checkpoint_scores, final[-1], data, False)
     return {"curves": curves, "baselines": baselines}
 
@@ -295,7 +302,11 @@ def main() -> None:
         help="lightly trains the first N epochs of the same schedule (the equal-budget pair)",
     )
     parser.add_argument(
-        "--eval-every", type=int, default=None, help="steps between saved encoders (default: half an epoch)"
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between saved encoders (default: half an epoch); a larger multiple at --report measures "
+        "the equal-budget pair at fewer points",
     )
     parser.add_argument(
         "--long-eval-every",
@@ -306,7 +317,13 @@ def main() -> None:
     )
     parser.add_argument("--moco-t", type=float, default=0.1, help="InfoNCE temperature of both trainers")
     parser.add_argument("--knn-tau", type=float, default=0.1, help="vote temperature of the reported curve")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("ours", "lightly"), help="phases not to run now")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("ours", "lightly", "fp32"),
+        help="phases not to run now (fp32: the float32 re-measurement of the final encoder)",
+    )
     parser.add_argument("--report", action="store_true", help="only evaluate what is saved and write the report")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "learning_curve.json")
     parser.add_argument("--lightly-worker", action="store_true", help=argparse.SUPPRESS)
