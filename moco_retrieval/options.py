@@ -42,6 +42,9 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+LIST_DEFAULT = "__list_default"  # where a list option's default waits (argparse's extend would append to it)
+
+
 def _base_type(hint: Any) -> tuple[type, bool]:
     """(the element type, whether it is a list) of `int`, `int | None`, `list[int]`, `Path | None`..."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -93,12 +96,18 @@ def add_options(parser: argparse.ArgumentParser, cls: type, env_prefix: str | No
                 kwargs["default"] = default
                 if default is not None and default != [] and "%(default)" not in help_text:
                     kwargs["help"] = f"{help_text} (default: %(default)s)"
-            if is_list:
-                kwargs["nargs"] = "*"
+            if is_list:  # --flag a b and --flag a --flag b; the list given replaces the default
+                kwargs.update(nargs="+", action="extend", default=None)
+                if default:
+                    kwargs["help"] = f"{help_text} (default: {' '.join(map(str, default))})"
+                parser.set_defaults(**{f"{f.name}{LIST_DEFAULT}": default})
         parser.add_argument(*flags, **kwargs)
 
 
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """The dataclass built from the parsed options (fields the parser did not add keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for name, value in values.items():
+        if value is None and hasattr(args, name + LIST_DEFAULT):  # a list option not given
+            values[name] = getattr(args, name + LIST_DEFAULT)
     return cls(**{**values, **overrides})
