@@ -6,6 +6,7 @@ import io
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -39,6 +40,31 @@ def image_files(folder: str | Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_path(f))
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """An image of a corpus folder as the service knows it: `retrieval-client index`, `moco-train embed`
+    and `retrieval-client import` all name and describe it this way, so their items are interchangeable."""
+
+    path: Path
+    rel: str  # path relative to the corpus folder, '/'-separated: the item id (--id-from path)
+    folder: str  # the parent folder's name, "" at the top level: the label of --labels-from-folders
+
+    def metadata(self, sha256: str) -> dict[str, str]:
+        """The item's metadata: where the file is (thumbnails) and the sha256 of its bytes (indexing
+        again skips unchanged files)."""
+        return {"uri": self.path.resolve().as_uri(), "sha256": sha256}
+
+
+def corpus_files(folder: str | Path) -> list[CorpusFile]:
+    """image_files(folder) as CorpusFiles, in the same order."""
+    root = Path(folder)
+    files = []
+    for path in image_files(root):
+        rel = path.relative_to(root).as_posix()
+        files.append(CorpusFile(path, rel, path.parent.name if "/" in rel else ""))
+    return files
 
 
 def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -1,4 +1,5 @@
-"""`moco-train train | knn | export | plot`: pretraining, kNN evaluation, encoder export and run curves."""
+"""`moco-train train | knn | export | embed | plot`: pretraining, kNN evaluation, encoder export, corpus
+embedding and run curves."""
 
 from __future__ import annotations
 
@@ -76,6 +77,28 @@ def _export_parser(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="store the weights in half precision (half the size)")
 
 
+def _embed_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed a corpus folder with an export into shards for `retrieval-client import`; under torchrun "
+        "each process embeds its share; complete shards are skipped when run again",
+    )
+    p.add_argument("data", metavar="DATA", help="folder of images, at any depth (ids: paths relative to it)")
+    p.add_argument("--checkpoint", required=True, help="export (or checkpoint) whose embeddings the server serves")
+    p.add_argument("--out", required=True, help="folder for manifest.json and the shards")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default %(default)s)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="images per forward (default %(default)s)")
+    p.add_argument("-j", "--workers", type=int, default=4, help="decoding processes (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="autocast the forward (faster; embeddings then differ from Embed's float32 ones by ~1e-2)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no line per shard")
+
+
 def _plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="draw a run's loss, contrast accuracy, lr and kNN curves (RUN_DIR/curves.png)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --run-dir of a training run (finished or not)")
@@ -88,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _knn_parser(sub)
     _export_parser(sub)
+    _embed_parser(sub)
     _plot_parser(sub)
     return parser
 
@@ -177,6 +201,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .embed import run_embed
+
+    summary = run_embed(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .curves import plot_run
 
@@ -192,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _format_warning
     try:
-        status = {"train": cmd_train, "knn": cmd_knn, "export": cmd_export, "plot": cmd_plot}[args.command](args)
+        status = {
+            "train": cmd_train,
+            "knn": cmd_knn,
+            "export": cmd_export,
+            "embed": cmd_embed,
+            "plot": cmd_plot,
+        }[args.command](args)
     except USER_ERRORS as exc:
         print(f"moco-train {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from moco_retrieval.fileio import atomic_open
-from moco_retrieval.images import image_files
+from moco_retrieval.images import CorpusFile, corpus_files
 from moco_retrieval.knn import knn_classify
+from moco_retrieval.shards import Manifest, ShardError, complete_shards, read_record, read_shard
 
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError, UpsertItem
 from .sheet import Tile, load_thumbnail, write_sheet
@@ -42,22 +43,11 @@ class CommandError(Exception):
 # ---- shared helpers ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ImageFile:
-    path: Path
-    rel: str  # path relative to the walked folder, POSIX separators
-    label: str  # name of the parent folder ("" for files at the top)
-
-
-def walk_images(root: Path) -> list[ImageFile]:
+def walk_images(root: Path) -> list[CorpusFile]:
     """Every image file under `root`, recursively, in a stable (sorted) order."""
     if not root.is_dir():
         raise CommandError(f"{root}: not a directory")
-    files = []
-    for path in image_files(root):
-        rel = path.relative_to(root).as_posix()
-        files.append(ImageFile(path, rel, path.parent.name if "/" in rel else ""))
-    return files
+    return corpus_files(root)
 
 
 def sha256_file(path: Path) -> str:
@@ -94,17 +84,17 @@ def shown_label(label: str, predicted: str) -> str:
 class IndexPlan:
     """What `index` must upload: (id, file) pairs not stored unchanged, and what it leaves out."""
 
-    todo: list[tuple[str, ImageFile]]
+    todo: list[tuple[str, CorpusFile]]
     skipped: int
     duplicates: int
     failed: list[tuple[str, str]]
 
 
-def plan_index(client: RetrievalClient, files: list[ImageFile], id_from: str, with_labels: bool) -> IndexPlan:
+def plan_index(client: RetrievalClient, files: list[CorpusFile], id_from: str, with_labels: bool) -> IndexPlan:
     """Hash every file and ask the server (Get, ignore_missing) which ids it already stores with
     the same sha256 (and folder label, when labels come from folders): those are skipped."""
     failed: list[tuple[str, str]] = []
-    by_id: dict[str, tuple[ImageFile, str]] = {}
+    by_id: dict[str, tuple[CorpusFile, str]] = {}
     duplicates = 0
     for f in tqdm(files, desc="hashing", unit="img", file=sys.stderr, disable=None, leave=False):
         try:
@@ -124,7 +114,7 @@ def plan_index(client: RetrievalClient, files: list[ImageFile], id_from: str, wi
         if not (
             (s := stored.get(i)) is not None
             and s.metadata.get("sha256") == digest
-            and (not with_labels or s.label == f.label)
+            and (not with_labels or s.label == f.folder)
         )
     ]
     return IndexPlan(todo, len(by_id) - len(todo), duplicates, failed)
@@ -145,8 +135,8 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
             yield UpsertItem(
                 id=item_id,
                 image=data,
-                label=f.label if args.labels_from_folders else "",
-                metadata={"uri": f.path.resolve().as_uri(), "sha256": hashlib.sha256(data).hexdigest()},
+                label=f.folder if args.labels_from_folders else "",
+                metadata=f.metadata(hashlib.sha256(data).hexdigest()),
             )
 
     rel_of = {item_id: f.rel for item_id, f in todo}
@@ -180,6 +170,74 @@ def cmd_index(client: RetrievalClient, args: argparse.Namespace) -> int:
     for rel, reason in failed:
         print(f"  failed {rel}: {reason}")
     return 1 if failed else 0
+
+
+def cmd_import(client: RetrievalClient, args: argparse.Namespace) -> int:
+    """Stream `moco-train embed` shards into the service through Upsert with embeddings. Resumable
+    like index: items the server already stores with the same file sha256 (and folder label, with
+    --labels-from-folders) are skipped, so a second run uploads only what the first did not."""
+    folder = Path(args.dir)
+    try:
+        manifest = Manifest.read(folder)
+    except ShardError as exc:
+        raise CommandError(str(exc)) from None
+    served = client.info().model_fingerprint
+    if served != manifest.fingerprint:
+        raise CommandError(
+            f"{folder} was embedded by model {manifest.fingerprint}, the server serves {served}: "
+            "embed again with the served export"
+        )
+    complete = complete_shards(folder, manifest)
+    total = sum(read_record(folder, s)["vectors"] for s in complete)
+    imported = skipped = 0
+    failed: list[tuple[str, str]] = []
+    bar = tqdm(total=total, desc="importing", unit="vec", file=sys.stderr, disable=None)
+    try:
+        for index in complete:
+            try:
+                shard = read_shard(folder, index, manifest)
+            except ShardError as exc:
+                raise CommandError(str(exc)) from None
+            failed += shard.failed
+            stored = {s.id: s for s in client.get([i.id for i in shard.items], ignore_missing=True)}
+            todo = [
+                UpsertItem(
+                    id=item.id,
+                    embedding=vector,
+                    label=item.folder if args.labels_from_folders else "",
+                    metadata=item.metadata,
+                )
+                for item, vector in zip(shard.items, shard.vectors)
+                if not (
+                    (s := stored.get(item.id)) is not None
+                    and s.metadata.get("sha256") == item.metadata.get("sha256")
+                    and (not args.labels_from_folders or s.label == item.folder)
+                )
+            ]
+            skipped += len(shard.items) - len(todo)
+            bar.update(len(shard.items) - len(todo))
+            result = client.upsert_many(
+                todo, batch_size=args.batch_size, on_ack=lambda n, failures: bar.update(n + len(failures))
+            )
+            imported += result.upserted
+            failed += [(x.id, f"{x.code.name}: {x.message}") for x in result.failures]
+    except RetrievalError as exc:
+        raise CommandError(
+            f"{exc}; {imported} items were imported before the error, run the same command again to resume"
+        ) from None
+    finally:
+        bar.close()
+    print(f"imported {imported}, skipped {skipped} (already stored unchanged), failed {len(failed)}")
+    for item_id, reason in failed:
+        print(f"  failed {item_id}: {reason}")
+    missing = manifest.shards - len(complete)
+    if missing:
+        print(
+            f"{missing} of {manifest.shards} shards are not complete yet (moco-train embed is running or was "
+            "interrupted): run import again when it has finished",
+            file=sys.stderr,
+        )
+    return 1 if failed or missing else 0
 
 
 def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
@@ -360,8 +418,8 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
     (Embed stores nothing) and the InstDisc vote runs here with the shared moco_retrieval.knn, the
     server's Classify defaults for k and tau, and classes in sorted order as the server numbers
     them: the predictions of Classify on a store holding exactly the chosen examples."""
-    labelled = [f for f in walk_images(Path(args.labelled)) if f.label]
-    queries = [f for f in walk_images(Path(args.queries)) if f.label]
+    labelled = [f for f in walk_images(Path(args.labelled)) if f.folder]
+    queries = [f for f in walk_images(Path(args.queries)) if f.folder]
     if not labelled or not queries:
         raise CommandError("--labelled and --queries must hold images in one folder per class")
     info = client.info()
@@ -369,11 +427,11 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
     with tqdm(total=len(labelled) + len(queries), desc="embedding", unit="img", file=sys.stderr, disable=None) as bar:
         bank = _embed_files(client, labelled, bar)
         query_vectors = _embed_files(client, queries, bar)
-    classes = sorted({f.label for f in labelled})
+    classes = sorted({f.folder for f in labelled})
     pool: dict[str, list[int]] = {}
     for i, f in enumerate(labelled):
-        pool.setdefault(f.label, []).append(i)
-    truth = torch.tensor([classes.index(q.label) if q.label in classes else -1 for q in queries])
+        pool.setdefault(f.folder, []).append(i)
+    truth = torch.tensor([classes.index(q.folder) if q.folder in classes else -1 for q in queries])
     rows = []
     for n in args.shots:
         rng = random.Random(args.seed * 1_000_003 + (n or 0))
@@ -385,7 +443,7 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
         shares = knn_classify(
             torch.from_numpy(query_vectors),
             torch.from_numpy(bank[chosen]),
-            torch.tensor([classes.index(labelled[i].label) for i in chosen]),
+            torch.tensor([classes.index(labelled[i].folder) for i in chosen]),
             len(classes),
             k=k,
             tau=tau,
@@ -397,7 +455,7 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed_files(client: RetrievalClient, files: list[ImageFile], bar: tqdm) -> np.ndarray:
+def _embed_files(client: RetrievalClient, files: list[CorpusFile], bar: tqdm) -> np.ndarray:
     vectors = []
     for start in range(0, len(files), EMBED_CHUNK):
         chunk = files[start : start + EMBED_CHUNK]
@@ -463,6 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="item id: path relative to DIR, or sha256 of the file (default %(default)s)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="images per upsert batch (default %(default)s)")
+
+    p = command(
+        "import",
+        cmd_import,
+        "upload the embeddings of a `moco-train embed --out DIR` (resumable: items stored unchanged are skipped)",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--labels-from-folders", action="store_true", help="use each image's folder name as its label")
+    p.add_argument("--batch-size", type=int, default=256, help="items per upsert batch (default %(default)s)")
 
     p = command("search", cmd_search, "the most similar stored items to an image or a stored id")
     p.add_argument("image", metavar="IMAGE", nargs="?", help="query image file")

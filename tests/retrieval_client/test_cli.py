@@ -398,15 +398,15 @@ def test_evaluate_leaves_the_store_alone_and_equals_classify_on_an_empty_store(e
     accuracy = float(next(line.split()[2] for line in proc.stdout.splitlines() if line.split()[:1] == ["3"]))
 
     # The same three examples per class (evaluate's draw), in an empty store, through Classify.
-    files = [f for f in walk_images(labelled) if f.label]
+    files = [f for f in walk_images(labelled) if f.folder]
     pool: dict[str, list] = {}
     for f in files:
-        pool.setdefault(f.label, []).append(f)
+        pool.setdefault(f.folder, []).append(f)
     rng = random.Random(5 * 1_000_003 + 3)
     chosen = [f for label, members in sorted(pool.items()) for f in rng.sample(members, 3)]
     with ServerProcess(export, tmp_path / "empty") as empty, RetrievalClient(empty.address) as c:
-        c.upsert_many([UpsertItem(f.rel, image=f.path.read_bytes(), label=f.label) for f in chosen])
-        query_files = [f for f in walk_images(queries) if f.label]
+        c.upsert_many([UpsertItem(f.rel, image=f.path.read_bytes(), label=f.folder) for f in chosen])
+        query_files = [f for f in walk_images(queries) if f.folder]
         preds = c.classify_many([{"image": f.path.read_bytes()} for f in query_files], k=20, tau=0.1)
-    by_classify = 100.0 * sum(p.label == f.label for p, f in zip(preds, query_files)) / len(query_files)
+    by_classify = 100.0 * sum(p.label == f.folder for p, f in zip(preds, query_files)) / len(query_files)
     assert accuracy == pytest.approx(by_classify, abs=1e-6), proc.stdout
