@@ -152,6 +152,13 @@ def cifar_parser(doc: str, work: str) -> argparse.ArgumentParser:
     return parser
 
 
+def write_report(report: dict, out: Path, plot: Callable[[dict, Path], None]) -> None:
+    """A benchmark's JSON at `out` and its plot beside it (`out` with .png), each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    plot(report, out.with_suffix(".png"))
+
+
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG, atomically, and free it."""
     import matplotlib.pyplot as plt

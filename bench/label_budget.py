@@ -31,7 +31,7 @@ from retrieval_client import RetrievalClient, UpsertItem
 from retrieval_server.process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import cifar_parser, class_subset, ensure_cifar, save_figure  # noqa: E402
+from cifar import cifar_parser, class_subset, ensure_cifar, save_figure, write_report  # noqa: E402
 from common import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,9 +186,7 @@ def main() -> None:
         "wall_s": round(time.time() - start, 1),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    write_report(report, args.out, plot)
     print(json.dumps(summary, indent=2))
 
 

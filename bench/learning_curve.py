@@ -58,6 +58,7 @@ from cifar import (  # noqa: E402
     raw_pixel_scores,
     save_figure,
     train_timeline,
+    write_report,
 )
 from common import machine_info  # noqa: E402
 
@@ -369,9 +370,7 @@ def main() -> None:
         **measured,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    write_report(report, args.out, plot)
     print(
         json.dumps(
             {

@@ -41,6 +41,7 @@ from cifar import (  # noqa: E402
     eval_data,
     save_figure,
     train_timeline,
+    write_report,
 )
 from common import machine_info  # noqa: E402
 
@@ -170,9 +171,7 @@ def main() -> None:
         "runs": runs,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    write_report(report, args.out, plot)
     print(
         json.dumps(
             {name: [(p["step"], p[f"tau_{args.knn_tau}"]["top1"]) for p in r["points"]] for name, r in runs.items()}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moco_retrieval.fileio import atomic_open
+from moco_retrieval.fileio import atomic_open, sha256_file
 from moco_retrieval.images import CorpusFile, corpus_files
 from moco_retrieval.knn import knn_classify
 from moco_retrieval.shards import Manifest, ShardError, complete_shards, read_record, read_shard
@@ -48,14 +48,6 @@ def walk_images(root: Path) -> list[CorpusFile]:
     if not root.is_dir():
         raise CommandError(f"{root}: not a directory")
     return corpus_files(root)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_image(path: str | Path) -> bytes:

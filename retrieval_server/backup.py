@@ -10,7 +10,6 @@ from it when the server starts. This is also the recovery path for a corrupt sto
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import tarfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moco_retrieval.fileio import atomic_open, fsync_dir
+from moco_retrieval.fileio import atomic_open, fsync_dir, sha256_file
 
 from . import __version__
 from .snapshot import SNAPSHOT_POINTER
@@ -49,14 +48,6 @@ class Manifest:
     sha256: str  # of items.sqlite3
     created: str
     server_version: str
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -95,7 +86,7 @@ def backup(store_dir: Path, out: Path) -> Manifest:
             store_version=int(meta.get("version", 0)),
             items=items,
             labelled=labelled,
-            sha256=_sha256(copy),
+            sha256=sha256_file(copy),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             server_version=__version__,
         )
@@ -151,7 +142,7 @@ def restore(backup_file: Path, store_dir: Path, model: Path, replace: bool = Fal
                 except (KeyError, OSError, tarfile.TarError) as exc:
                     raise BackupError(f"{backup_file}: no readable {DATABASE} inside ({exc})") from exc
                 copy = Path(tmp) / DATABASE
-                if _sha256(copy) != manifest.sha256:
+                if sha256_file(copy) != manifest.sha256:
                     raise BackupError(f"{backup_file}: checksum mismatch, the backup is corrupt; nothing restored")
                 _check_integrity(copy, backup_file)
                 for stale in [
