@@ -1,6 +1,8 @@
 """The main job end to end, on the CPU or a GPU, driven through the project's own CLIs as a user would:
 
-  1. train a small MoCo encoder on the images (moco-train train, with a progress bar),
+  1. continue pretraining the committed encoder (pretrained/, MoCo v2 on the CIFAR-10 training images) on
+     the images (moco-train train --init, with a progress bar), or train one from random weights
+     (--from-scratch),
   2. export its query encoder (moco-train export),
   3. start the server in a child process (retrieval-server serve, waiting for its ready file),
   4. index the training images without labels (retrieval-client index),
@@ -24,10 +26,12 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -42,6 +46,7 @@ from retrieval_web.process import WebProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "demo"
+PRETRAINED = REPO / "pretrained" / "moco_v2_resnet18_cifar10.pt"
 CIFAR_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 300.0
@@ -71,17 +76,18 @@ def tool(name: str) -> str:
     return found
 
 
-def run(cmd: Sequence[str], capture: bool = False, env: dict[str, str] | None = None) -> str:
-    """Run a CLI like a user (its progress bars on this terminal); its stdout when capture is set."""
+def run(cmd: Sequence[str], capture: bool = False, env: dict[str, str] | None = None, hint: str = "") -> str:
+    """Run a CLI like a user (its progress bars on this terminal); its stdout when capture is set. `hint`
+    is added to the error when it fails."""
     shown = [Path(cmd[0]).name, *map(str, cmd[1:])]
-    if len(shown) > 30:  # e.g. classify with every held-out image
+    if len(shown) > 60:  # e.g. classify with every held-out image; flags are always shown
         shown = shown[:8] + [f"... ({len(shown) - 8} more)"]
     print("$ " + " ".join(shown), flush=True)
     result = subprocess.run(
         [str(c) for c in cmd], stdout=subprocess.PIPE if capture else None, text=True, env={**os.environ, **(env or {})}
     )
     if result.returncode != 0:
-        raise DemoError(f"{Path(cmd[0]).name} {cmd[1]} failed with exit status {result.returncode}")
+        raise DemoError(f"{Path(cmd[0]).name} {cmd[1]} failed with exit status {result.returncode}{hint}")
     return result.stdout if capture else ""
 
 
@@ -153,12 +159,33 @@ def train_list(corpus: Path, limit: int | None, out: Path) -> tuple[Path, int]:
     return listing, len(chosen)
 
 
+def describe_pretrained(path: Path) -> str:
+    """What the encoder the demo builds on learned, from its provenance file."""
+    provenance = path.with_suffix(".json")
+    if not provenance.exists():
+        return f"{path} (no provenance file beside it)"
+    p = json.loads(provenance.read_text())
+    knn = p["knn"]
+    return (
+        f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {p['method']}, {p['arch']}, "
+        f"{p['training']['epochs']} epochs on {p['data']['name']} ({p['training']['images_seen']:,} images seen, "
+        f"labels never used); kNN top-1 {knn['top1']:.1f}% on {knn['queries']:,} test images against "
+        f"a {knn['bank']:,}-image bank (k={knn['k']}, tau={knn['tau']})"
+    )
+
+
 def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path:
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    banner("1/8 train a MoCo encoder (moco-train train)")
     images, count = train_list(data.corpus, args.train_limit, out)
     batch_size = min(args.batch_size, 1 << (count.bit_length() - 1))  # a small folder still trains
+    if args.from_scratch:
+        banner("1/8 train a MoCo encoder from random weights (moco-train train)")
+    else:
+        if not args.init.exists():
+            raise DemoError(f"{args.init}: no pretrained encoder there (--from-scratch trains without one)")
+        banner("1/8 continue pretraining the committed encoder on these images (moco-train train --init)")
+        print("building on " + describe_pretrained(args.init))
     if batch_size != args.batch_size:
         print(f"{count} training images: batch size {batch_size} instead of {args.batch_size}")
     cmd = [
@@ -174,7 +201,7 @@ def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path
         "--batch-size",
         batch_size,
         "--lr",
-        args.lr,
+        args.lr or (0.06 if args.from_scratch else 0.01),
         "--cos",
         "--workers",
         args.workers,
@@ -185,8 +212,15 @@ def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path
         cmd += ["--max-steps", args.max_steps]
     if args.moco_k:
         cmd += ["--moco-k", args.moco_k]
+    hint = ""
+    if not args.from_scratch:
+        # the pretrained run's recipe (MoCo v2, small-image augmentation), at a lower learning rate
+        cmd += ["--init", args.init, "--v2", "--moco-t", 0.1, "--moco-m", 0.99, "--wd", 5e-4]
+        if not args.moco_k:  # a queue no longer than the corpus, in whole batches
+            cmd += ["--moco-k", min(4096, max(batch_size, (count // batch_size) * batch_size))]
+        hint = " (the committed encoder is a 32 px CIFAR ResNet-18: --from-scratch trains a new one)"
     started = time.monotonic()
-    run(cmd)
+    run(cmd, hint=hint)
     checkpoints = sorted(run_dir.glob("checkpoint_*.pt"))
     if not checkpoints:
         raise DemoError(f"training wrote no checkpoint in {run_dir}")
@@ -327,11 +361,14 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
 
 
 def wait_for_interrupt() -> None:
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print()
+    """Until Ctrl-C or SIGTERM (a `kill`, a service manager; a background job ignores SIGINT), so that
+    the caller stops the server and the page either way."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    print()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -347,7 +384,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--full-cifar", action="store_true", help=f"use the full CIFAR-10 set from {CIFAR_ARCHIVE}")
     p.add_argument("--out", type=Path, default=REPO / "demo-out", help="outputs (default demo-out/)")
-    g = p.add_argument_group("training budget (the defaults take 3-7 minutes on 2 CPU cores for the sample)")
+    g = p.add_argument_group("training (the defaults take 3-7 minutes on 2 CPU cores for the sample)")
+    g.add_argument(
+        "--init",
+        type=Path,
+        default=PRETRAINED,
+        help=f"the encoder to continue pretraining (default {PRETRAINED.relative_to(REPO)})",
+    )
+    g.add_argument("--from-scratch", action="store_true", help="train from random weights instead of --init")
     g.add_argument("--epochs", type=int, default=1, help="default 1 (25 steps of 64 on the sample)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     g.add_argument("--train-limit", type=int, default=None, help="train on at most this many images")
@@ -362,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     g.add_argument("-a", "--arch", default="resnet18")
     g.add_argument("-b", "--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.06)
+    g.add_argument("--lr", type=float, default=None, help="default 0.01 with --init, 0.06 from scratch")
     g.add_argument("--moco-k", type=int, default=None, help="queue size (trainer default if unset)")
     g.add_argument("-j", "--workers", type=int, default=1, help="data-loading processes")
     u = p.add_argument_group("using the server")
@@ -393,7 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
         return 130
-    summary.update(encoder=str(encoder), seconds=round(time.monotonic() - started, 1))
+    summary.update(
+        encoder=str(encoder),
+        built_on=None if args.from_scratch else str(args.init),
+        seconds=round(time.monotonic() - started, 1),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ndone in {summary['seconds']:.0f} s; outputs in {out} (summary.json)")
     return 0

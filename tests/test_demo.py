@@ -1,5 +1,6 @@
-"""`make demo` on a reduced budget: the whole flow through the real CLIs (train, export, serve, index,
-label, search, classify, label-corpus, SIGTERM), checked by its outputs."""
+"""`make demo` on a reduced budget: the whole flow through the real CLIs (continued pretraining of the
+committed encoder or training from scratch, export, serve, index, label, search, classify,
+label-corpus, SIGTERM), checked by its outputs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from scripts.demo import PRETRAINED
 from tests import REPO
 
 pytestmark = pytest.mark.slow
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.slow
 BUDGET = ["--epochs", "1", "--max-steps", "2", "--train-limit", "64", "--batch-size", "32"]
 
 
-def run_demo(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def demo(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the machine is shared
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "scripts.demo", "--out", str(out), *BUDGET, *args],
         cwd=REPO,
         env=env,
@@ -30,6 +32,10 @@ def run_demo(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
         text=True,
         timeout=900,
     )
+
+
+def run_demo(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    result = demo(out, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads((out / "summary.json").read_text())
 
@@ -46,6 +52,9 @@ def test_demo_on_the_sample(demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result, summary = run_demo(out, "--data", str(demo_data), "--per-class", "20", "--queries-per-class", "20")
     assert summary["labelled"] is True
+    assert summary["built_on"] == str(PRETRAINED)  # the default: continued pretraining of pretrained/
+    assert f"building on pretrained/{PRETRAINED.name}: MoCo v2" in result.stdout
+    assert "moco-train train" in result.stdout and f"--init {PRETRAINED}" in result.stdout
     assert summary["queries"] == 200 and summary["labelled_items"] == 50
     assert summary["chance"] == 0.1
     assert summary["accuracy"] > summary["chance"], summary
@@ -65,8 +74,17 @@ def test_demo_on_a_folder_without_labels(demo_data: Path, tmp_path: Path) -> Non
         for image in sorted(cls.glob("*.jpg"))[:6]:
             (folder / "nested").mkdir(parents=True, exist_ok=True)
             shutil.copy(image, folder / "nested" / f"{cls.name}-{image.name}")
-    result, summary = run_demo(tmp_path / "out", "--data", str(folder))
+    result, summary = run_demo(tmp_path / "out", "--data", str(folder), "--from-scratch")
     assert summary["labelled"] is False and "accuracy" not in summary
+    assert summary["built_on"] is None and "--init" not in result.stdout
     assert "running without labels" in result.stdout
     assert_contact_sheet(Path(summary["contact_sheet"]))
     assert summary["server_exit_code"] == 0
+
+
+def test_a_missing_init_encoder_is_a_one_line_error(demo_data: Path, tmp_path: Path) -> None:
+    result = demo(tmp_path / "out", "--data", str(demo_data), "--init", str(tmp_path / "nothing.pt"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"demo: error: {tmp_path / 'nothing.pt'}: no pretrained encoder there (--from-scratch trains without one)"
+    ]
