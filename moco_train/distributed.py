@@ -49,6 +49,21 @@ def init_process_group(backend: str) -> None:
     dist.init_process_group(backend)
 
 
+def init_distributed(device_name: str) -> None:
+    """Join the process group that torchrun (or `--nproc`) describes in the environment (env://
+    rendezvous; no-op for one process): NCCL with each process pinned to GPU LOCAL_RANK, or gloo on
+    the CPU, where the cores are divided among the node's processes (torchrun's default is one
+    thread each)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+        init_process_group("nccl" if use_cuda else "gloo")
+
+
 def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

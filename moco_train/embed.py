@@ -11,7 +11,6 @@ later run resumes (complete shards are skipped) only if none of them changed.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,14 +118,9 @@ def run_embed(args) -> dict:
     """Embed this rank's shards; returns a summary (on every rank, of the whole directory)."""
     if args.shard_size < 1 or args.batch_size < 1:
         raise DataError("--shard-size and --batch-size must be positive")
-    if "RANK" in os.environ and not dist.is_distributed():
-        device = resolve_device(args.device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_distributed(args.device)  # torchrun: gloo on the CPU, NCCL pinned to GPU LOCAL_RANK
     rank, world = dist.get_rank(), dist.get_world_size()
     device = resolve_device(args.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
     model, meta = export_model(to_export(load_file(args.checkpoint), args.checkpoint), args.checkpoint, device)
     out, data = Path(args.out), Path(args.data)
     files, manifest = prepare(data, out, meta, args.shard_size)

@@ -75,21 +75,6 @@ def resolve_compile(mode: str, steps: int) -> bool:
     return mode == "on"
 
 
-def init_distributed(device_name: str) -> None:
-    """Join the process group that torchrun (or `--nproc`) describes in the environment (env://
-    rendezvous; no-op for one process): NCCL with each process pinned to GPU LOCAL_RANK, or gloo on
-    the CPU, where the cores are divided among the node's processes (torchrun's default is one
-    thread each)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not distributed.is_distributed():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        else:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-        distributed.init_process_group("nccl" if use_cuda else "gloo")
-
-
 def resolve_bn(bn: str, bn_splits: int, world_size: int) -> tuple[str, int]:
     """(mode, BatchNorm groups per process). auto is split. split: the keys are shuffled (across
     processes under DDP) and the global batch is normalised in --bn-splits groups whatever the
@@ -127,7 +112,7 @@ class Trainer:
     """Builds data, model and optimizer from a TrainConfig and runs (or resumes) training."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        init_distributed(cfg.device)
+        distributed.init_distributed(cfg.device)
         self.cfg = cfg
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
         self.main = self.rank == 0

@@ -82,6 +82,19 @@ class IndexPlan:
     failed: list[tuple[str, str]]
 
 
+def stored_unchanged(client: RetrievalClient, wanted: dict[str, tuple[str, str]], with_labels: bool) -> set[str]:
+    """The ids of `wanted` (id -> (file sha256, folder label)) that the server already stores with that
+    sha256 (and label, when labels come from folders): what index and import skip."""
+    stored = {s.id: s for s in client.get(list(wanted), ignore_missing=True)}
+    return {
+        i
+        for i, (digest, label) in wanted.items()
+        if (s := stored.get(i)) is not None
+        and s.metadata.get("sha256") == digest
+        and (not with_labels or s.label == label)
+    }
+
+
 def plan_index(client: RetrievalClient, files: list[CorpusFile], id_from: str, with_labels: bool) -> IndexPlan:
     """Hash every file and ask the server (Get, ignore_missing) which ids it already stores with
     the same sha256 (and folder label, when labels come from folders): those are skipped."""
@@ -99,16 +112,8 @@ def plan_index(client: RetrievalClient, files: list[CorpusFile], id_from: str, w
             duplicates += 1
             continue
         by_id[item_id] = (f, digest)
-    stored = {s.id: s for s in client.get(list(by_id), ignore_missing=True)}
-    todo = [
-        (i, f)
-        for i, (f, digest) in by_id.items()
-        if not (
-            (s := stored.get(i)) is not None
-            and s.metadata.get("sha256") == digest
-            and (not with_labels or s.label == f.folder)
-        )
-    ]
+    unchanged = stored_unchanged(client, {i: (digest, f.folder) for i, (f, digest) in by_id.items()}, with_labels)
+    todo = [(i, f) for i, (f, _) in by_id.items() if i not in unchanged]
     return IndexPlan(todo, len(by_id) - len(todo), duplicates, failed)
 
 
@@ -191,7 +196,8 @@ def cmd_import(client: RetrievalClient, args: argparse.Namespace) -> int:
             except ShardError as exc:
                 raise CommandError(str(exc)) from None
             failed += shard.failed
-            stored = {s.id: s for s in client.get([i.id for i in shard.items], ignore_missing=True)}
+            wanted = {i.id: (i.metadata.get("sha256", ""), i.folder) for i in shard.items}
+            unchanged = stored_unchanged(client, wanted, args.labels_from_folders)
             todo = [
                 UpsertItem(
                     id=item.id,
@@ -200,11 +206,7 @@ def cmd_import(client: RetrievalClient, args: argparse.Namespace) -> int:
                     metadata=item.metadata,
                 )
                 for item, vector in zip(shard.items, shard.vectors)
-                if not (
-                    (s := stored.get(item.id)) is not None
-                    and s.metadata.get("sha256") == item.metadata.get("sha256")
-                    and (not args.labels_from_folders or s.label == item.folder)
-                )
+                if item.id not in unchanged
             ]
             skipped += len(shard.items) - len(todo)
             bar.update(len(shard.items) - len(todo))

@@ -27,7 +27,8 @@ from moco_train.builder import MoCo, build_encoder
 from moco_train.builder_v3 import MoCoV3, build_mlp
 from moco_train.checkpoint import load_checkpoint
 from moco_train.config import TrainConfig
-from moco_train.trainer import Trainer, init_distributed
+from moco_train.distributed import init_distributed
+from moco_train.trainer import Trainer
 from tests import REPO
 
 pytestmark = pytest.mark.slow
