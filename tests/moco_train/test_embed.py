@@ -100,3 +100,19 @@ def test_another_runs_directory_is_refused_in_one_line(corpus, export, tmp_path)
         assert len(lines) == 1 and lines[0].startswith("moco-train embed: error: "), result.stderr
         assert "holds shards of another run" in lines[0] and "use a new --out" in lines[0]
     assert "shard_size" in embed(corpus, "--checkpoint", export, "--shard-size", 5, "--out", out, check=False).stderr
+
+
+def test_bad_input_is_one_line_and_writes_nothing(export, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "no such folder": [tmp_path / "missing", "--shard-size", SHARD],
+        "no images found": [empty, "--shard-size", SHARD],
+        "must be positive": [empty, "--shard-size", 0],
+    }
+    for message, (data, *flags) in cases.items():
+        out = tmp_path / "out"
+        result = embed(data, "--checkpoint", export, "--out", out, *flags, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+        assert not out.exists()
