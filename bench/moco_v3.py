@@ -12,8 +12,9 @@ CIFAR-10 training images (labels never used), batch 128, bf16 autocast where the
 v3 runs use the default 4096-wide MLPs, momentum 0.99 -> 1 (cosine) and warm up over the first
 10% of their steps. Each run gets --budget-minutes of training: a 12-step probe measures its
 img/s and --max-steps fills the budget, so every run's lr and momentum schedules span its own
-run. kNN top-1 (k=200, the shared moco_retrieval.knn) of the checkpoints at 1/4, 1/2, 3/4 and all of
-the budget, on the 10,000 test images against the 50,000 training images (bench/cifar.py).
+run. kNN top-1 (k=200, the shared moco_retrieval.knn) of the checkpoints at --eval-points even
+fractions of the budget (4: 1/4, 1/2, 3/4 and all of it), on the 10,000 test images against the
+50,000 training images (bench/cifar.py).
 lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not in this run.
 
     BVENV=$(scripts/ensure_bench_venv.sh)
@@ -92,7 +93,7 @@ def probe_rate(args, name: str, flags: list[str]) -> float:
 
 def run(args, name: str, flags: list[str], data: dict, bf16: bool) -> dict:
     rate = probe_rate(args, name, flags)
-    steps = int(args.budget_minutes * 60 * rate / BATCH)
+    steps = int(args.budget_minutes * 60 * rate / BATCH) // args.eval_points * args.eval_points
     steps_per_epoch = 50_000 // BATCH
     run_dir = args.work / name
     warmup = ["--warmup-epochs", f"{0.1 * steps / steps_per_epoch:.4f}"] if "--moco-v3" in flags else []
@@ -103,7 +104,7 @@ def run(args, name: str, flags: list[str], data: dict, bf16: bool) -> dict:
             flags,
             run_dir,
             steps,
-            ["--save-every-steps", str(max(1, steps // 4)), "--resume", "auto", *warmup],
+            ["--save-every-steps", str(steps // args.eval_points), "--resume", "auto", *warmup],
         )
     timeline = train_timeline(run_dir)
     points = []
@@ -148,6 +149,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = cifar_parser(__doc__, "moco_v3")
     parser.add_argument("--budget-minutes", type=float, default=20.0, help="training time of each run")
+    parser.add_argument("--eval-points", type=int, default=4, help="checkpoints evaluated per run, evenly spaced")
     parser.add_argument("--knn-tau", type=float, default=0.1, help="vote temperature of the plotted curves")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "moco_v3.json")
@@ -161,6 +163,7 @@ def main() -> None:
         "setup": {
             "batch_size": BATCH,
             "budget_minutes": args.budget_minutes,
+            "eval_points": args.eval_points,
             "knn_tau": args.knn_tau,
             "knn_taus": KNN_TAUS,
             "common_flags": COMMON,
