@@ -4,8 +4,10 @@ picked uniformly at random, with the same encoder, pool and queries, in one run.
 A real server serves the encoder (--model, default the committed pretrained encoder) and stores a
 pool of CIFAR-10 training images without labels. For each seed, labels are given in rounds of 10
 (the labeller is an oracle: the folder names) up to each budget of --budgets:
-  * suggest: the next 10 are the server's Suggest(n=10, seed) given the labels so far;
-  * random:  the next 10 are drawn uniformly from the unlabelled pool (seeded).
+  * suggest:         the next 10 are the server's Suggest(n=10, seed) given the labels so far;
+  * suggest-early-uncertain: the same with uncertain_from=0 (half of each round after the first
+                     goes to the least decided votes), the ablation behind Suggest's default;
+  * random:          the next 10 are drawn uniformly from the unlabelled pool (seeded).
 After each budget, the held-out test images are classified by the InstDisc vote among the labelled
 items (k=200, τ=0.07, the server's Classify defaults; the vote runs here on the embeddings the server
 returns, with the shared moco_retrieval.knn: the same predictions as Classify, without 10,000 calls).
@@ -38,6 +40,7 @@ from common import machine_info  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PRETRAINED = REPO / "pretrained" / "moco_v2_resnet18_cifar10.pt"
 ROUND = 10
+STRATEGIES = {"suggest": None, "suggest-early-uncertain": 0, "random": None}  # -> Suggest's uncertain_from
 K, TAU = 200, 0.07
 
 
@@ -88,8 +91,8 @@ def run_strategy(
     for budget in budgets:
         while len(labelled) < budget:
             n = min(ROUND, budget - len(labelled))
-            if strategy == "suggest":
-                chosen = [s.id for s in client.suggest(n, seed=seed)]
+            if strategy.startswith("suggest"):
+                chosen = [s.id for s in client.suggest(n, seed=seed, uncertain_from=STRATEGIES[strategy])]
             else:
                 chosen = rng.sample(sorted(set(pool_ids) - set(labelled)), n)
             client.set_labels({i: truth[i] for i in chosen})
@@ -98,7 +101,7 @@ def run_strategy(
             "top1": round(accuracy(pool_vectors, truth, labelled, queries, query_classes), 2),
             "classes_covered": len({truth[i] for i in labelled}),
         }
-        print(f"  {strategy:8} seed {seed} {budget:4} labels: {out[budget]}", flush=True)
+        print(f"  {strategy:23} seed {seed} {budget:4} labels: {out[budget]}", flush=True)
     return out
 
 
@@ -110,7 +113,8 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     budgets = report["setup"]["budgets"]
-    for strategy, color in (("suggest", "tab:blue"), ("random", "tab:gray")):
+    colors = {"suggest": "tab:blue", "suggest-early-uncertain": "tab:orange", "random": "tab:gray"}
+    for strategy, color in colors.items():
         runs = report["results"][strategy]
         acc = np.array([[run[str(b)]["top1"] for b in budgets] for run in runs.values()])
         ax.plot(budgets, acc.mean(0), "o-", color=color, label=f"{strategy} (mean of {len(runs)} seeds)")
@@ -162,13 +166,11 @@ def main() -> None:
                     )
                     for seed in range(args.seeds)
                 }
-                for strategy in ("suggest", "random")
+                for strategy in STRATEGIES
             }
             info = client.info()
     summary = {
-        str(b): {
-            s: round(float(np.mean([run[b]["top1"] for run in results[s].values()])), 2) for s in ("suggest", "random")
-        }
+        str(b): {s: round(float(np.mean([run[b]["top1"] for run in results[s].values()])), 2) for s in STRATEGIES}
         for b in args.budgets
     }
     for row in summary.values():

@@ -236,7 +236,14 @@ def cmd_import(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
     image = read_image(args.image) if args.image else None
-    neighbors = client.search(image=image, id=args.id, k=args.k, labels=args.label or (), min_score=args.min_score)
+    neighbors = client.search(
+        image=image,
+        id=args.id,
+        k=args.k,
+        labels=args.label or (),
+        min_score=args.min_score,
+        metadata=dict(args.where or ()),
+    )
     print_table(
         ["rank", "id", "score", "label", "uri"],
         [
@@ -332,7 +339,9 @@ def cmd_info(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 
 def cmd_suggest(client: RetrievalClient, args: argparse.Namespace) -> int:
-    suggestions = client.suggest(args.n, seed=args.seed, sample=args.sample, k=args.k, tau=args.tau)
+    suggestions = client.suggest(
+        args.n, seed=args.seed, sample=args.sample, k=args.k, tau=args.tau, uncertain_from=args.uncertain_from
+    )
     if args.json:
         json.dump([vars(s) for s in suggestions], sys.stdout, indent=2)
         print()
@@ -405,6 +414,14 @@ def parse_shots(text: str) -> list[int | None]:
         else:
             raise argparse.ArgumentTypeError(f"invalid shot count {part!r} (positive integers or 'all')")
     return shots
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """KEY=VALUE of --where (the value may itself hold '=')."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
@@ -531,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="number of results (default %(default)s)")
     p.add_argument("--label", action="append", help="only items with this human label (repeatable)")
     p.add_argument("--min-score", type=float, help="only results with at least this cosine similarity")
+    p.add_argument(
+        "--where",
+        action="append",
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="only items whose metadata KEY equals VALUE (repeatable: all must hold)",
+    )
     p.add_argument("--sheet", metavar="OUT", help="write a contact sheet (.png or .html)")
 
     p = command("classify", cmd_classify, "predicted label and confidence per image (kNN vote)")
@@ -565,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="same seed, same suggestions (default 0)")
     p.add_argument(
         "--sample", type=int, default=None, help="unlabelled items considered at most (server default 50,000)"
+    )
+    p.add_argument(
+        "--uncertain-from",
+        type=int,
+        default=None,
+        help="labelled items per label from which half are uncertain ones (server default 20)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     knn_options(p)

@@ -389,9 +389,11 @@ class _ClientBase:
         k: int | None = None,
         labels: Sequence[str] = (),
         min_score: float | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> list[Neighbor]:
-        """Most similar first. Query by exactly one of image bytes, stored id or vector."""
-        request = pb.SearchRequest(query=_query(image, id, vector), labels=list(labels))
+        """Most similar first. Query by exactly one of image bytes, stored id or vector; `metadata`
+        keeps only items with each of these key = value pairs."""
+        request = pb.SearchRequest(query=_query(image, id, vector), labels=list(labels), metadata=metadata or {})
         if k is not None:
             request.k = k
         if min_score is not None:
@@ -426,10 +428,11 @@ class _ClientBase:
         sample: int | None = None,
         k: int | None = None,
         tau: float | None = None,
+        uncertain_from: int | None = None,
     ) -> list[Suggestion]:
         """Which unlabelled items to label next (see the proto's Suggest): best first."""
         request = pb.SuggestRequest(n=n, seed=seed)
-        for name, value in (("sample", sample), ("k", k), ("tau", tau)):
+        for name, value in (("sample", sample), ("k", k), ("tau", tau), ("uncertain_from", uncertain_from)):
             if value is not None:
                 setattr(request, name, value)
         return self._run(self._one("Suggest", request, _suggestions))

@@ -148,17 +148,24 @@ class ItemIndex:
         labels: set[str] | None = None,
         exclude: int | None = None,
         min_score: float | None = None,
+        among: np.ndarray | None = None,
     ) -> Hits:
         """The k nearest items to one normalised vector: all items, or the human-labelled ones whose
-        label is in `labels`; `exclude` (the query's own row) and scores below min_score left out."""
+        label is in `labels`, and only rows of `among` when given (a metadata filter's matches);
+        `exclude` (the query's own row) and scores below min_score left out."""
         k_search = self._k_search(k, exclude)
         with self._search_lock():
+            allowed = among
             if labels:
-                allowed = np.array([r for r, lab in self.labels.items() if lab in labels], dtype=np.int64)
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-                scores, rows = self.labelled.search(vector[None], k_search, params)
-            else:
+                labelled = np.array([r for r, lab in self.labels.items() if lab in labels], dtype=np.int64)
+                allowed = labelled if among is None else np.intersect1d(labelled, among)
+            if allowed is None:
                 scores, rows = self.items.search(vector[None], k_search)
+            elif not len(allowed):
+                return Hits(np.zeros(0, np.float32), np.zeros(0, np.int64))
+            else:
+                params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+                scores, rows = (self.labelled if labels else self.items).search(vector[None], k_search, params)
         keep = rows[0] >= 0
         if exclude is not None:
             keep &= rows[0] != exclude

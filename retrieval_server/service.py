@@ -36,6 +36,7 @@ DEFAULT_SEARCH_K = 10
 LABEL_CORPUS_CHUNK = 1024
 MAX_SUGGESTIONS = 10_000
 SUGGEST_SAMPLE = 50_000
+SUGGEST_UNCERTAIN_FROM = 20  # labelled items per label
 DUPLICATE_NEIGHBORS = 10
 
 
@@ -420,12 +421,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
         vector, exclude = self._query(request.query, context)
         start = time.perf_counter()
+        among = self.store.rows_with_metadata(dict(request.metadata)) if request.metadata else None
         hits = self.index.search(
             vector,
             k,
             labels=set(request.labels),
             exclude=exclude,
             min_score=request.min_score if request.HasField("min_score") else None,
+            among=among,
         )
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
         return pb.SearchResponse(neighbors=self._neighbors(hits.scores, hits.rows))
@@ -491,11 +494,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         sample = self._count(request, "sample", SUGGEST_SAMPLE)
         if sample <= 0:
             raise RpcError(Code.INVALID_ARGUMENT, f"sample must be positive, got {sample}")
+        uncertain_from = self._count(request, "uncertain_from", SUGGEST_UNCERTAIN_FROM)
         k, tau = self._k(request, self.cfg.default_k), self._tau(request)
         if self.index.item_count <= self.index.labelled_count:
             raise RpcError(Code.FAILED_PRECONDITION, "no unlabelled item is stored: nothing to suggest")
         start = time.perf_counter()
-        found = suggest(self.store, self.index, min(request.n, sample), request.seed, sample, k, tau)
+        found = suggest(self.store, self.index, min(request.n, sample), request.seed, sample, k, tau, uncertain_from)
         self.m.index_search_seconds.labels("suggest").observe(time.perf_counter() - start)
         stored = self.store.by_rows([s.row for s in found.items])
         return pb.SuggestResponse(

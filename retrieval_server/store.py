@@ -406,6 +406,15 @@ class Store:
                 rows, [b[1] for b in batch], [b[2] for b in batch], np.ascontiguousarray(vectors, dtype=np.float32)
             )
 
+    def rows_with_metadata(self, equals: dict[str, str]) -> np.ndarray:
+        """Rows (sorted int64) whose metadata holds every key of `equals` with exactly that value.
+        json_each compares the stored JSON keys themselves, so any key text is safe (no JSON path)."""
+        clause = "EXISTS (SELECT 1 FROM json_each(items.metadata) WHERE key = ? AND value = ?)"
+        where = " AND ".join([clause] * len(equals)) or "1"
+        params = [x for pair in sorted(equals.items()) for x in pair]
+        cur = self._reader.execute(f"SELECT row FROM items WHERE {where} ORDER BY row", params)
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
     def unlabelled_after(self, last_id: str | None, limit: int) -> EmbeddingChunk | None:
         """The next `limit` items without a human label, by id (keyset paging: no cursor kept
         open), or None after the last."""

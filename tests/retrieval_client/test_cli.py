@@ -179,6 +179,12 @@ def test_search_prints_a_table_and_writes_contact_sheets(indexed, tmp_path, env)
     assert by_id.returncode == 0, by_id.stderr
     rows = [line.split() for line in by_id.stdout.strip().splitlines()[1:]]
     assert len(rows) == 4 and all(r[3] in ("ship", "cat") for r in rows)
+
+    where = run_cli("search", str(query), "-k", "5", "--where", f"uri={query.resolve().as_uri()}", env=env)
+    assert where.returncode == 0, where.stderr
+    assert [line.split()[1] for line in where.stdout.strip().splitlines()[1:]] == [f"cat/{query.name}"]
+    bad = run_cli("search", str(query), "--where", "uri", env=env)
+    assert bad.returncode == 2 and "expected KEY=VALUE, got 'uri'" in bad.stderr
     page = (tmp_path / "sheet.html").read_text()
     assert page.count("data:image/png;base64,") == 5 and '<div class="ph">' not in page
 

@@ -70,7 +70,10 @@ def test_with_labels_uncovered_clusters_first_then_uncertain_items(served):
             assignments=[pb.LabelAssignment(id="a000", label="A"), pb.LabelAssignment(id="b000", label="B")]
         )
     )
-    reply = suggest(served.stub, 4, k=10, tau=0.1)
+    default = suggest(served.stub, 4, k=10, tau=0.1)  # 1 label per label, below 20: coverage only
+    assert [s.reason for s in default.suggestions] == [pb.Suggestion.TYPICAL] * 4
+    assert [s.id[0] for s in default.suggestions] == list("cdef")  # the uncovered clusters, largest first
+    reply = suggest(served.stub, 4, k=10, tau=0.1, uncertain_from=1)
     reasons = [s.reason for s in reply.suggestions]
     assert reasons == [pb.Suggestion.TYPICAL] * 2 + [pb.Suggestion.UNCERTAIN] * 2  # half for coverage
     assert [s.id[0] for s in reply.suggestions[:2]] == ["c", "d"]  # the largest clusters without a label
@@ -80,7 +83,8 @@ def test_with_labels_uncovered_clusters_first_then_uncertain_items(served):
 
     for name in SIZES:  # one label in every cluster: what is left to ask about is the split votes
         served.stub.SetLabels(pb.SetLabelsRequest(assignments=[pb.LabelAssignment(id=f"{name}000", label=name)]))
-    uncertain = [s for s in suggest(served.stub, 4, k=10, tau=0.1).suggestions if s.reason == pb.Suggestion.UNCERTAIN]
+    reply = suggest(served.stub, 4, k=10, tau=0.1, uncertain_from=1)
+    uncertain = [s for s in reply.suggestions if s.reason == pb.Suggestion.UNCERTAIN]
     assert [s.id for s in uncertain][:2] in (["mid0", "mid1"], ["mid1", "mid0"]), uncertain
     assert "outlier" not in [s.id for s in uncertain]  # as unsure, but typical of nothing
     assert all(s.margin < 0.5 and s.predicted_label in ("a", "b") for s in uncertain[:2])
@@ -91,6 +95,9 @@ def test_suggest_follows_the_contract(served):
     upsert(served.stub, cluster_items()[:5])
     expect(Code.INVALID_ARGUMENT, served.stub.Suggest, pb.SuggestRequest(n=0), match="n must be positive")
     expect(Code.INVALID_ARGUMENT, served.stub.Suggest, pb.SuggestRequest(n=2, sample=0), match="sample")
+    expect(
+        Code.INVALID_ARGUMENT, served.stub.Suggest, pb.SuggestRequest(n=2, uncertain_from=-1), match="uncertain_from"
+    )
     expect(Code.OUT_OF_RANGE, served.stub.Suggest, pb.SuggestRequest(n=10_001), match="max_suggestions")
     assert served.stub.Info(pb.InfoRequest()).max_suggestions == 10_000
     assert len(suggest(served.stub, 10).suggestions) == 5  # fewer items than asked: all of them

@@ -202,16 +202,25 @@ class Neighbor(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., label: _Optional[str] = ..., predicted_label: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "k", "labels", "min_score")
+    __slots__ = ("query", "k", "labels", "min_score", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
     query: Query
     k: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     min_score: float
-    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ...) -> None: ...
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("neighbors",)
@@ -274,18 +283,20 @@ class LabelProposal(_message.Message):
     def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class SuggestRequest(_message.Message):
-    __slots__ = ("n", "seed", "sample", "k", "tau")
+    __slots__ = ("n", "seed", "sample", "k", "tau", "uncertain_from")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAIN_FROM_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     sample: int
     k: int
     tau: float
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., sample: _Optional[int] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ...) -> None: ...
+    uncertain_from: int
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., sample: _Optional[int] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ..., uncertain_from: _Optional[int] = ...) -> None: ...
 
 class Suggestion(_message.Message):
     __slots__ = ("id", "reason", "score", "predicted_label", "margin", "metadata")
