@@ -22,7 +22,22 @@ ENV_PREFIX = "RETRIEVAL_"
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path = option(help="export written by `moco-train export`")
-    store: Path = option(help="directory of the SQLite store and index snapshots")
+    store: Path | None = option(None, help="directory of the SQLite store and index snapshots (--backend embedded)")
+    backend: str = option(
+        "embedded",
+        choices=("embedded", "milvus"),
+        help="where items live: embedded (SQLite + in-process FAISS, one process per store) or milvus "
+        "(a Milvus collection: stateless replicas can share it)",
+    )
+    milvus_uri: str | None = option(
+        None, help="Milvus to use: a local file (e.g. ./milvus.db, Milvus Lite) or http://host:19530"
+    )
+    milvus_token: str | None = option(None, help="Milvus token (user:password or an API key), if it needs one")
+    milvus_collection: str = option("items", help="Milvus collection of the items")
+    milvus_index: str = option(
+        "FLAT",
+        help="Milvus index type on the embedding (metric IP): FLAT, IVF_FLAT, HNSW, or a GPU_* one on a GPU cluster",
+    )
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(50051, help="gRPC port (0 picks a free one)")
     metrics_port: int = option(9100, help="Prometheus port (0 picks a free one)")
@@ -88,6 +103,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     cfg = from_args(ServerConfig, args)
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise SystemExit("error: --tls-cert and --tls-key go together")
+    if cfg.backend == "embedded" and cfg.store is None:
+        raise SystemExit("error: --store is required with --backend embedded")
+    if cfg.backend == "milvus" and not cfg.milvus_uri:
+        raise SystemExit("error: --milvus-uri is required with --backend milvus")
     if cfg.index_gpus != "auto" and not cfg.index_gpus.isdigit():
         raise SystemExit(f"error: --index-gpus must be auto or a number, not {cfg.index_gpus!r}")
     for name in (

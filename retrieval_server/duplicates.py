@@ -1,8 +1,8 @@
 """Near-duplicate groups: every stored item is linked to those of its nearest items at least
 `min_score` similar, and linked items form a group (connected components, with union-find).
 
-One pass over the store in chunks: each chunk's embeddings are searched in the items index (FAISS,
-on the GPU when it has one), and its links are merged at once, so memory holds the union-find
+One pass over the stored items in chunks: each chunk's embeddings are searched in the backend (FAISS,
+on the GPU when it has one, or Milvus), and its links are merged at once, so memory holds the union-find
 arrays (two numbers per item) and one chunk of search results, whatever the number of items.
 """
 
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import ItemIndex
-from .store import Store
+from .backend import Backend
 
 CHUNK = 4096
 
@@ -48,14 +47,14 @@ def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
-def duplicate_groups(store: Store, index: ItemIndex, min_score: float, max_neighbors: int) -> Iterator[Group]:
+def duplicate_groups(backend: Backend, min_score: float, max_neighbors: int) -> Iterator[Group]:
     """The groups, largest first (ties by smallest row)."""
-    all_rows = np.concatenate([c.rows for c in store.embeddings(chunk=CHUNK)] or [np.zeros(0, np.int64)])
+    all_rows = np.concatenate([c.rows for c in backend.embeddings(chunk=CHUNK)] or [np.zeros(0, np.int64)])
     all_rows.sort()
     parent = np.arange(len(all_rows))
     best = np.full(len(all_rows), -np.inf, np.float32)
-    for chunk in store.embeddings(chunk=CHUNK):
-        scores, rows = index.neighbors(chunk.vectors, max_neighbors + 1)  # + itself
+    for chunk in backend.embeddings(chunk=CHUNK):
+        scores, rows = backend.neighbors(chunk.vectors, max_neighbors + 1)  # + itself
         me = np.repeat(np.searchsorted(all_rows, chunk.rows), rows.shape[1])
         found = np.searchsorted(all_rows, rows.reshape(-1)).clip(0, len(all_rows) - 1)
         link = (scores.reshape(-1) >= min_score) & (rows.reshape(-1) >= 0) & (all_rows[found] == rows.reshape(-1))

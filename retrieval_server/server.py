@@ -32,6 +32,7 @@ from . import __version__
 from .auth import AuthInterceptor
 from .batcher import DynamicBatcher
 from .config import ServerConfig
+from .embedded import EmbeddedBackend
 from .encoder import Encoder
 from .faiss_index import resolve_gpus
 from .index import ItemIndex
@@ -87,18 +88,13 @@ def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
     return port
 
 
-def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
-    """The encoder, the store (bound to the model's fingerprint), the index and the batcher."""
-    try:
-        encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels, runtime=cfg.encoder)
-    except (ExportError, DeviceError, FileNotFoundError, RuntimeError) as exc:
-        raise StartupError(str(exc)) from exc
-    meta = encoder.meta
+def embedded_backend(cfg: ServerConfig, fingerprint: str, dim: int) -> EmbeddedBackend:
+    """The store (bound to the model's fingerprint, locked to this process) and its FAISS index."""
     try:
         Path(cfg.store).mkdir(parents=True, exist_ok=True)
-        lock = StoreLock(cfg.store).acquire()  # held until the process exits
+        lock = StoreLock(cfg.store).acquire()  # held until the backend closes
         store = Store(cfg.store, max_mb=cfg.store_max_mb)
-        other = store.bind_model(meta.fingerprint, meta.feature_dim, reset=cfg.reset_store)
+        other = store.bind_model(fingerprint, dim, reset=cfg.reset_store)
     except StoreInUse as exc:
         raise StartupError(str(exc)) from exc
     except (sqlite3.Error, OSError, StorageError) as exc:
@@ -106,11 +102,11 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
     if other is not None:
         raise StartupError(
             f"FAILED_PRECONDITION: store {cfg.store} holds embeddings of model {other}, not of the served model "
-            f"{meta.fingerprint}; use another --store or --reset-store to drop its items"
+            f"{fingerprint}; use another --store or --reset-store to drop its items"
         )
     try:
         gpus = resolve_gpus(cfg.index_gpus)
-        index = ItemIndex(meta.feature_dim, cfg.index_factory, gpus)
+        index = ItemIndex(dim, cfg.index_factory, gpus)
     except RuntimeError as exc:
         raise StartupError(f"index: {exc}") from exc
     how = index.load(store, cfg.store)
@@ -122,6 +118,26 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         index.item_count,
         index.labelled_count,
     )
+    return EmbeddedBackend(store, index, cfg.store, cfg.snapshot_every, lock)
+
+
+def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
+    """The encoder, the backend (bound to the model's fingerprint) and the batcher."""
+    try:
+        encoder = Encoder(cfg.model, cfg.device, cfg.max_image_pixels, runtime=cfg.encoder)
+    except (ExportError, DeviceError, FileNotFoundError, RuntimeError) as exc:
+        raise StartupError(str(exc)) from exc
+    meta = encoder.meta
+    if cfg.backend == "milvus":
+        from .milvus_backend import MilvusBackend, MilvusError  # pymilvus only when asked for
+
+        try:
+            backend = MilvusBackend.open(cfg, meta.fingerprint, meta.feature_dim)
+        except MilvusError as exc:
+            raise StartupError(str(exc)) from exc
+    else:
+        backend = embedded_backend(cfg, meta.fingerprint, meta.feature_dim)
+        metrics.watch_store(backend.store.free_bytes, backend.store.size_bytes)
     batcher = DynamicBatcher(
         encoder,
         metrics,
@@ -130,11 +146,16 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         capacity=cfg.max_queue,
         decode_threads=cfg.decode_threads,
     )
-    metrics.watch_store(store.free_bytes, store.size_bytes)
     metrics.model_info.labels(
-        meta.arch, meta.fingerprint, str(meta.feature_dim), encoder.device, index.device, cfg.index_factory, __version__
+        meta.arch,
+        meta.fingerprint,
+        str(meta.feature_dim),
+        encoder.device,
+        backend.device,
+        backend.index_type,
+        __version__,
     ).set(1)
-    return RetrievalService(cfg, encoder, batcher, store, index, metrics, store_lock=lock)
+    return RetrievalService(cfg, encoder, batcher, backend, metrics)
 
 
 class GrpcServer:
@@ -206,7 +227,7 @@ def serve(cfg: ServerConfig) -> int:
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
     grpc_server.health.enter_graceful_shutdown()
     server.stop(cfg.grace_s).wait()
-    version = service.close()
+    closed = service.close()
     http_server.shutdown()
-    log.info("stopped cleanly (%s)", f"index snapshot at store version {version}" if version else "no snapshot")
+    log.info("stopped cleanly (%s)", closed)
     return 0

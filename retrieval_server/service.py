@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,14 +18,15 @@ from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
 
 from . import __version__
+from .backend import Backend
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
 from .config import ServerConfig
 from .duplicates import duplicate_groups
 from .encoder import Encoder
 from .faiss_index import GPU_MAX_K
-from .index import ItemIndex, NoLabels, Vote
+from .index import NoLabels, Vote
 from .metrics import ServerMetrics
-from .store import NewItem, StorageError, Store, StoreLock, UnknownIds
+from .store import NewItem, StorageError, UnknownIds
 from .suggest import suggest
 
 log = logging.getLogger(__name__)
@@ -117,25 +117,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         cfg: ServerConfig,
         encoder: Encoder,
         batcher: DynamicBatcher,
-        store: Store,
-        index: ItemIndex,
+        backend: Backend,
         metrics: ServerMetrics,
-        store_lock: StoreLock | None = None,
     ) -> None:
-        self.cfg, self.encoder, self.batcher, self.store, self.index, self.m = (
-            cfg,
-            encoder,
-            batcher,
-            store,
-            index,
-            metrics,
-        )
-        self._store_lock = store_lock
+        self.cfg, self.encoder, self.batcher, self.backend, self.m = cfg, encoder, batcher, backend, metrics
         self.dim = encoder.dim
-        self.max_k = min(cfg.max_k, GPU_MAX_K) if index.gpus else cfg.max_k
-        self._writes = threading.Lock()  # store commit + index update, in version order
-        self._changed_since_snapshot = 0
-        self._snapshot_lock = threading.Lock()
+        self.max_k = min(cfg.max_k, GPU_MAX_K) if backend.gpus else cfg.max_k
         self._update_gauges()
 
     # -- validation -------------------------------------------------------------------------------
@@ -207,7 +194,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise RpcError(image_status(result), f"query image: {result}")
             return result, None
         if kind == "id":
-            row = self.store.get([query.id], with_embedding=True).get(query.id)
+            row = self.backend.get([query.id], with_embedding=True).get(query.id)
             if row is None:
                 raise RpcError(Code.NOT_FOUND, f"unknown id: {query.id!r}")
             return np.asarray(row.embedding, dtype=np.float32), row.row
@@ -283,29 +270,19 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             for i in positions
         ]
         if items:
-            with self._writes:
-                done = self.store.upsert(items)
-                self.index.apply_upsert(
-                    done.version,
-                    np.array([w.row for w in done.items], dtype=np.int64),
-                    np.stack([it.embedding for it in items]),
-                    [w.label for w in done.items],
-                    np.array([w.existed for w in done.items], dtype=bool),
-                )
-                self._after_write(len(items))
+            self.backend.upsert(items)
+            self._update_gauges()
         errors.sort(key=lambda e: e.index)
         return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
 
     @_unary
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        with self._writes:
-            try:
-                done = self.store.delete(list(request.ids), request.ignore_missing)
-            except UnknownIds as exc:
-                raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
-            self.index.apply_delete(done.version, np.array(done.rows, dtype=np.int64))
-            self._after_write(len(done.rows))
-        return pb.DeleteResponse(deleted=len(done.rows))
+        try:
+            deleted = self.backend.delete(list(request.ids), request.ignore_missing)
+        except UnknownIds as exc:
+            raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
+        self._update_gauges()
+        return pb.DeleteResponse(deleted=deleted)
 
     @_unary
     def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
@@ -317,66 +294,26 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if predicted and not math.isfinite(a.confidence):
                 raise RpcError(Code.INVALID_ARGUMENT, f"confidence of {a.id!r} is not a number")
         assignments = [(a.id, a.label or None, float(a.confidence)) for a in request.assignments]
-        with self._writes:
-            try:
-                changed = self.store.set_labels(assignments, predicted)
-            except UnknownIds as exc:
-                raise RpcError(Code.NOT_FOUND, f"{exc}; no label changed") from exc
-            if not predicted:
-                rows = np.array([c.row for c in changed], dtype=np.int64)
-                labelled = rows[[c.label is not None for c in changed]]
-                self.index.apply_labels(rows, [c.label for c in changed], self.store.vectors_of(labelled))
+        try:
+            updated = self.backend.set_labels(assignments, predicted)
+        except UnknownIds as exc:
+            raise RpcError(Code.NOT_FOUND, f"{exc}; no label changed") from exc
         self._update_gauges()
-        return pb.SetLabelsResponse(updated=len(changed))
+        return pb.SetLabelsResponse(updated=updated)
 
-    def _after_write(self, changed: int) -> None:
-        """Gauges, and a background snapshot every --snapshot-every changes; under self._writes."""
-        self._update_gauges()
-        self._changed_since_snapshot += changed
-        if self.cfg.snapshot_every and self._changed_since_snapshot >= self.cfg.snapshot_every:
-            if self._snapshot_lock.acquire(blocking=False):  # one at a time, in the background
-                self._changed_since_snapshot = 0
-                threading.Thread(target=self._snapshot_locked, name="snapshot", daemon=True).start()
-
-    def close(self) -> int | None:
-        """After the last call: stop the batcher, write the index snapshot, close the store and
-        release it; the snapshot's store version (None if it could not be written)."""
+    def close(self) -> str:
+        """After the last call: stop the batcher, then close the backend; a line for the log."""
         self.batcher.close()
-        version = self.snapshot()
-        self.store.close()
-        if self._store_lock is not None:
-            self._store_lock.release()
-        return version
-
-    def snapshot(self) -> int | None:
-        """Write the index snapshot now (at shutdown) and drop the tombstones it covers; its store
-        version, or None when it could not be written (logged: it only speeds up the next start)."""
-        with self._snapshot_lock:
-            return self._snapshot()
-
-    def _snapshot_locked(self) -> None:
-        try:
-            self._snapshot()
-        finally:
-            self._snapshot_lock.release()
-
-    def _snapshot(self) -> int | None:
-        try:
-            version = self.index.save_snapshot(self.cfg.store, self.store.store_id)
-            self.store.prune_tombstones(version)
-        except (OSError, RuntimeError, StorageError) as exc:  # a full or read-only disk, FAISS I/O
-            log.warning("index snapshot skipped: %s (the next start rebuilds the index from the store)", exc)
-            return None
-        return version
+        return self.backend.close()
 
     def _update_gauges(self) -> None:
-        self.m.index_items.set(self.index.item_count)
-        self.m.labelled_items.set(self.index.labelled_count)
+        self.m.index_items.set(self.backend.item_count)
+        self.m.labelled_items.set(self.backend.labelled_count)
 
     # -- reads ------------------------------------------------------------------------------------
     @_unary
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
-        found = self.store.get(list(request.ids), with_embedding=request.include_embedding)
+        found = self.backend.get(list(request.ids), with_embedding=request.include_embedding)
         missing = [i for i in request.ids if i not in found]
         if missing and not request.ignore_missing:
             raise RpcError(Code.NOT_FOUND, str(UnknownIds(missing)))
@@ -398,7 +335,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return pb.GetResponse(items=items)
 
     def _neighbors(self, scores: np.ndarray, rows: np.ndarray) -> list[pb.Neighbor]:
-        stored = self.store.by_rows(rows)
+        stored = self.backend.by_rows(rows)
         out = []
         for score, row in zip(scores.tolist(), rows.tolist()):
             r = stored.get(row)
@@ -421,14 +358,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
         vector, exclude = self._query(request.query, context)
         start = time.perf_counter()
-        among = self.store.rows_with_metadata(dict(request.metadata)) if request.metadata else None
-        hits = self.index.search(
+        hits = self.backend.search(
             vector,
             k,
             labels=set(request.labels),
             exclude=exclude,
             min_score=request.min_score if request.HasField("min_score") else None,
-            among=among,
+            metadata=dict(request.metadata),
         )
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
         return pb.SearchResponse(neighbors=self._neighbors(hits.scores, hits.rows))
@@ -436,7 +372,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, exclude: int | None = None) -> Vote:
         start = time.perf_counter()
         try:
-            vote = self.index.vote(queries, k, tau, exclude)
+            vote = self.backend.vote(queries, k, tau, exclude)
         except NoLabels as exc:
             raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.m.index_search_seconds.labels(op).observe(time.perf_counter() - start)
@@ -464,24 +400,22 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext) -> Iterator[pb.LabelProposal]:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
-        if not self.index.labelled_count:
+        if not self.backend.labelled_count:
             raise RpcError(Code.FAILED_PRECONDITION, "no labelled items: label some with Upsert or SetLabels")
-        last_id = None
-        while context.is_active():
-            chunk = self.store.unlabelled_after(last_id, LABEL_CORPUS_CHUNK)
-            if chunk is None:
+        for chunk in self.backend.unlabelled(LABEL_CORPUS_CHUNK):
+            if not context.is_active():
                 return
-            last_id = chunk.ids[-1]
             vote = self._vote(chunk.vectors, k, tau, "label_corpus")
             best = vote.shares.argmax(axis=1)  # first maximum: ties go to the first label in sorted order
-            confidence = vote.shares[np.arange(len(best)), best]
+            # float32, as the proposals carry it: a client's threshold taken from a proposal keeps it
+            confidence = vote.shares[np.arange(len(best)), best].astype(np.float32)
             proposals = [
                 (row, item_id, vote.classes[b], c)
                 for row, item_id, b, c in zip(chunk.rows.tolist(), chunk.ids, best.tolist(), confidence.tolist())
                 if c >= request.min_confidence
             ]
             if request.apply and proposals:
-                self.store.set_predicted_rows([(row, lab, conf) for row, _i, lab, conf in proposals])
+                self.backend.set_predicted_rows([(row, lab, conf) for row, _i, lab, conf in proposals])
             for _row, item_id, lab, conf in proposals:
                 yield pb.LabelProposal(id=item_id, label=lab, confidence=conf)
 
@@ -496,12 +430,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise RpcError(Code.INVALID_ARGUMENT, f"sample must be positive, got {sample}")
         uncertain_from = self._count(request, "uncertain_from", SUGGEST_UNCERTAIN_FROM)
         k, tau = self._k(request, self.cfg.default_k), self._tau(request)
-        if self.index.item_count <= self.index.labelled_count:
+        if self.backend.item_count <= self.backend.labelled_count:
             raise RpcError(Code.FAILED_PRECONDITION, "no unlabelled item is stored: nothing to suggest")
         start = time.perf_counter()
-        found = suggest(self.store, self.index, min(request.n, sample), request.seed, sample, k, tau, uncertain_from)
+        found = suggest(self.backend, min(request.n, sample), request.seed, sample, k, tau, uncertain_from)
         self.m.index_search_seconds.labels("suggest").observe(time.perf_counter() - start)
-        stored = self.store.by_rows([s.row for s in found.items])
+        stored = self.backend.by_rows([s.row for s in found.items])
         return pb.SuggestResponse(
             suggestions=[
                 pb.Suggestion(
@@ -528,10 +462,15 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise RpcError(Code.INVALID_ARGUMENT, f"max_neighbors must be positive, got {neighbors}")
         if neighbors > self.max_k:
             raise RpcError(Code.OUT_OF_RANGE, f"max_neighbors={neighbors} is above the server's max_k={self.max_k}")
-        for group in duplicate_groups(self.store, self.index, request.min_score, neighbors):
+        for group in duplicate_groups(self.backend, request.min_score, neighbors):
             if not context.is_active():
                 return
-            stored = self.store.by_rows(group.rows)
+            stored = self.backend.by_rows(group.rows)
+            members = [
+                (r, score)
+                for row, score in zip(group.rows.tolist(), group.scores.tolist())
+                if (r := stored.get(row)) is not None
+            ]
             yield pb.DuplicateGroup(
                 items=[
                     pb.Neighbor(
@@ -541,27 +480,26 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                         predicted_label=r.predicted_label or "",
                         metadata=r.metadata,
                     )
-                    for row, score in zip(group.rows.tolist(), group.scores.tolist())
-                    if (r := stored.get(row)) is not None
+                    for r, score in sorted(members, key=lambda m: m[0].id)
                 ]
             )
 
     @_unary
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        total, label_counts = self.store.counts()
+        total, label_counts, predicted = self.backend.counts()
         meta = self.encoder.meta
         return pb.InfoResponse(
             model_fingerprint=meta.fingerprint,
             arch=meta.arch,
             dim=self.dim,
             input_size=meta.preprocessing.input_size,
-            index_type=self.index.factory,
-            index_device=self.index.device,
-            index_gpus=self.index.gpus,
+            index_type=self.backend.index_type,
+            index_device=self.backend.device,
+            index_gpus=self.backend.gpus,
             item_count=total,
             labelled_count=sum(label_counts.values()),
             label_counts=label_counts,
-            predicted_count=self.store.predicted_count(),
+            predicted_count=predicted,
             max_k=self.max_k,
             default_k=self.cfg.default_k,
             default_tau=self.cfg.default_tau,

@@ -10,7 +10,7 @@ CIFAR-10 with the pretrained encoder, half UNCERTAIN from the first label was 0.
 below random at 20-100 labels, and TYPICAL alone 1-2.5 points above it (bench/label_budget.py).
 
     candidates  a deterministic sample of at most `sample` unlabelled items (seeded keys per row)
-    clusters    FAISS spherical k-means, K = labelled + n (at most the candidates), seeded
+    clusters    FAISS spherical k-means, K = labelled + n (at most the candidates), best of 3 seeded starts
     typicality  1 / mean distance to the 20 nearest members of the own cluster (among up to 1,000)
     TYPICAL     the most typical candidate of each cluster without a labelled item, largest first:
                 all n below `uncertain_from` labels per label, at most half of them from there on
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .index import ItemIndex
-from .store import Store
+from .backend import Backend
 
 TYPICAL, UNCERTAIN = 0, 1
 TYPICALITY_NEIGHBOURS = 20
 TYPICALITY_REFERENCE = 1000
 KMEANS_ITERATIONS = 20
+KMEANS_RESTARTS = 3  # best of 3 seeded starts: one unlucky start can merge two clusters and split another
 CHUNK = 4096
 
 
@@ -61,11 +61,11 @@ def _keys(rows: np.ndarray, seed: int) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def sample_unlabelled(store: Store, sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def sample_unlabelled(backend: Backend, sample: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, vectors) of at most `sample` items without a human label, chosen by seeded keys
     (the same for the same store and seed), in row order; memory stays at the sample plus a chunk."""
     rows, vectors, keys = np.zeros(0, np.int64), None, np.zeros(0, np.uint64)
-    for chunk in store.embeddings("label IS NULL", chunk=CHUNK):
+    for chunk in backend.embeddings(labelled=False, chunk=CHUNK):
         rows = np.concatenate([rows, chunk.rows])
         vectors = chunk.vectors if vectors is None else np.concatenate([vectors, chunk.vectors])
         keys = np.concatenate([keys, _keys(chunk.rows, seed)])
@@ -98,18 +98,17 @@ def typicality(vectors: np.ndarray, assignment: np.ndarray, clusters: int, seed:
     return out
 
 
-def suggest(
-    store: Store, index: ItemIndex, n: int, seed: int, sample: int, k: int, tau: float, uncertain_from: int
-) -> Suggestions:
+def suggest(backend: Backend, n: int, seed: int, sample: int, k: int, tau: float, uncertain_from: int) -> Suggestions:
     """Up to n suggestions (fewer when fewer items are unlabelled); see the module docstring."""
-    rows, vectors = sample_unlabelled(store, sample, seed)
-    labelled = [chunk.vectors for chunk in store.embeddings("label IS NOT NULL", chunk=CHUNK)]
+    rows, vectors = sample_unlabelled(backend, sample, seed)
+    labelled = [chunk.vectors for chunk in backend.embeddings(labelled=True, chunk=CHUNK)]
     labelled_vectors = np.concatenate(labelled) if labelled else np.zeros((0, vectors.shape[1]), np.float32)
     clusters = min(len(rows), len(labelled_vectors) + n)
     kmeans = faiss.Kmeans(
         vectors.shape[1],
         clusters,
         niter=KMEANS_ITERATIONS,
+        nredo=KMEANS_RESTARTS,
         seed=seed % 2**31,
         spherical=True,
         min_points_per_centroid=1,
@@ -124,7 +123,7 @@ def suggest(
     vote_label, margins = [""] * len(rows), np.ones(len(rows), np.float32)
     if len(labelled_vectors):
         for start in range(0, len(rows), CHUNK):
-            vote = index.vote(vectors[start : start + CHUNK], k, tau)
+            vote = backend.vote(vectors[start : start + CHUNK], k, tau)
             top = -np.sort(-vote.shares, axis=1)
             second = top[:, 1] if top.shape[1] > 1 else np.zeros(len(top))
             margins[start : start + CHUNK] = top[:, 0] - second
@@ -136,7 +135,7 @@ def suggest(
     chosen: list[Suggested] = []
     taken = np.zeros(len(rows), bool)
     order = sorted(range(clusters), key=lambda c: (-sizes[c], c))
-    labels = len(set(index.labels.values()))
+    labels = len(backend.counts()[1])
     uncertain = len(labelled_vectors) > 0 and len(labelled_vectors) >= uncertain_from * labels
     typical_budget = (n + 1) // 2 if uncertain else n
     for c in (c for c in order if c not in covered and sizes[c]):  # the most typical of each uncovered cluster

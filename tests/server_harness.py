@@ -51,6 +51,26 @@ def make_export(
     return path
 
 
+BACKENDS = ("embedded", "milvus")  # the contract tests run against both
+
+
+def backend_options(backend: str, directory: str | Path) -> dict[str, str]:
+    """ServerConfig fields of a backend: nothing for embedded (the --store), Milvus Lite in a file
+    of `directory` for milvus."""
+    if backend == "embedded":
+        return {}
+    return {"backend": "milvus", "milvus_uri": str(Path(directory) / "milvus.db")}
+
+
+def backend_args(backend: str, directory: str | Path) -> list[str]:
+    """The same as `serve` flags."""
+    return [
+        arg
+        for name, value in backend_options(backend, directory).items()
+        for arg in (f"--{name.replace('_', '-')}", value)
+    ]
+
+
 def png_bytes(seed: int, size: int = 32) -> bytes:
     """A random RGB PNG (distinct per seed), for tests that need many images."""
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ import torch
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.knn import knn_classify
-from tests.server_harness import REPO, ServerProcess, make_export, server_env
+from tests.server_harness import REPO, ServerProcess, backend_args, make_export, server_env
 
 PER_CLASS_BANK, PER_CLASS_QUERIES, K, TAU = 8, 3, 20, 0.07
 # FAISS and torch may round the float32 dot products differently in the last bit; a share moves by
@@ -32,14 +32,18 @@ def _subset(src: Path, dst: Path, per_class: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", params=["resnet18", "vit_tiny_32"])
+@pytest.fixture(
+    scope="module", params=[("resnet18", "embedded"), ("vit_tiny_32", "embedded"), ("resnet18", "milvus")], ids=str
+)
 def setup(request, tmp_path_factory: pytest.TempPathFactory, demo_data: Path):
-    """A served export with a labelled bank: a ResNet (MoCo v1/v2) and a ViT (MoCo v3)."""
+    """A served export with a labelled bank: a ResNet (MoCo v1/v2) and a ViT (MoCo v3), in the
+    embedded backend, and the ResNet in Milvus (Lite)."""
+    arch, backend = request.param
     root = tmp_path_factory.mktemp("knn")
     bank = _subset(demo_data / "train", root / "bank", PER_CLASS_BANK)
     queries = _subset(demo_data / "test", root / "queries", PER_CLASS_QUERIES)
-    model = make_export(root, seed=3, arch=request.param)
-    with ServerProcess(model, root / "store") as server:
+    model = make_export(root, seed=3, arch=arch)
+    with ServerProcess(model, root / "store", *backend_args(backend, root)) as server:
         stub = server.stub()
         items = [
             pb.Item(id=f"{p.parent.name}/{p.name}", image=p.read_bytes(), label=p.parent.name)

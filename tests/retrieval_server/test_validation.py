@@ -28,16 +28,19 @@ from tests.retrieval_server.calls import (
     state,
     upsert,
 )
-from tests.server_harness import make_export, png_bytes
+from tests.server_harness import BACKENDS, backend_options, make_export, png_bytes
 
 Code = grpc.StatusCode
 GOOD = np.ones(512).tolist()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("validation")
-    server = InProcess(ServerConfig(model=make_export(root), store=root / "store", port=0, metrics_port=0, **LIMITS))
+@pytest.fixture(scope="module", params=BACKENDS)
+def served(request, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(f"validation-{request.param}")
+    options = backend_options(request.param, root)
+    server = InProcess(
+        ServerConfig(model=make_export(root), store=root / "store", port=0, metrics_port=0, **LIMITS, **options)
+    )
     load_corpus(server.stub)
     yield server
     server.close()
@@ -287,12 +290,14 @@ def test_writes_to_a_store_that_cannot_be_written_get_failed_precondition(served
         "SetLabels": lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "cat"))),
         "LabelCorpus": lambda: pb.LabelCorpusRequest(apply=True),
     }
+    if served.service.backend.kind != "embedded":
+        pytest.skip("SQLite's query_only switch exists in the embedded backend only")
     before = state(served.stub)
-    writer = served.service.store._writer
+    writer = served.service.backend.store._writer
     writer.execute("PRAGMA query_only = ON")
     try:
         err = expect(Code.FAILED_PRECONDITION, getattr(served.stub, rpc), requests[rpc](), match="cannot be written")
-        assert str(served.service.store.directory) in err.details()
+        assert str(served.service.backend.store.directory) in err.details()
         assert state(served.stub) == before  # reads go on, nothing changed
     finally:
         writer.execute("PRAGMA query_only = OFF")

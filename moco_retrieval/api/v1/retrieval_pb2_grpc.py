@@ -150,7 +150,8 @@ class RetrievalServicer:
 
     def LabelCorpus(self, request, context):
         """Classifies every stored item without a human label from its stored embedding (no
-        re-embedding) and streams one proposal per item, ordered by id.
+        re-embedding) and streams one proposal per item, ordered by id (with --backend milvus: in
+        Milvus's key order, which a query iterator gives without sorting the collection).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,8 +182,8 @@ class RetrievalServicer:
     def Duplicates(self, request, context):
         """Groups of near-duplicate stored items: each item is linked to those of its max_neighbors
         nearest items whose cosine similarity is at least min_score, and linked items form a group
-        (connected components). Streamed largest group first. One pass of FAISS searches in chunks:
-        memory stays bounded by the index and one chunk of results. With an approximate index
+        (connected components). Streamed largest group first (equal sizes in no set order). One pass
+        of searches in chunks: memory stays bounded by the index and one chunk of results. With an approximate index
         (IVF, HNSW, PQ) some near duplicates may be missed.
         INVALID_ARGUMENT: min_score outside (0, 1] or max_neighbors <= 0; OUT_OF_RANGE: max_neighbors > max_k.
         """
