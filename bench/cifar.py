@@ -20,9 +20,11 @@ from moco_retrieval.images import decode_image
 from moco_retrieval.knn import knn_classify, topk_accuracy
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
 from moco_train.checkpoint import load_checkpoint, to_export
+from moco_train.cli import main as moco_train
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+PRETRAINED = REPO / "pretrained" / "moco_v2_resnet18_cifar10.pt"
 KNN_K = 200
 KNN_TAUS = (0.05, 0.07, 0.1, 0.2)
 
@@ -34,6 +36,13 @@ def ensure_cifar(root: Path) -> Path:
         with tarfile.open(ARCHIVE) as tar:
             tar.extractall(root, filter="data")
     return root
+
+
+def pretrained_export(out: Path) -> Path:
+    """The committed pretrained encoder (official MoCo layout) as an export that the server loads."""
+    if moco_train(["export", str(PRETRAINED), str(out)]) != 0:
+        raise SystemExit(f"exporting {PRETRAINED} failed")
+    return out
 
 
 def class_subset(root: Path, per_class: int, out: Path) -> Path:

@@ -29,26 +29,24 @@ import numpy as np
 import torch
 
 from moco_retrieval.knn import knn_classify, topk_accuracy
-from moco_train.cli import main as moco_train
 from retrieval_client import RetrievalClient, UpsertItem
 from retrieval_server.process import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import cifar_parser, class_subset, ensure_cifar, save_figure, write_report  # noqa: E402
+from cifar import (  # noqa: E402
+    cifar_parser,
+    class_subset,
+    ensure_cifar,
+    pretrained_export,
+    save_figure,
+    write_report,
+)
 from common import machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-PRETRAINED = REPO / "pretrained" / "moco_v2_resnet18_cifar10.pt"
 ROUND = 10
 STRATEGIES = {"suggest": None, "suggest-early-uncertain": 0, "random": None}  # -> Suggest's uncertain_from
 K, TAU = 200, 0.07
-
-
-def served_export(official: Path, out: Path) -> Path:
-    """The committed encoder (official MoCo layout) as an export the server loads."""
-    if moco_train(["export", str(official), str(out)]) != 0:
-        raise SystemExit(f"exporting {official} failed")
-    return out
 
 
 def files(root: Path) -> list[tuple[str, Path, str]]:
@@ -139,7 +137,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "label_budget.json")
     args = parser.parse_args()
     ensure_cifar(args.cifar)
-    model = args.model or served_export(PRETRAINED, args.work / "pretrained_export.pt")
+    model = args.model or pretrained_export(args.work / "pretrained_export.pt")
     pool_dir = class_subset(args.cifar / "train", args.pool_per_class, args.work / "pool")
     query_dir = class_subset(args.cifar / "test", args.queries_per_class, args.work / "queries")
     pool, query = files(pool_dir), files(query_dir)
