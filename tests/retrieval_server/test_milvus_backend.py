@@ -9,18 +9,14 @@ from __future__ import annotations
 import signal
 
 import numpy as np
-import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from retrieval_server.config import ServerConfig
 from retrieval_server.milvus_backend import literal, row_of
 from retrieval_server.service import LABEL_CORPUS_CHUNK
-from tests.retrieval_server.calls import InProcess, load_corpus, state, upsert
+from tests.retrieval_server.calls import load_corpus, state, upsert
 from tests.server_harness import (
-    BACKENDS,
     ServerProcess,
     backend_args,
-    backend_options,
     make_export,
     png_bytes,
     run_server_expecting_failure,
@@ -109,30 +105,17 @@ def test_milvus_needs_a_uri(tmp_path):
     assert proc.returncode != 0 and "--milvus-uri is required with --backend milvus" in proc.stderr
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_label_corpus_applies_across_chunks_proposing_each_item_once(tmp_path, backend):
+def test_label_corpus_applies_across_chunks_proposing_each_item_once(served):
     """LabelCorpus(apply) writes predictions while it iterates over the unlabelled items (Milvus: a
     query iterator paging by key while upserts rewrite the entities it already gave)."""
-    server = InProcess(
-        ServerConfig(
-            model=make_export(tmp_path),
-            store=tmp_path / "store",
-            port=0,
-            metrics_port=0,
-            **backend_options(backend, tmp_path),
-        )
-    )
-    try:
-        rng = np.random.default_rng(0)
-        vectors = rng.standard_normal((LABEL_CORPUS_CHUNK + 300, 512)).astype(np.float32)
-        items = [
-            pb.Item(id=f"x{i:05d}", embedding=pb.Vector(data=v.tobytes()), label="ab"[i % 2] if i < 20 else "")
-            for i, v in enumerate(vectors)
-        ]
-        upsert(server.stub, *[items[i : i + 500] for i in range(0, len(items), 500)])
-        proposals = [p.id for p in server.stub.LabelCorpus(pb.LabelCorpusRequest(k=5, apply=True))]
-        assert sorted(proposals) == [item.id for item in items[20:]]  # each unlabelled item exactly once
-        info = server.stub.Info(pb.InfoRequest())
-        assert (info.item_count, info.labelled_count, info.predicted_count) == (len(items), 20, len(items) - 20)
-    finally:
-        server.close()
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((LABEL_CORPUS_CHUNK + 300, 512)).astype(np.float32)
+    items = [
+        pb.Item(id=f"x{i:05d}", embedding=pb.Vector(data=v.tobytes()), label="ab"[i % 2] if i < 20 else "")
+        for i, v in enumerate(vectors)
+    ]
+    upsert(served.stub, *[items[i : i + 500] for i in range(0, len(items), 500)])
+    proposals = [p.id for p in served.stub.LabelCorpus(pb.LabelCorpusRequest(k=5, apply=True))]
+    assert sorted(proposals) == [item.id for item in items[20:]]  # each unlabelled item exactly once
+    info = served.stub.Info(pb.InfoRequest())
+    assert (info.item_count, info.labelled_count, info.predicted_count) == (len(items), 20, len(items) - 20)

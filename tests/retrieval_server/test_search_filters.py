@@ -4,26 +4,13 @@ filter), in-process against brute force over the matching items."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from retrieval_server.config import ServerConfig
-from tests.retrieval_server.calls import InProcess, upsert
-from tests.server_harness import BACKENDS, backend_options, make_export
+from tests.retrieval_server.calls import upsert
 
 DIM = 512
 CAMERAS, SITES = ("north", "south", "east"), ("x", "y")
 ODD_KEY = 'a.b "c" $[0]'  # a key that a JSON path would misread
-
-
-@pytest.fixture(params=BACKENDS)
-def served(request, tmp_path):
-    options = backend_options(request.param, tmp_path)
-    server = InProcess(
-        ServerConfig(model=make_export(tmp_path), store=tmp_path / "store", port=0, metrics_port=0, **options)
-    )
-    yield server
-    server.close()
 
 
 def corpus() -> tuple[list[str], np.ndarray, list[dict[str, str]], list[str]]:

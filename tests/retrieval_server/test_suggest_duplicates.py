@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
-from retrieval_server.config import ServerConfig
-from tests.retrieval_server.calls import InProcess, expect, upsert
-from tests.server_harness import BACKENDS, backend_options, make_export
+from tests.retrieval_server.calls import expect, upsert
 
 DIM = 512
 SIZES = {"a": 60, "b": 50, "c": 40, "d": 30, "e": 20, "f": 10}  # six clusters, largest first
@@ -33,16 +31,6 @@ def cluster_items() -> list[pb.Item]:
         for i, v in enumerate(unit(centre + 0.15 * rng.standard_normal((size, DIM)) / np.sqrt(DIM) * 8)):
             items.append(pb.Item(id=f"{name}{i:03d}", embedding=pb.Vector(data=v.tobytes())))
     return items
-
-
-@pytest.fixture(params=BACKENDS)
-def served(request, tmp_path):
-    options = backend_options(request.param, tmp_path)
-    server = InProcess(
-        ServerConfig(model=make_export(tmp_path), store=tmp_path / "store", port=0, metrics_port=0, **options)
-    )
-    yield server
-    server.close()
 
 
 def suggest(stub, n: int, seed: int = 0, **kw) -> pb.SuggestResponse:
