@@ -1,6 +1,8 @@
 """Retrieval server benchmark: Search/Classify over gRPC against the same FAISS search in-process
-(the limit) and Milvus Lite (a peer), at growing collection sizes and client concurrencies; server
-memory and start-up time; Embed images/s with dynamic batching against a direct batched forward.
+(the limit) and Milvus Lite (a peer), and the same server on its milvus backend (server-milvus:
+`--backend milvus` on a Milvus Lite file), at growing collection sizes and client concurrencies;
+ingest rates; server memory and start-up time; Embed images/s with dynamic batching against a
+direct batched forward.
 
     BVENV=$(scripts/ensure_bench_venv.sh)
     $BVENV/bin/python bench/server_bench.py            # 10k, 100k, 1M vectors
@@ -51,7 +53,8 @@ CHUNK = 10_000  # vectors are generated (and ingested) 10k at a time
 NUM_CLASSES = 10
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-SYSTEMS = ("server", "faiss", "milvus")  # what stores the vectors; "server-bare" and "faiss-omp" are variants
+# What stores the vectors ("server-bare" and "faiss-omp" are variants of server and faiss).
+SYSTEMS = ("server", "server-milvus", "faiss", "milvus")
 MILVUS_COLLECTION = "bench"
 RESULTS = REPO / "bench" / "results" / "server_bench.json"
 
@@ -453,6 +456,9 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
             if "milvus" in row:
                 row["qps_server_over_milvus"] = ratio(row["server"]["qps"], row["milvus"]["qps"])
                 row["p50_milvus_over_server"] = ratio(row["milvus"]["p50_ms"], row["server"]["p50_ms"])
+            if "server-milvus" in row:  # the backend choice: embedded (server) against milvus
+                row["p50_server_milvus_over_server"] = ratio(row["server-milvus"]["p50_ms"], row["server"]["p50_ms"])
+                row["qps_server_over_server_milvus"] = ratio(row["server"]["qps"], row["server-milvus"]["qps"])
             out[op].append(row)
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
@@ -471,7 +477,7 @@ def markdown(results: dict) -> str:
             s for s in results["settings"]["systems"] if any(s in row for z in results["sizes"] for row in z[op])
         ]
         head = "| vectors | clients | " + " | ".join(f"{s} QPS | {s} p50/p99 ms" for s in systems)
-        head += " | server p50 / best FAISS p50 | server QPS / Milvus QPS |"
+        head += " | server p50 / best FAISS p50 | server QPS / Milvus QPS | server-milvus p50 / server p50 |"
         if op == "classify":
             head += " server-bare p50 / best FAISS p50 |"
         lines += [
@@ -487,7 +493,7 @@ def markdown(results: dict) -> str:
                     f"| {size['size']:,} | {row['concurrency']} | "
                     + " | ".join(cells)
                     + f" | {row.get('overhead_p50_server_over_faiss', '-')} | "
-                    f"{row.get('qps_server_over_milvus', '-')} |"
+                    f"{row.get('qps_server_over_milvus', '-')} | {row.get('p50_server_milvus_over_server', '-')} |"
                     + (f" {row.get('overhead_p50_bare_over_faiss', '-')} |" if op == "classify" else "")
                 )
         lines.append("")
@@ -495,14 +501,16 @@ def markdown(results: dict) -> str:
         "**Memory and ingest**",
         "",
         "| vectors | server RSS MB | RSS over empty / raw vectors | "
-        "store on disk MB | server ingest items/s | Milvus ingest items/s | Milvus RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "store on disk MB | server ingest items/s | server-milvus ingest items/s | Milvus ingest items/s | "
+        "Milvus RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size in results["sizes"]:
         m = size["memory"]
         lines.append(
             f"| {size['size']:,} | {m['server_rss_mb']} | {m['server_rss_over_empty_per_raw']} | "
             f"{m['store_disk_mb']} | {size['ingest_items_per_s'].get('server', '-')} | "
+            f"{size['ingest_items_per_s'].get('server-milvus', '-')} | "
             f"{size['ingest_items_per_s'].get('milvus', '-')} | {m.get('milvus_rss_mb', '-')} |"
         )
     lines.append("")
@@ -567,7 +575,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="vector dimension of the default model: 128 (MoCo "
         "projection head, `moco-train export --keep-head`) or 512 (resnet18 pooled features)",
     )
-    p.add_argument("--no-milvus", action="store_true", help="leave Milvus Lite out")
+    p.add_argument("--no-milvus", action="store_true", help="leave Milvus Lite out (as a peer and as our backend)")
     p.add_argument("--work-dir", type=Path, help="store, Milvus data and logs (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -611,7 +619,8 @@ def describe(args: argparse.Namespace, info: pb.InfoResponse, label_every: int) 
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "server_index": f"{info.index_type} on {info.index_device}",
         "model": f"{info.arch}, input {info.input_size}px, encoder on {info.model_device}",
-        "systems": ["server", "server-bare", "faiss", "faiss-omp"] + ([] if args.no_milvus else ["milvus"]),
+        "systems": ["server", "server-bare", "faiss", "faiss-omp"]
+        + ([] if args.no_milvus else ["server-milvus", "milvus"]),
         "dim_note": (
             f"Every system stores the served model's {dim}-d vectors ({info.arch}; 128-d is the MoCo "
             "projection head kept by `moco-train export --keep-head`, 512-d the pooled features). "
@@ -724,9 +733,15 @@ def main(argv: list[str] | None = None) -> None:
         "faiss": one_thread,
         "faiss-omp": FaissTarget(dim, threads=faiss.omp_get_max_threads(), shares=one_thread),
     }
+    milvus_server = None
     if not args.no_milvus:
         targets["milvus"] = MilvusTarget(work, dim)
-    pids = [server.proc.pid] + ([targets["milvus"].proc.pid] if "milvus" in targets else [])
+        milvus_server = BenchServer(
+            model, work / "store-milvus", work, ["--backend", "milvus", "--milvus-uri", str(work / "server-milvus.db")]
+        )
+        milvus_server.start()
+        targets["server-milvus"] = ServerTarget(milvus_server.port, args.upsert_batch)
+    pids = [server.proc.pid] + [t.proc.pid for t in (targets.get("milvus"), milvus_server) if t is not None]
     queries = chunk_vectors(args.seed + 1, 0, dim)[: args.queries]
     stored = 0
     for size in args.sizes:
@@ -749,6 +764,8 @@ def main(argv: list[str] | None = None) -> None:
     results["restart"] = restart(server)
     if "milvus" in targets:
         targets["milvus"].close()
+        targets["server-milvus"].close()
+        milvus_server.stop()
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write(results, args.out)
     print("\n" + markdown(results))

@@ -18,6 +18,9 @@ Mapping (what the proto promises, and what Milvus gives):
   LabelCorpus  a query iterator over `label is null` (in key order, not by id).
   the model    the collection's properties hold the model fingerprint and dimension; a collection
                of another model is refused (FAILED_PRECONDITION) unless --reset-store.
+  flush        after every --snapshot-every items this replica changed, and at shutdown. Milvus
+               flushes by itself; Milvus Lite searches unflushed rows about 10x slower (measured:
+               185 against 18 ms at 10k rows), so a replica flushes what it wrote.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -76,10 +80,12 @@ class MilvusBackend:
     kind = "milvus"
     gpus = 0  # the GPUs of a Milvus cluster are its own
 
-    def __init__(self, client: MilvusClient, collection: str, dim: int, index: str) -> None:
-        self.client, self.collection, self.dim = client, collection, dim
+    def __init__(self, client: MilvusClient, collection: str, dim: int, index: str, flush_every: int) -> None:
+        self.client, self.collection, self.dim, self.flush_every = client, collection, dim, flush_every
         self.index_type = f"milvus:{index}"
         self.device = "gpu" if index.upper().startswith("GPU") else "cpu"
+        self._changed = 0
+        self._changed_lock = threading.Lock()
 
     @classmethod
     def open(cls, cfg: ServerConfig, fingerprint: str, dim: int) -> MilvusBackend:
@@ -107,7 +113,7 @@ class MilvusBackend:
         except (MilvusException, MilvusError) as exc:
             client.close()  # Milvus Lite stops its server now, before the error is reported
             raise exc if isinstance(exc, MilvusError) else MilvusError(f"Milvus at {cfg.milvus_uri}: {exc}") from exc
-        backend = cls(client, name, dim, cfg.milvus_index)
+        backend = cls(client, name, dim, cfg.milvus_index, cfg.snapshot_every)
         log.info("Milvus collection %r (%s): %d items", name, backend.index_type, backend.item_count)
         return backend
 
@@ -154,6 +160,15 @@ class MilvusBackend:
         wanted = set(ids)
         return {e["id"]: e for e in found if e["id"] in wanted}
 
+    def _after_write(self, changed: int) -> None:
+        with self._changed_lock:
+            self._changed += changed
+            due = self.flush_every and self._changed >= self.flush_every
+            if due:
+                self._changed = 0
+        if due:
+            self._call("flush", self.client.flush)
+
     @property
     def item_count(self) -> int:
         return self._count("")
@@ -187,6 +202,7 @@ class MilvusBackend:
                 }
             )
         self._call("upsert", self.client.upsert, entities)
+        self._after_write(len(items))
         return len(items)
 
     def delete(self, ids: list[str], ignore_missing: bool) -> int:
@@ -197,6 +213,7 @@ class MilvusBackend:
         rows = sorted({int(e["row"]) for e in stored.values()})
         if rows:
             self._call("delete", self.client.delete, ids=rows)
+            self._after_write(len(rows))
         return len(rows)
 
     def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> int:
@@ -213,6 +230,7 @@ class MilvusBackend:
                 entity["label"] = label
         if stored:
             self._call("upsert", self.client.upsert, list(stored.values()))
+            self._after_write(len(stored))
         return len(assignments)
 
     def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
@@ -222,6 +240,7 @@ class MilvusBackend:
             entity["predicted_label"], entity["predicted_confidence"] = by_row[int(entity["row"])]
         if entities:
             self._call("upsert", self.client.upsert, entities)
+            self._after_write(len(entities))
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, ids: list[str], with_embedding: bool = False) -> dict[str, Row]:
@@ -327,5 +346,11 @@ class MilvusBackend:
         return self.item_count, label_counts, self._count("predicted_label is not null and label is null")
 
     def close(self) -> str:
+        try:
+            self._call("flush", self.client.flush)
+            flushed = "flushed"
+        except StorageError as exc:
+            log.warning("%s", exc)
+            flushed = "not flushed"
         self.client.close()
-        return f"Milvus collection {self.collection!r} left as written"
+        return f"Milvus collection {self.collection!r} {flushed}"
