@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 import torch
 from common import LoadResult, machine_info, ratio, rss_bytes, run_load, settle
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
@@ -424,6 +425,19 @@ def agreement(calls: dict[str, Callable[[int], list[int]]], n: int) -> dict:
     return out
 
 
+def grpc_floor(srv: ServerTarget, args: argparse.Namespace) -> list[dict]:
+    """The round trip of the cheapest call the server answers (grpc.health.v1 Check: no store, no
+    index): what any RPC costs before it does its work, at each client concurrency."""
+    health = health_pb2_grpc.HealthStub(srv.channel)
+    request = health_pb2.HealthCheckRequest(service="")
+    out = []
+    for c in args.concurrency:
+        res = run_load(lambda i: health.Check(request, timeout=60), c, args.max_calls, args.case_seconds, warmup=2)
+        print(f"  gRPC floor (health Check) c={c:<3} {res.qps:9.1f} qps  p50 {res.p50_ms:8.3f} ms", flush=True)
+        out.append(res.to_dict())
+    return out
+
+
 def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Namespace) -> dict:
     """Search and Classify at every concurrency, the systems interleaved case by case."""
     out: dict = {"size": size, "loadavg_before": [round(x, 2) for x in os.getloadavg()], "search": [], "classify": []}
@@ -514,6 +528,9 @@ def markdown(results: dict) -> str:
             f"{size['ingest_items_per_s'].get('milvus', '-')} | {m.get('milvus_rss_mb', '-')} |"
         )
     lines.append("")
+    if "grpc_floor" in results:
+        floor = ", ".join(f"{r['concurrency']} clients p50 {r['p50_ms']} ms" for r in results["grpc_floor"])
+        lines.append(f"gRPC floor (health Check, no store or index work): {floor}.")
     if "restart" in results:
         r = results["restart"]
         lines.append(
@@ -714,6 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         f"server up in {results['startup_empty_s']} s, dim {dim}, {info.index_type} on {info.index_device}", flush=True
     )
 
+    results["grpc_floor"] = grpc_floor(srv, args)
     results["embed"] = bench_embed(
         srv,
         server,
