@@ -1,5 +1,5 @@
-"""The Retrieval servicer: validate -> embed (batcher) -> store (commit) -> index -> reply. Status
-codes are API (see proto/retrieval/v1/retrieval.proto); a failed call changes nothing."""
+"""The Retrieval servicer: validate -> embed (batcher) -> backend (embedded or milvus, backend.py) ->
+reply. Status codes are API (see proto/retrieval/v1/retrieval.proto); a failed call changes nothing."""
 
 from __future__ import annotations
 
