@@ -110,9 +110,12 @@ class MilvusBackend:
             if not client.has_collection(name):
                 cls._create(client, name, fingerprint, dim, cfg.milvus_index)
             client.load_collection(name)
-        except (MilvusException, MilvusError) as exc:
+        except MilvusError:
             client.close()  # Milvus Lite stops its server now, before the error is reported
-            raise exc if isinstance(exc, MilvusError) else MilvusError(f"Milvus at {cfg.milvus_uri}: {exc}") from exc
+            raise
+        except MilvusException as exc:
+            client.close()
+            raise MilvusError(f"Milvus at {cfg.milvus_uri}: {exc}") from exc
         backend = cls(client, name, dim, cfg.milvus_index, cfg.snapshot_every)
         log.info("Milvus collection %r (%s): %d items", name, backend.index_type, backend.item_count)
         return backend
@@ -180,10 +183,7 @@ class MilvusBackend:
     # -- writes -----------------------------------------------------------------------------------
     def upsert(self, items: list[NewItem]) -> int:
         keys = [row_of(item.id) for item in items]
-        stored = {
-            int(e["row"]): e
-            for e in self._by_rows(keys, ["row", "id", "label", "predicted_label", "predicted_confidence"])
-        }
+        stored = {int(e["row"]): e for e in self._by_rows(keys, FIELDS[:5])}  # all but the metadata
         taken = [item.id for item, key in zip(items, keys) if key in stored and stored[key]["id"] != item.id]
         if taken:
             raise StorageError("io", f"ids {taken[:5]} share a Milvus key with other stored ids; nothing written")
