@@ -197,7 +197,7 @@ def _row(r: tuple, with_embedding: bool) -> Row:
         label=r[2],
         predicted_label=r[3],
         predicted_confidence=r[4],
-        metadata=json.loads(r[5]),
+        metadata=json.loads(r[5]) if r[5] != "{}" else {},  # most items have none: skip the parser
         embedding=np.frombuffer(r[6], dtype="<f4") if with_embedding else None,
     )
 
