@@ -6,7 +6,6 @@ enough vectors arrive to train them."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import faiss
 import numpy as np
@@ -14,10 +13,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 # FAISS GPU indexes cannot return more neighbours than this.
 GPU_MAX_K = 2048
-# Searches of at least this many queries (LabelCorpus chunks, batch searches) use every core, and so
-# does one query over at least this many vectors when it is the only search running (see _threads).
+# Searches of at least this many queries (LabelCorpus chunks, batch searches) use every core (see _threads).
 PARALLEL_QUERIES = 16
-PARALLEL_MIN_VECTORS = 262_144
 MAX_THREADS = faiss.omp_get_max_threads()
 
 
@@ -61,8 +58,6 @@ class FaissIndex:
         self.cpu = cpu if cpu is not None else self._rebuilt(np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
         self._gpu: faiss.Index | None = None
         self._gpu_stale = True
-        self._active = 0  # searches running now (for the thread choice)
-        self._active_lock = threading.Lock()
 
     def _new_inner(self) -> faiss.Index:
         return faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
@@ -134,26 +129,19 @@ class FaissIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if params is None and self.gpus > 0:
             return self._replica().search(queries, k)  # the caller keeps k <= GPU_MAX_K
-        with self._active_lock:
-            self._active += 1
-            alone = self._active == 1
-        try:
-            faiss.omp_set_num_threads(self._threads(len(queries), alone))
-            if params is None:
-                return self.cpu.search(queries, k)
-            return self.cpu.search(queries, k, params=params)
-        finally:
-            with self._active_lock:
-                self._active -= 1
+        faiss.omp_set_num_threads(self._threads(len(queries)))
+        if params is None:
+            return self.cpu.search(queries, k)
+        return self.cpu.search(queries, k, params=params)
 
-    def _threads(self, queries: int, alone: bool) -> int:
-        """OpenMP threads for this search (set for the calling gRPC worker thread only). All cores
-        for a batch of queries, or for one query over a large index while no other search runs;
-        otherwise one: concurrent searches already share the cores, and splitting a small scan
-        across threads mostly waits at barriers (far slower still when the cores are busy)."""
-        if queries >= PARALLEL_QUERIES or (alone and self.cpu.ntotal >= PARALLEL_MIN_VECTORS):
-            return MAX_THREADS
-        return 1
+    @staticmethod
+    def _threads(queries: int) -> int:
+        """OpenMP threads for this search (set for the calling gRPC worker thread only): all cores for
+        a batch of queries, one for a few. Concurrent searches already share the cores, and one query
+        split across threads was slower at every size measured, alone or not (in-process FAISS at
+        10k / 100k / 1M vectors: 0.08 / 1.5 / 22 ms on one thread, 0.28 / 5.6 / 56 ms on all;
+        bench/results/server_bench*.json)."""
+        return MAX_THREADS if queries >= PARALLEL_QUERIES else 1
 
     def _replica(self) -> faiss.Index:
         if self._gpu is None or self._gpu_stale:
