@@ -186,7 +186,7 @@ class MilvusBackend:
         stored = {int(e["row"]): e for e in self._by_rows(keys, FIELDS[:5])}  # all but the metadata
         taken = [item.id for item, key in zip(items, keys) if key in stored and stored[key]["id"] != item.id]
         if taken:
-            raise StorageError("io", f"ids {taken[:5]} share a Milvus key with other stored ids; nothing written")
+            raise StorageError("conflict", f"ids {taken[:5]} share a Milvus key with other stored ids; nothing written")
         entities = []
         for item, key in zip(items, keys):
             old = stored.get(key, {})

@@ -54,6 +54,7 @@ class RpcError(Exception):
 STORAGE_STATUS = {
     "full": Code.RESOURCE_EXHAUSTED,
     "read_only": Code.FAILED_PRECONDITION,
+    "conflict": Code.FAILED_PRECONDITION,
     "io": Code.UNAVAILABLE,
 }
 

@@ -59,7 +59,8 @@ class StorageError(Exception):
     """A write the storage refused; nothing of it was kept (the transaction rolled back).
 
     kind: "full" (no space left, or the --store-max-mb quota), "read_only" (the database, its
-    directory or filesystem cannot be written, or permission is denied), "io" (another I/O error).
+    directory or filesystem cannot be written, or permission is denied), "conflict" (the write
+    contradicts what is stored: retrying cannot help), "io" (another I/O error).
     """
 
     def __init__(self, kind: str, message: str) -> None:

@@ -105,7 +105,11 @@ def typicality(vectors: np.ndarray, assignment: np.ndarray, clusters: int, seed:
 def suggest(backend: Backend, n: int, seed: int, sample: int, k: int, tau: float, uncertain_from: int) -> Suggestions:
     """Up to n suggestions (fewer when fewer items are unlabelled); see the module docstring."""
     rows, vectors = sample_unlabelled(backend, sample, seed)
-    labelled = [chunk.vectors for chunk in backend.embeddings(labelled=True, chunk=CHUNK)]
+    labelled: list[np.ndarray] = []
+    names: set[str] = set()  # the labels in use: uncertainty joins at uncertain_from items per label
+    for chunk in backend.embeddings(labelled=True, chunk=CHUNK):
+        labelled.append(chunk.vectors)
+        names.update(chunk.labels)
     labelled_vectors = np.concatenate(labelled) if labelled else np.zeros((0, vectors.shape[1]), np.float32)
     # TypiClust clusters the labelled items with the candidates: a cluster is covered when it holds one.
     points = np.ascontiguousarray(np.concatenate([vectors, labelled_vectors]))
@@ -141,8 +145,7 @@ def suggest(backend: Backend, n: int, seed: int, sample: int, k: int, tau: float
     chosen: list[Suggested] = []
     taken = np.zeros(len(rows), bool)
     order = sorted(range(clusters), key=lambda c: (-sizes[c], c))
-    labels = len(backend.counts()[1])
-    uncertain = len(labelled_vectors) > 0 and len(labelled_vectors) >= uncertain_from * labels
+    uncertain = len(labelled_vectors) > 0 and len(labelled_vectors) >= uncertain_from * len(names)
     typical_budget = (n + 1) // 2 if uncertain else n
     for c in (c for c in order if c not in covered and sizes[c]):  # the most typical of each uncovered cluster
         if len(chosen) == typical_budget:

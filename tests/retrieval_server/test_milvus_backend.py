@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import signal
 
+import grpc
 import numpy as np
+import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from retrieval_server import milvus_backend
 from retrieval_server.milvus_backend import literal, row_of
 from retrieval_server.service import LABEL_CORPUS_CHUNK
-from tests.retrieval_server.calls import load_corpus, state, upsert
+from tests.retrieval_server.calls import expect, load_corpus, state, upsert
 from tests.server_harness import (
     ServerProcess,
     backend_args,
@@ -98,6 +101,29 @@ def test_keys_and_literals():
     assert len(keys) == 10_000 and all(0 <= k < 2**63 for k in keys)
     assert row_of("a") == row_of("a") != row_of("b")
     assert literal('say "hi" \\ ü') == '"say \\"hi\\" \\\\ ü"'
+
+
+@pytest.mark.parametrize("served", ["milvus"], indirect=True)
+def test_an_id_whose_key_another_id_holds_is_refused_and_nothing_changes(served, monkeypatch):
+    """Two ids with one 63-bit key (about one pair in 10^6 at 10M items; forced here by mapping both
+    to one key, since a real pair cannot be found): the second is FAILED_PRECONDITION, since retrying
+    cannot help, and the first stays as it was."""
+    monkeypatch.setattr(milvus_backend, "row_of", lambda item_id: 7 if item_id in ("x", "y") else row_of(item_id))
+
+    def vector(seed: int) -> pb.Vector:
+        return pb.Vector(data=np.random.default_rng(seed).standard_normal(512).astype(np.float32).tobytes())
+
+    upsert(served.stub, [pb.Item(id="x", embedding=vector(0), label="cat")])
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        served.stub.Upsert,
+        iter([pb.UpsertRequest(items=[pb.Item(id="y", embedding=vector(1))])]),
+        match="share a Milvus key",
+    )
+    stored = served.stub.Get(pb.GetRequest(ids=["x"])).items
+    assert [(i.id, i.label) for i in stored] == [("x", "cat")]
+    assert served.stub.Info(pb.InfoRequest()).item_count == 1
+    expect(grpc.StatusCode.NOT_FOUND, served.stub.Get, pb.GetRequest(ids=["y"]))
 
 
 def test_milvus_needs_a_uri(tmp_path):
