@@ -34,6 +34,7 @@ import torch
 from moco_retrieval.knn import knn_classify, topk_accuracy
 from retrieval_client import RetrievalClient, UpsertItem
 from retrieval_server.process import ServerProcess
+from retrieval_server.suggest import typicality
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar import (  # noqa: E402
@@ -113,17 +114,15 @@ def oracle_typical(
     queries: np.ndarray,
     query_classes: list[str],
 ) -> dict:
-    """Accuracy when each class's most typical items are labelled, budget / classes of each."""
+    """Accuracy when each class's most typical items are labelled, budget / classes of each
+    (typicality as Suggest measures it within a cluster, here within a class)."""
     classes = sorted(set(truth.values()))
-    ranked = {}
-    for c in classes:
-        ids = sorted(i for i in truth if truth[i] == c)
-        x = np.stack([pool_vectors[i] for i in ids])
-        sims = x @ x.T
-        np.fill_diagonal(sims, -np.inf)
-        top = -np.sort(-sims, axis=1)[:, :20]
-        typical = 1.0 / (np.sqrt(np.clip(2.0 - 2.0 * top, 0.0, None)).mean(axis=1) + 1e-6)
-        ranked[c] = [ids[j] for j in np.argsort(-typical, kind="stable")]
+    ids = sorted(truth)
+    of_class = np.array([classes.index(truth[i]) for i in ids])
+    typical = typicality(np.stack([pool_vectors[i] for i in ids]), of_class, len(classes), seed=0)
+    ranked = {
+        c: [ids[j] for j in np.argsort(-typical, kind="stable") if of_class[j] == n] for n, c in enumerate(classes)
+    }
     out = {}
     for budget in budgets:
         labelled = [i for c in classes for i in ranked[c][: budget // len(classes)]]
