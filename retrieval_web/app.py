@@ -55,15 +55,16 @@ def create_app(address: str, token: str | None = None, image_roots: list[Path] =
     def client() -> RetrievalClient:
         return clients.get(token or session.get("token"))
 
-    def can_write() -> bool:
-        """Whether this session's token (or none) may write: asked once, with an empty SetLabels."""
+    def can_write() -> bool | None:
+        """Whether this session's token (or none) may write: asked once, with an empty SetLabels;
+        None before sign-in (neither: the page shows no read-only badge then)."""
         if "can_write" not in session:
             try:
                 client().set_labels({})
                 session["can_write"] = True
             except RetrievalError as exc:
                 if exc.code == grpc.StatusCode.UNAUTHENTICATED:
-                    return False  # not signed in (yet): asked again once a token is given
+                    return None  # not signed in (yet): asked again once a token is given
                 if exc.code != grpc.StatusCode.PERMISSION_DENIED:
                     raise
                 session["can_write"] = False

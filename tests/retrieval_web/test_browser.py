@@ -150,12 +150,12 @@ def test_a_read_only_token_sees_no_write_action_and_cannot_write(world):
         browser = world["browser"]
         browser.delete_all_cookies()
         browser.get(web.url + "/label")
-        wait(browser, "#token").send_keys(READ_ONLY)
+        wait(browser, "#token")
+        assert not browser.find_elements(By.ID, "read-only")  # not signed in is not read-only
+        browser.find_element(By.ID, "token").send_keys(READ_ONLY)
         browser.find_element(By.ID, "sign-in").click()
-        wait(browser, "#read-only")
-        assert browser.find_elements(By.CSS_SELECTOR, "#queue .card") and not browser.find_elements(
-            By.CSS_SELECTOR, ".actions"
-        )
+        wait(browser, "#queue .card")  # the label page (the sign-in page before it has no queue)
+        assert browser.find_elements(By.ID, "read-only") and not browser.find_elements(By.CSS_SELECTOR, ".actions")
         shot(browser, "read-only")
         item_id = browser.find_element(By.CSS_SELECTOR, "#queue .card").get_attribute("data-id")
         reply = browser.execute_async_script(
