@@ -66,7 +66,9 @@ SERVERS = {"sync": serve_sync, "aio": serve_aio}
 
 def measure(kind: str, args: argparse.Namespace) -> dict:
     port = free_port()
-    child = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--port", str(port)])
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind, "--port", str(port), "--threads", str(args.threads)]
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -120,9 +120,8 @@ def oracle_typical(
     ids = sorted(truth)
     of_class = np.array([classes.index(truth[i]) for i in ids])
     typical = typicality(np.stack([pool_vectors[i] for i in ids]), of_class, len(classes), seed=0)
-    ranked = {
-        c: [ids[j] for j in np.argsort(-typical, kind="stable") if of_class[j] == n] for n, c in enumerate(classes)
-    }
+    order = np.argsort(-typical, kind="stable")  # most typical first
+    ranked = {c: [ids[j] for j in order if of_class[j] == n] for n, c in enumerate(classes)}
     out = {}
     for budget in budgets:
         labelled = [i for c in classes for i in ranked[c][: budget // len(classes)]]
@@ -199,9 +198,7 @@ def main() -> None:
                 }
                 for strategy in STRATEGIES
             }
-            results["oracle-typical"] = oracle_typical(
-                args.budgets, pool_vectors, truth, queries, [c for _, _, c in query]
-            )
+            oracle = oracle_typical(args.budgets, pool_vectors, truth, queries, [c for _, _, c in query])
             info = client.info()
     summary = {
         str(b): {s: round(float(np.mean([run[b]["top1"] for run in results[s].values()])), 2) for s in STRATEGIES}
@@ -209,7 +206,7 @@ def main() -> None:
     }
     for b, row in summary.items():
         row["gain_points"] = round(row["suggest"] - row["random"], 2)
-        row["oracle-typical"] = results["oracle-typical"][int(b)]["top1"]
+        row["oracle-typical"] = oracle[int(b)]["top1"]
     report = {
         "benchmark": "label_budget",
         "setup": {
@@ -225,11 +222,9 @@ def main() -> None:
             "tau": TAU,
         },
         "results": {
-            s: {str(seed): {str(b): v for b, v in run.items()} for seed, run in r.items()}
-            for s, r in results.items()
-            if s in STRATEGIES
+            s: {str(seed): {str(b): v for b, v in run.items()} for seed, run in r.items()} for s, r in results.items()
         }
-        | {"oracle-typical": {str(b): v for b, v in results["oracle-typical"].items()}},
+        | {"oracle-typical": {str(b): v for b, v in oracle.items()}},
         "mean_top1": summary,
         "machine": machine_info(),
         "wall_s": round(time.time() - start, 1),

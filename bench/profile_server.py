@@ -118,17 +118,17 @@ def main() -> None:
     server.start()
     try:
         srv = ServerTarget(server.port, upsert_batch=1000)
+        bare = ServerTarget(server.port, upsert_batch=1000, neighbors=0)  # Classify without neighbours
         ingest({"server": srv}, 0, args.dim, 0, args.size, label_every=10)
         queries = chunk_vectors(1, 0, args.dim)[:500]
         calls = {
             "search": srv.search_call(queries, args.k),
             "classify": srv.classify_call(queries, args.classify_k, 0.07),
-            "classify_no_neighbors": ServerTarget(server.port, 1000, neighbors=0).classify_call(
-                queries, args.classify_k, 0.07
-            ),
+            "classify_no_neighbors": bare.classify_call(queries, args.classify_k, 0.07),
         }
         results = {name: profile(server, call, args, work / f"{name}.collapsed") for name, call in calls.items()}
         srv.close()
+        bare.close()
     finally:
         server.stop()
     report = {

@@ -139,7 +139,7 @@ class FaissIndex:
         """OpenMP threads for this search (set for the calling gRPC worker thread only): all cores for
         a batch of queries, one for a few. Concurrent searches already share the cores, and one query
         split across threads was slower at every size measured, alone or not (in-process FAISS at
-        10k / 100k / 1M vectors: 0.08 / 1.5 / 22 ms on one thread, 0.28 / 5.6 / 56 ms on all;
+        10k / 100k / 1M vectors: 0.08 / 1.5 / 21 ms on one thread, 0.28 / 5.6 / 55 ms on all;
         bench/results/server_bench*.json)."""
         return MAX_THREADS if queries >= PARALLEL_QUERIES else 1
 
