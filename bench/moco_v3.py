@@ -7,7 +7,8 @@ CIFAR-10 training images (labels never used), batch 128, bf16 autocast where the
   * v3-resnet18:   --moco-v3 -a resnet18 (CIFAR stem): LARS lr 0.15 (0.3 x 128/256), wd 1e-6,
                    τ 0.2 (solo-learn's CIFAR value; the paper's 1.0 is for ResNet-50 on ImageNet);
   * v3-vit_tiny_32: --moco-v3 -a vit_tiny_32 (patch 4, width 192, 12 blocks, frozen patch
-                   projection): AdamW lr 5e-4 (1.5e-4 x batch/256 = 7.5e-5 is tuned for 300
+                   projection): AdamW lr 5e-4 (base --lr 1e-3 x 128/256; the official base
+                   1.5e-4, 7.5e-5 at this batch, is tuned for 300
                    ImageNet epochs, far too slow for a budget of minutes), wd 0.1, τ 0.2.
 v3 runs use the default 4096-wide MLPs, momentum 0.99 -> 1 (cosine) and warm up over the first
 10% of their steps. Each run gets --budget-minutes of training: a 12-step probe measures its
@@ -52,7 +53,7 @@ COMMON = ["-b", str(BATCH), "-j", "2", "--compile", "off", "--seed", "0", "--no-
 RUNS = {
     "v2-resnet18": ["--v2", "--lr", "0.06", "--wd", "5e-4", "--moco-k", "4096", "--moco-m", "0.99", "--moco-t", "0.1"],
     "v3-resnet18": ["--moco-v3", "-a", "resnet18", "--moco-t", "0.2"],
-    "v3-vit_tiny_32": ["--moco-v3", "-a", "vit_tiny_32", "--lr", "5e-4", "--moco-t", "0.2"],
+    "v3-vit_tiny_32": ["--moco-v3", "-a", "vit_tiny_32", "--lr", "1e-3", "--moco-t", "0.2"],  # 5e-4 at -b 128
 }
 
 

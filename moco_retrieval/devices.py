@@ -35,3 +35,14 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_supports_fp16_autocast() -> bool:
+    """Whether this torch build autocasts to float16 on the CPU (it does from 2.x on; it is
+    emulated on most CPUs and slow, so it is never chosen automatically: --amp fp16 only)."""
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2))
+    except RuntimeError:
+        return False
+    return out.dtype == torch.float16

@@ -28,40 +28,20 @@ from moco_retrieval.vit import VIT_ARCHS, build_vit
 from . import distributed
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch of all processes, on any device and backend (torch's
-    SyncBatchNorm runs on GPUs only): the mean, then the variance, are all-reduced with autograd
-    (torch.distributed.nn), so the gradient flows through the global statistics as in SyncBN.
-    In one process, or in eval mode, it is BatchNorm1d."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and distributed.is_distributed()):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        n = x.shape[0] * distributed.get_world_size()
-        mean = all_reduce(x.sum(0)) / n
-        var = all_reduce(((x - mean) ** 2).sum(0)) / n  # two passes: no E[x²] - E[x]² cancellation
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
-            self.num_batches_tracked.add_(1)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
-        return out * self.weight + self.bias if self.affine else out
-
-
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
-    """MoCo v3's MLP: (Linear without bias, BN, ReLU) per hidden layer, then Linear and, for the
-    projector, a BN without affine parameters. Its indices (0, 1, 3, 4, 6, 7) are the official ones."""
+    """MoCo v3's MLP: (Linear without bias, BN, ReLU) per hidden layer, then Linear and (last_bn) a
+    BN without affine parameters. Its indices (0, 1, 3, 4, 6, 7) are the official ones. Its BNs are
+    plain BatchNorm1d, as the official code's; under DDP the trainer makes every BN of the model
+    global (global_bn.synchronise_batchnorm), as the official code converts it to SyncBatchNorm."""
     layers: list[nn.Module] = []
     for i in range(num_layers):
         dim_in = input_dim if i == 0 else mlp_dim
         dim_out = output_dim if i == num_layers - 1 else mlp_dim
         layers.append(nn.Linear(dim_in, dim_out, bias=False))
         if i < num_layers - 1:
-            layers += [GlobalBatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
         elif last_bn:
-            layers.append(GlobalBatchNorm1d(dim_out, affine=False))
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
     return nn.Sequential(*layers)
 
 
@@ -81,10 +61,17 @@ class MoCoV3(nn.Module):
     """base_encoder (f_q without the predictor), momentum_encoder (f_k) and predictor, named as in
     the official code. forward(x1, x2) returns both directions' logits stacked (2N, N·world) and
     their labels, like MoCo.forward; `loss` turns them into ctr(q1, k2) + ctr(q2, k1). The momentum
-    m is set by the trainer before each step (cosine schedule from --moco-m to 1)."""
+    m is set by the trainer before each step (cosine schedule from --moco-m to 1). The predictor
+    ends in a BN for ViTs and without one for ResNets (official MoCo_ViT and MoCo_ResNet)."""
 
     def __init__(
-        self, base_encoder: nn.Module, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2, m: float = 0.99
+        self,
+        base_encoder: nn.Module,
+        dim: int = 256,
+        mlp_dim: int = 4096,
+        T: float = 0.2,
+        m: float = 0.99,
+        predictor_last_bn: bool = False,
     ) -> None:
         super().__init__()
         self.T, self.m = T, m
@@ -92,7 +79,7 @@ class MoCoV3(nn.Module):
         self.momentum_encoder = copy.deepcopy(base_encoder)
         for param in self.momentum_encoder.parameters():
             param.requires_grad = False  # not updated by gradient
-        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
+        self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=predictor_last_bn)
 
     def encoders(self) -> tuple[nn.Module, nn.Module]:
         """(f_q without the predictor, f_k)."""

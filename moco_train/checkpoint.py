@@ -121,7 +121,8 @@ class EncoderWeights:
     state: the encoder's own keys (conv1.weight, layer1.0.bn1.weight, ... or a ViT's blocks.0.attn...,
     and its projection head or classifier: a ResNet's fc.*, a ViT's head.*); arch: None when the
     file does not name it (a plain state dict); preprocessing: None when the file does not record
-    it; method: "v2" (MoCo v1/v2, f_q = encoder_q) or "v3" (f_q = base_encoder)."""
+    it; method: "v2" (MoCo v1/v2, f_q = encoder_q) or "v3" (f_q = base_encoder); predictor: a v3
+    checkpoint's prediction MLP (its keys 0.weight, 1.weight, ...), None elsewhere."""
 
     state: dict[str, torch.Tensor]
     arch: str | None
@@ -130,6 +131,7 @@ class EncoderWeights:
     train_args: dict[str, Any]
     source: str
     method: str = "v2"
+    predictor: dict[str, torch.Tensor] | None = None
 
 
 def has_cifar_stem(state: dict[str, torch.Tensor]) -> bool:
@@ -180,6 +182,7 @@ def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
             {**blob["args"], "method": method},
             f"{source} (step {blob['global_step']})",
             method,
+            strip_prefix(blob["model"], "predictor.") if method == "v3" else None,
         )
     method = official_method(blob)
     if method is not None:
@@ -194,6 +197,7 @@ def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
             {},
             ours.get("source", f"{source} (official MoCo checkpoint)"),
             method,
+            strip_prefix(blob["state_dict"], "module.predictor.") if method == "v3" else None,
         )
     plain = next((b for b in (blob, blob.get("state_dict"), blob.get("model")) if is_resnet_state_dict(b)), None)
     if plain is not None:

@@ -52,8 +52,10 @@ class TrainConfig:
         None,
         "--lr",
         "--learning-rate",
-        help="learning rate of the global batch; default 0.03 (v1/v2, scale linearly: 0.06 "
-        "for -b 512), v3: 0.3 x batch/256 with LARS, 1.5e-4 x batch/256 with AdamW",
+        help="learning rate, with each official code's rule: v1/v2 take it as the rate of the "
+        "global batch (default 0.03 for -b 256; scale it yourself: 0.06 for -b 512), v3 takes "
+        "the base rate per 256 images and trains at lr x batch/256, as moco-v3's main_moco.py "
+        "(default 0.3 with LARS, 1.5e-4 with AdamW)",
     )
     momentum: float = option(0.9, help="SGD/LARS momentum")
     weight_decay: float | None = option(
@@ -62,7 +64,7 @@ class TrainConfig:
     schedule: list[int] = option([120, 160], help="epochs at which the lr drops x0.1 (without --cos)")
     cos: bool = option(False, help="half-cosine lr schedule (after --warmup-epochs)")
     warmup_epochs: float | None = option(
-        None, help="linear lr warm-up; default 0 (v1/v2), 10 (v3, as the official code)"
+        None, help="linear lr warm-up; default 0 (v1/v2), v3: 10 (ResNets) and 40 (ViTs), the official recipes'"
     )
     optimizer: str = option(
         "auto", choices=("auto", "sgd", "lars", "adamw"), help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)"
@@ -99,7 +101,8 @@ class TrainConfig:
         help="split (auto, the default): keys shuffled (across processes under DDP) and the global "
         "batch normalised in --bn-splits groups whatever the process count; shuffle: keys "
         "shuffled across processes, one BN group per process (the official per-GPU BN); sync: "
-        "SyncBatchNorm (GPUs), no shuffle; none: plain BN, no shuffle (leaks batch statistics "
+        "BatchNorm over the global batch (SyncBatchNorm on GPUs, the same over gloo on CPUs), "
+        "no shuffle; none: plain BN, no shuffle (leaks batch statistics "
         "between query and key: a shortcut that hurts learning). v1/v2 only",
     )
     bn_splits: int = option(
@@ -111,6 +114,12 @@ class TrainConfig:
         "auto",
         choices=("auto", "on", "off"),
         help="ResNets: 3x3 stride-1 stem without max-pool; auto: on for crops of 64 px or less",
+    )
+    crop_min: float | None = option(
+        None,
+        help="smallest crop, as a share of the image's area (RandomResizedCrop scale (crop_min, 1)); default "
+        "0.2 (v1/v2 and v3 ResNets, the official recipes), 0.08 (v3 ViTs, and every method on crops "
+        "of 64 px or less: the official CIFAR-10 recipe)",
     )
     crop_size: int | None = option(
         None, help="training crop (default: the image size if small, else 224; a ViT's own input size)"
@@ -131,6 +140,14 @@ class TrainConfig:
         help="autocast precision; auto: bf16 (fp16 if unsupported) on GPU, bf16 on CPUs with native bf16, else float32",
     )
     channels_last: bool = option(False, help="channels_last memory format")
+    data_pipeline: str = option(
+        "auto",
+        choices=("auto", "pil", "tensor"),
+        help="pil: decode and augment each image in the -j data workers; tensor: decode the corpus "
+        "once into one uint8 tensor on the device and augment whole batches there (for GPUs: PIL "
+        "workers cannot keep up with them on small images); auto: tensor on CUDA for crops of 64 px "
+        "or less, else pil",
+    )
     compile: str = option(
         "auto",
         choices=("auto", "on", "off"),
@@ -169,33 +186,39 @@ class Recipe:
     moco_m: float
     moco_m_cos: bool
     moco_t: float
+    crop_min: float
 
 
 def resolve(cfg: TrainConfig, small: bool) -> Recipe:
     """Fill in the defaults that depend on the method and the data (`small`: crops <= 64 px).
 
-    v1/v2 follow facebookresearch/moco (lr 0.03, wd 1e-4, m 0.999, τ 0.07 or v2's 0.2). For v2 on
-    small crops τ is 0.1, the official CIFAR-10 demo's value, which also learned faster than 0.2 in
-    a short CIFAR-10 pilot (the README's training section). v3 follows facebookresearch/moco-v3:
-    LARS for ResNets (lr 0.3 x batch/256, wd 1e-6, τ 1.0), AdamW for ViTs (lr 1.5e-4 x batch/256,
-    wd 0.1, τ 0.2), 256-d output, m 0.99 -> 1 (cosine), 10 warm-up epochs."""
+    v1/v2 follow facebookresearch/moco (lr 0.03, wd 1e-4, m 0.999, τ 0.07 or v2's 0.2, crop scale
+    from 0.2). For v2 on small crops τ is 0.1, the official CIFAR-10 demo's value, which also
+    learned faster than 0.2 in a short CIFAR-10 pilot (the README's training section). v3 follows
+    facebookresearch/moco-v3's CONFIG.md: LARS for ResNets (base lr 0.3, wd 1e-6, τ 1.0, 10
+    warm-up epochs, --crop-min 0.2), AdamW for ViTs (base lr 1.5e-4, wd 0.1, τ 0.2, 40 warm-up
+    epochs, crop-min 0.08), 256-d output, m 0.99 -> 1 (cosine); its rate is base lr x batch/256,
+    as its main_moco.py computes it. Crops of 64 px or less start at 0.08 (the CIFAR-10 recipe)."""
 
     def pick(value, default):
         return default if value is None else value
 
+    if cfg.crop_min is not None and not 0 < cfg.crop_min <= 1:
+        raise ConfigError(f"--crop-min {cfg.crop_min}: a share of the image's area, in (0, 1]")
     if cfg.moco_v3:
         vit = cfg.arch in VIT_ARCHS
         optimizer = ("adamw" if vit else "lars") if cfg.optimizer == "auto" else cfg.optimizer
-        base_lr = {"adamw": 1.5e-4, "lars": 0.3, "sgd": 0.3}[optimizer] * cfg.batch_size / 256
+        base_lr = pick(cfg.lr, {"adamw": 1.5e-4, "lars": 0.3, "sgd": 0.3}[optimizer])
         return Recipe(
-            lr=pick(cfg.lr, base_lr),
+            lr=base_lr * cfg.batch_size / 256,
             weight_decay=pick(cfg.weight_decay, 0.1 if optimizer == "adamw" else 1e-6),
             optimizer=optimizer,
-            warmup_epochs=pick(cfg.warmup_epochs, 10),
+            warmup_epochs=pick(cfg.warmup_epochs, 40 if vit else 10),
             moco_dim=pick(cfg.moco_dim, 256),
             moco_m=pick(cfg.moco_m, 0.99),
             moco_m_cos=pick(cfg.moco_m_cos, True),
             moco_t=pick(cfg.moco_t, 0.2 if vit else 1.0),
+            crop_min=pick(cfg.crop_min, 0.08 if vit or small else 0.2),
         )
     v2 = cfg.mlp and cfg.aug_plus
     return Recipe(
@@ -207,6 +230,7 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
         moco_m=pick(cfg.moco_m, 0.999),
         moco_m_cos=pick(cfg.moco_m_cos, False),
         moco_t=pick(cfg.moco_t, (0.1 if small else 0.2) if v2 else 0.07),
+        crop_min=pick(cfg.crop_min, 0.08 if small else 0.2),
     )
 
 

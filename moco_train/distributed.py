@@ -98,6 +98,31 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def average_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Replace every BatchNorm's running mean and variance by their mean over the processes.
+
+    Under per-process BatchNorm (MoCo's shuffle-BN, split BN) each process's running statistics
+    follow only its own share of the batch, and rank 0's are the ones checkpointed and exported.
+    The update r <- (1 - m)·r + m·s is linear, so the mean over processes of their running
+    statistics is what one process normalising the same groups would hold; averaging them before
+    each checkpoint makes the saved statistics those of the global batch and independent of the
+    process count (BN statistics that are already global are left as they are)."""
+    if not is_distributed():
+        return
+    buffers = [
+        buf
+        for module in model.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        for buf in (module.running_mean, module.running_var)
+    ]
+    flat = torch.cat([buf.flatten() for buf in buffers])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    for buf, mean in zip(buffers, flat.split([buf.numel() for buf in buffers])):
+        buf.copy_(mean.view_as(buf))
+
+
+@torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """All processes' tensors concatenated along dim 0 (no gradient flows back); identity in one process."""
     if not is_distributed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from moco_retrieval.architectures import head_prefix
@@ -12,12 +13,23 @@ from moco_retrieval.architectures import head_prefix
 from .checkpoint import CheckpointError, encoder_weights, load_file
 
 
-def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bool) -> str:
-    """Load the starting weights of `encoder` (MoCo copies them into f_k) from any file that
-    `checkpoint.encoder_weights` reads. The backbone must fit exactly: a wrong architecture or stem
-    is a one-line CheckpointError. The projection head is taken when every one of its shapes fits
-    (a MoCo file of the same --mlp/--moco-dim) and re-initialised otherwise (an ImageNet classifier,
-    another head). Returns what was loaded, for the log."""
+def fits(module: nn.Module, state: dict[str, torch.Tensor] | None, prefix: str = "") -> bool:
+    """Whether `state` holds exactly the keys of `module` under `prefix`, each of the same shape."""
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefix)}
+    if not state or {k for k in state if k.startswith(prefix)} != own.keys():
+        return False
+    return all(own[k].shape == state[k].shape for k in own)
+
+
+def init_encoder(
+    encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bool, predictor: nn.Module | None = None
+) -> str:
+    """Load the starting weights of f_q (`encoder`; the trainer copies them into f_k) and, for MoCo
+    v3, of its `predictor`, from any file that `checkpoint.encoder_weights` reads. The backbone must
+    fit exactly: a wrong architecture or stem is a one-line CheckpointError. The projection head is
+    taken when every one of its shapes fits (a MoCo file of the same --mlp/--moco-dim) and
+    re-initialised otherwise (an ImageNet classifier, another head); so is v3's predictor (an
+    official moco-v3 checkpoint's, ViT or ResNet, or ours). Returns what was loaded, for the log."""
     weights = encoder_weights(load_file(path), str(path))
     if weights.arch is not None and weights.arch != arch:
         raise CheckpointError(f"{path}: holds a {weights.arch}, but this run trains a {arch} (use -a {weights.arch})")
@@ -31,7 +43,7 @@ def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bo
     prefix = head_prefix(arch)
     head = {k: v for k, v in weights.state.items() if k.startswith(prefix)}
     own_head = {k for k in own if k.startswith(prefix)}
-    head_fits = head.keys() == own_head and all(own[k].shape == v.shape for k, v in head.items())
+    head_fits = fits(encoder, head, prefix)
     state = {k: v for k, v in weights.state.items() if not k.startswith(prefix) or head_fits}
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -40,8 +52,14 @@ def init_encoder(encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bo
     missing = [k for k in missing if k not in own_head]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return (
-        f"{weights.source}: backbone and projection head"
-        if head_fits
-        else f"{weights.source}: backbone (projection head re-initialised)"
-    )
+    loaded = ["backbone", *(["projection head"] if head_fits else [])]
+    if predictor is not None and fits(predictor, weights.predictor):
+        predictor.load_state_dict(weights.predictor)
+        loaded.append("predictor")
+    fresh = [name for name in ("projection head", "predictor")[: 1 if predictor is None else 2] if name not in loaded]
+    said = f"{weights.source}: {listing(loaded)}"
+    return f"{said} ({listing(fresh)} re-initialised)" if fresh else said
+
+
+def listing(names: list[str]) -> str:
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from moco_retrieval.devices import cpu_has_native_bf16, resolve_device
+from moco_retrieval.devices import cpu_has_native_bf16, cpu_supports_fp16_autocast, resolve_device
 from moco_retrieval.export import export_model
 from moco_retrieval.preprocessing import Preprocessing, is_small
 from moco_retrieval.vit import VIT_ARCHS
@@ -44,23 +44,26 @@ from .config import COMPILE_MIN_STEPS, ConfigError, TrainConfig, auto_queue_size
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import knn_evaluate
+from .global_bn import has_global_batchnorm, synchronise_batchnorm
 from .optim import build_optimizer, cosine_momentum, lr_factor
 from .pretrained import init_encoder
+from .tensor_data import TensorBatches, TensorImages, resolve_pipeline, store_side
 from .transforms import TwoCropsTransform, train_augmentation, v3_augmentations
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for float32. auto: bf16 on GPUs that support it, else fp16 (with
     GradScaler); on the CPU bf16 where the CPU computes it natively (faster than float32 there),
-    else float32 (emulated bf16 is far slower; the README's training results)."""
+    else float32 (emulated bf16 is far slower; the README's training results). fp16 on the CPU
+    (with a CPU GradScaler) only when asked for and torch autocasts to it there."""
     if amp == "off":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device (use bf16 on the CPU)")
+    if amp == "fp16" and device.type == "cpu" and not cpu_supports_fp16_autocast():
+        raise ConfigError("--amp fp16: this torch cannot autocast to float16 on the CPU (use bf16)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -118,7 +121,7 @@ class Trainer:
         self.main = self.rank == 0
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        # v3 has no queue and no key shuffle: plain BatchNorm in the backbone, global BN in its MLPs.
+        # v3 has no queue and no key shuffle: every BatchNorm is global under DDP (see _build_model).
         self.bn, self.local_bn_splits = ("none", 1) if cfg.moco_v3 else resolve_bn(cfg.bn, cfg.bn_splits, self.world)
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
@@ -166,17 +169,26 @@ class Trainer:
         self.preprocessing = Preprocessing.for_input_size(input_size)
         self.recipe = resolve(cfg, is_small(input_size))
         transform = (
-            TwoCropsTransform(*v3_augmentations(self.preprocessing))
+            TwoCropsTransform(*v3_augmentations(self.preprocessing, self.recipe.crop_min))
             if cfg.moco_v3
-            else TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus))
+            else TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus, self.recipe.crop_min))
         )
-        self.dataset = UnlabeledImages(good, transform, cfg.seed)
-        self.sampler = EpochSampler(len(good), cfg.batch_size, cfg.seed, self.rank, self.world)
+        self.data_pipeline = resolve_pipeline(cfg.data_pipeline, self.device, input_size)
+        if self.data_pipeline == "tensor":  # the same recipes, as batched tensor ops on the device
+            side = store_side(geometry, self.preprocessing)
+            self.dataset = TensorImages(
+                good, transform.recipes(), self.preprocessing, side, cfg.seed, self.device, cfg.workers
+            )
+        else:
+            self.dataset = UnlabeledImages(good, transform, cfg.seed)
+        self.sampler = EpochSampler(len(self.dataset), cfg.batch_size, cfg.seed, self.rank, self.world)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.load_failures: dict[int, str] = {}
-        self.loader: DataLoader | None = None
+        self.loader: DataLoader | TensorBatches | None = None
+        if self.data_pipeline == "tensor":  # decoded up front: every undecodable file is known now
+            self._report_failures(self.dataset.failed)
 
     def _build_model(self) -> None:
         cfg, recipe = self.cfg, self.recipe
@@ -196,13 +208,16 @@ class Trainer:
                 cfg.mlp,
                 self.cifar_stem,
                 bn_splits=self.local_bn_splits,
-                sync_bn=self.bn == "sync",
             )
-        self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem) if cfg.init else "random"
         if cfg.moco_v3:
             self.model = MoCoV3(
-                encoder, dim=recipe.moco_dim, mlp_dim=cfg.moco_mlp_dim, T=recipe.moco_t, m=recipe.moco_m
-            ).to(self.device)
+                encoder,
+                dim=recipe.moco_dim,
+                mlp_dim=cfg.moco_mlp_dim,
+                T=recipe.moco_t,
+                m=recipe.moco_m,
+                predictor_last_bn=cfg.arch in VIT_ARCHS,
+            )
         else:
             self.model = MoCo(
                 encoder,
@@ -212,7 +227,18 @@ class Trainer:
                 T=recipe.moco_t,
                 symmetric=cfg.symmetric,
                 shuffle_keys=self.bn in ("split", "shuffle"),
-            ).to(self.device)
+            )
+        self.init_source = "random"
+        if cfg.init:
+            predictor = self.model.predictor if cfg.moco_v3 else None
+            self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem, predictor)
+            query, key = self.model.encoders()
+            key.load_state_dict(query.state_dict())  # f_k.params = f_q.params
+        if cfg.moco_v3 or self.bn == "sync":
+            # Every BatchNorm over the global batch under DDP, as moco-v3's main_moco.py converts the
+            # model to SyncBatchNorm (v3 needs no shuffle-BN: it has no queue to leak through).
+            self.model = synchronise_batchnorm(self.model, self.device)
+        self.model = self.model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.compiled = resolve_compile(cfg.compile, self.total_steps)
@@ -227,14 +253,18 @@ class Trainer:
             # such parameter is used (find_unused_parameters off). Parameters and buffers are synced
             # from rank 0 at construction; no buffer broadcast at each forward: the queue stays
             # identical on all ranks by construction (gathered keys) and would cost K x dim floats
-            # per step, and BN running statistics are not used in training (rank 0's are
-            # checkpointed and exported).
+            # per step, and BN running statistics are not used in training (they are averaged
+            # over the ranks at each checkpoint). With GlobalBatchNorm (gloo), whose backward
+            # all-reduces, DDP's default path returned wrong gradients (relative error ~1 against
+            # one process on the same batch; tests/moco_train/test_precision_matrix.py), and
+            # static_graph, which routes the outputs through DDP's autograd sink, the right ones.
             self.net = nn.parallel.DistributedDataParallel(
                 self.model,
                 device_ids=ids,
                 forward_sync_buffers=False,
                 find_unused_parameters=False,
                 gradient_as_bucket_view=True,
+                static_graph=has_global_batchnorm(self.model),
             )
         params = [p for p in self.model.parameters() if p.requires_grad]  # not f_k, nor a frozen patch projection
         self.optimizer = build_optimizer(recipe.optimizer, params, recipe.lr, recipe.weight_decay, cfg.momentum)
@@ -249,7 +279,7 @@ class Trainer:
                 schedule=cfg.schedule,
             ),
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -272,7 +302,10 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Rank 0 writes; the barrier keeps every rank from running ahead of an unwritten checkpoint."""
+        """Rank 0 writes, with the BatchNorm statistics of every process averaged (see
+        distributed.average_batchnorm_statistics); the barrier keeps every rank from running ahead
+        of an unwritten checkpoint."""
+        distributed.average_batchnorm_statistics(self.model)
         if self.main:
             save_checkpoint(self.run_dir, self.state(), self.cfg.keep)
         distributed.barrier()
@@ -335,12 +368,15 @@ class Trainer:
         loss_acc = distributed.all_reduce_mean(torch.stack([loss.detach().float(), acc]))  # global batch
         return {"loss": loss_acc[0].item(), "acc": 100.0 * loss_acc[1].item(), "lr": lr}
 
-    def _loader(self) -> DataLoader:
+    def _loader(self) -> DataLoader | TensorBatches:
         """One loader for the whole run: workers decode and augment, persist across epochs and read
         the sampler's epoch from the main process; every rank runs the same number of full steps
-        (the sampler drops the incomplete last global batch)."""
+        (the sampler drops the incomplete last global batch). The tensor pipeline's batches come
+        from the decoded corpus, in the same sampler order."""
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        if self.loader is None:
+        if self.loader is None and self.data_pipeline == "tensor":
+            self.loader = TensorBatches(self.dataset, self.sampler, self.local_batch)
+        elif self.loader is None:
             workers = self.cfg.workers
             self.loader = DataLoader(
                 self.dataset,
@@ -400,6 +436,7 @@ class Trainer:
             bn=self.bn,
             bn_groups=self.local_bn_splits * self.world,
             init=self.init_source,
+            data_pipeline=self.data_pipeline,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
         )

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from moco_retrieval.architectures import build_backbone, build_resnet, feature_dim
 from moco_train.builder import build_encoder
+from moco_train.global_bn import GlobalBatchNorm1d, GlobalBatchNorm2d, convert_global_batchnorm, synchronise_batchnorm
 from moco_train.split_bn import SplitBatchNorm2d
 
 
@@ -66,8 +67,23 @@ def test_split_batchnorm_needs_a_divisible_batch():
         SplitBatchNorm2d(3, num_splits=4)(torch.randn(6, 3, 2, 2))
 
 
-def test_split_and_sync_bn_resnets():
+def test_split_bn_resnets_and_the_global_bn_conversion_keeps_every_weight():
     split = build_encoder("resnet18", 128, mlp=False, cifar_stem=True, bn_splits=4)
     assert isinstance(split.bn1, SplitBatchNorm2d) and split.bn1.num_splits == 4
-    sync = build_encoder("resnet18", 128, mlp=False, cifar_stem=False, sync_bn=True)
-    assert isinstance(sync.bn1, nn.SyncBatchNorm)
+    torch.manual_seed(0)
+    plain = nn.Sequential(build_encoder("resnet18", 8, mlp=True, cifar_stem=True), nn.BatchNorm1d(8, affine=False))
+    for module in plain.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # non-trivial statistics to carry over
+            module.running_mean.uniform_(-1, 1), module.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    converted = convert_global_batchnorm(plain)
+    assert isinstance(converted[0].bn1, GlobalBatchNorm2d) and isinstance(converted[1], GlobalBatchNorm1d)
+    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
+    after = converted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert synchronise_batchnorm(plain, torch.device("cpu")) is plain  # one process: nothing to synchronise
+    x = torch.randn(4, 3, 16, 16)
+    reference = nn.Sequential(build_encoder("resnet18", 8, mlp=True, cifar_stem=True), nn.BatchNorm1d(8, affine=False))
+    reference.load_state_dict(before)
+    for mode in (True, False):  # one process: plain BatchNorm in training and eval
+        torch.testing.assert_close(converted.train(mode)(x), reference.train(mode)(x))

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from moco_retrieval.export import embed, export_model
 from moco_retrieval.vit import VIT_ARCHS, build_vit, sincos_position_embedding
-from moco_train.builder_v3 import GlobalBatchNorm1d, MoCoV3, build_base_encoder, build_mlp
+from moco_train.builder_v3 import MoCoV3, build_base_encoder, build_mlp
 from moco_train.checkpoint import load_file, to_export
-from moco_train.config import TrainConfig
+from moco_train.config import ConfigError, TrainConfig, resolve
 from moco_train.optim import LARS, cosine_momentum, lr_factor
 from moco_train.trainer import Trainer
 from tests.images import noise_images
@@ -65,13 +65,15 @@ def test_only_the_base_encoder_and_predictor_learn_and_the_key_encoder_follows_b
 
 def test_mlps_have_the_official_layout():
     projector = build_mlp(3, 384, 4096, 256)
-    assert [type(m).__name__ for m in projector] == ["Linear", "GlobalBatchNorm1d", "ReLU"] * 2 + [
-        "Linear",
-        "GlobalBatchNorm1d",
-    ]
+    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
     assert projector[0].bias is None and not projector[7].affine  # no bias; last BN without affine
     assert [type(m).__name__ for m in build_mlp(2, 256, 4096, 256, last_bn=False)][-1] == "Linear"
-    assert isinstance(GlobalBatchNorm1d(4), nn.BatchNorm1d)  # plain BatchNorm1d in one process
+    # The predictor: official MoCo_ResNet drops its last BN, MoCo_ViT keeps it (predictor.4).
+    resnet = MoCoV3(build_base_encoder("resnet18", 16, 32, cifar_stem=True, stop_grad_conv1=False), 16, 32)
+    vit = MoCoV3(build_base_encoder("vit_tiny_32", 16, 32, False, True), 16, 32, predictor_last_bn=True)
+    assert [type(m).__name__ for m in resnet.predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in vit.predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert "predictor.4.running_mean" in vit.state_dict() and not vit.predictor[4].affine
 
 
 def test_momentum_schedule_runs_from_099_to_1_and_lr_warms_up_then_decays():
@@ -130,8 +132,7 @@ def vit_trainer(images, run_dir, **kwargs) -> Trainer:
         TrainConfig(
             data=str(images),
             run_dir=str(run_dir),
-            moco_v3=True,
-            arch="vit_tiny_32",
+            **{"moco_v3": True, "arch": "vit_tiny_32", **kwargs},
             batch_size=8,
             moco_mlp_dim=32,
             moco_dim=16,
@@ -139,7 +140,6 @@ def vit_trainer(images, run_dir, **kwargs) -> Trainer:
             warmup_epochs=0.5,
             lr=1e-3,
             progress=False,
-            **kwargs,
         )
     )
 
@@ -178,3 +178,51 @@ def test_official_moco_v3_vit_checkpoint_converts(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(embed(model, x), F.normalize(reference.eval()(x), dim=1), rtol=0, atol=0)
     assert math.isclose(float(embed(model, x).norm(dim=1)[0]), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_32", "resnet18"])
+def test_init_from_an_official_v3_checkpoint_takes_backbone_head_and_predictor(images, tmp_path, arch):
+    """A checkpoint in moco-v3's main_moco.py layout (module.base_encoder.*, module.momentum_encoder.*,
+    module.predictor.*; a ViT's predictor ends in a BN without affine, predictor.4): --init loads
+    f_q's backbone and projector and the predictor, and f_k starts as f_q."""
+    torch.manual_seed(5)
+    vit = arch in VIT_ARCHS
+    official = MoCoV3(build_base_encoder(arch, 16, 32, True, True), 16, 32, predictor_last_bn=vit)
+    for module in official.modules():
+        if isinstance(module, nn.BatchNorm1d):  # statistics unlike a fresh model's
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    state = {f"module.{k}": v for k, v in official.state_dict().items()}
+    assert ("module.predictor.4.running_var" in state) == vit
+    torch.save({"epoch": 300, "arch": arch, "state_dict": state}, tmp_path / "official.pth.tar")
+    crop = {} if vit else {"crop_size": 32}
+    args = dict(arch=arch, seed=1, init=str(tmp_path / "official.pth.tar"), **crop)
+    trainer = vit_trainer(images, tmp_path / "run", max_steps=1, **args)
+    assert trainer.init_source.endswith("backbone, projection head and predictor")
+    expected = official.state_dict()
+    for name, value in trainer.model.state_dict().items():
+        source = "base_encoder." + name.split(".", 1)[1] if name.startswith("momentum_encoder.") else name
+        assert torch.equal(value, expected[source]), name
+
+
+def test_official_recipe_defaults_and_the_v3_learning_rate_rule():
+    """v3's --lr is moco-v3's base rate (x batch/256); v1/v2's is the rate itself, as in moco's code.
+    Warm-up and crop-min follow the official recipe of each architecture; small crops keep 0.08."""
+    v3_vit = resolve(TrainConfig(data="d", run_dir="r", moco_v3=True, arch="vit_small", batch_size=1024), small=False)
+    assert (v3_vit.optimizer, v3_vit.warmup_epochs, v3_vit.crop_min) == ("adamw", 40, 0.08)
+    assert v3_vit.lr == pytest.approx(1.5e-4 * 1024 / 256)
+    official_r50 = TrainConfig(data="d", run_dir="r", moco_v3=True, arch="resnet50", batch_size=4096, lr=0.6)
+    v3_resnet = resolve(official_r50, small=False)
+    assert (v3_resnet.optimizer, v3_resnet.warmup_epochs, v3_resnet.crop_min) == ("lars", 10, 0.2)
+    assert v3_resnet.lr == pytest.approx(9.6)  # CONFIG.md's 100-epoch ResNet-50: 0.6 x 4096/256
+    assert resolve(TrainConfig(data="d", run_dir="r", moco_v3=True), small=True).crop_min == 0.08
+    v2 = TrainConfig(data="d", run_dir="r", batch_size=512, lr=0.06)
+    v2.apply_v2()
+    assert (resolve(v2, small=False).lr, resolve(v2, small=False).crop_min, resolve(v2, small=True).crop_min) == (
+        0.06,
+        0.2,
+        0.08,
+    )
+    assert resolve(TrainConfig(data="d", run_dir="r", crop_min=0.5), small=True).crop_min == 0.5
+    with pytest.raises(ConfigError, match="--crop-min 0"):
+        resolve(TrainConfig(data="d", run_dir="r", crop_min=0.0), small=True)

@@ -82,6 +82,7 @@ def test_method_defaults_resolve_from_the_recipe():
         moco_m=0.999,
         moco_m_cos=False,
         moco_t=0.1,
+        crop_min=0.08,
     )
     # v3 (facebookresearch/moco-v3): AdamW for ViTs, LARS for ResNets, lr scaled by batch / 256.
     vit = resolve(cfg(moco_v3=True, arch="vit_small", batch_size=512), small=False)
@@ -89,11 +90,12 @@ def test_method_defaults_resolve_from_the_recipe():
         lr=3e-4,
         weight_decay=0.1,
         optimizer="adamw",
-        warmup_epochs=10,
+        warmup_epochs=40,
         moco_dim=256,
         moco_m=0.99,
         moco_m_cos=True,
         moco_t=0.2,
+        crop_min=0.08,
     )
     resnet = resolve(cfg(moco_v3=True, arch="resnet50", batch_size=1024, moco_m_cos=False), small=False)
     assert (resnet.optimizer, resnet.lr, resnet.weight_decay, resnet.moco_t, resnet.moco_m_cos) == (
