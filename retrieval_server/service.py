@@ -16,6 +16,7 @@ import numpy as np
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 from moco_retrieval.images import ImageDecodeError, ImageTooLargeError
+from moco_retrieval.labels import label_problem
 
 from . import __version__
 from .backend import Backend
@@ -178,6 +179,13 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 Code.INVALID_ARGUMENT, f"id must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got {len(item_id.encode())}"
             )
 
+    @staticmethod
+    def _check_label(item_id: str, label: str) -> None:
+        """A non-empty label follows the shared rule (moco_retrieval.labels); "" means clear or keep."""
+        problem = label and label_problem(label)
+        if problem:
+            raise RpcError(Code.INVALID_ARGUMENT, f"label of {item_id!r}: {problem}")
+
     def _embed(self, images: list[bytes], context: grpc.ServicerContext) -> list[np.ndarray | ImageDecodeError]:
         try:
             return self.batcher.embed(images, _deadline(context))
@@ -237,6 +245,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 if item.id in seen:
                     raise RpcError(Code.INVALID_ARGUMENT, f"duplicate id {item.id!r} in this batch")
                 seen.add(item.id)
+                self._check_label(item.id, item.label)
                 content = item.WhichOneof("content")
                 if content == "embedding":
                     vectors[i] = self._vector(item.embedding, "embedding")
@@ -292,6 +301,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         if len(set(ids)) != len(ids):
             raise RpcError(Code.INVALID_ARGUMENT, "an id appears twice in assignments")
         for a in request.assignments:
+            self._check_label(a.id, a.label)
             if predicted and not math.isfinite(a.confidence):
                 raise RpcError(Code.INVALID_ARGUMENT, f"confidence of {a.id!r} is not a number")
         assignments = [(a.id, a.label or None, float(a.confidence)) for a in request.assignments]

@@ -4,12 +4,15 @@ waitress, a production WSGI server."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from moco_retrieval.options import add_options, from_args, option
+
+from .sessions import DEFAULT_IDLE_MINUTES, DEFAULT_LIFETIME_HOURS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_SESSIONS
 
 ENV_PREFIX = "RETRIEVAL_WEB_"
 
@@ -26,6 +29,34 @@ class WebConfig:
     host: str = option("127.0.0.1", help="address to serve the page on")
     port: int = option(8080, help="port to serve the page on (0 picks a free one)")
     threads: int = option(8, help="request threads")
+    behind_tls: bool = option(
+        False,
+        help="a TLS proxy serves the page: session cookies get Secure, and X-Forwarded-Proto is believed "
+        "(https when absent; without this flag the header is ignored)",
+    )
+    allowed_host: list[str] = option(
+        [],
+        "--allowed-host",
+        help="host names the page answers to (the Host header; against DNS rebinding); repeat for several. "
+        "Default: 127.0.0.1, localhost and ::1 when --host is a loopback address, any otherwise",
+    )
+    session_idle_minutes: float = option(DEFAULT_IDLE_MINUTES, help="a session ends after this long without a request")
+    session_lifetime_hours: float = option(DEFAULT_LIFETIME_HOURS, help="a session ends this long after sign-in")
+    max_sessions: int = option(
+        DEFAULT_MAX_SESSIONS,
+        help="signed-in sessions kept (and as many anonymous ones); the least recently used goes first",
+    )
+    max_clients: int = option(DEFAULT_MAX_CLIENTS, help="gRPC channels kept, one per token, least recently used closed")
+
+
+def default_allowed_hosts(host: str) -> list[str] | None:
+    """A page on a loopback address answers to the loopback names only, so that a site whose name
+    an attacker points at 127.0.0.1 (DNS rebinding) gets a 400; on any other address, any name."""
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return ["127.0.0.1", "localhost", "::1"] if loopback else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     token = cfg.token
     if cfg.token_file:
         token = cfg.token_file.read_text().strip()
+    for name in ("session_idle_minutes", "session_lifetime_hours", "max_sessions", "max_clients"):
+        if not getattr(cfg, name) > 0:
+            print(f"retrieval-web: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     missing = [str(r) for r in cfg.image_root if not r.is_dir()]
     if missing:
         print(f"retrieval-web: error: --image-root {', '.join(missing)}: no such folder", file=sys.stderr)
@@ -43,7 +78,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
-    app = create_app(cfg.address, token=token, image_roots=cfg.image_root, tls=str(cfg.tls_ca) if cfg.tls_ca else False)
+    app = create_app(
+        cfg.address,
+        token=token,
+        image_roots=cfg.image_root,
+        tls=str(cfg.tls_ca) if cfg.tls_ca else False,
+        behind_tls=cfg.behind_tls,
+        allowed_hosts=cfg.allowed_host or default_allowed_hosts(cfg.host),
+        session_idle_s=cfg.session_idle_minutes * 60,
+        session_lifetime_s=cfg.session_lifetime_hours * 3600,
+        max_sessions=cfg.max_sessions,
+        max_clients=cfg.max_clients,
+    )
     server = create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
     print(
         f"retrieval-web on http://{cfg.host}:{server.effective_port}/ for {cfg.address} (pid {os.getpid()})", flush=True

@@ -21,24 +21,33 @@ class ThumbnailRefused(Exception):
 
 
 def resolve(uri: str, roots: list[Path]) -> Path:
-    """The real path of an item's image: a file:// URI or a path, inside one of the roots after every
-    symbolic link is followed."""
+    """The real path of an item's image: a file:// URI (of this host) or a path, inside one of the
+    roots after every symbolic link is followed. A relative path is looked up under each root in
+    turn: the first root that holds it as an image file wins."""
     if not uri:
         raise ThumbnailRefused("the item has no uri")
     parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        raise ThumbnailRefused(f"not a local file: {uri}")
+    if parsed.scheme not in ("", "file") or (parsed.scheme and parsed.netloc not in ("", "localhost")):
+        raise ThumbnailRefused(f"not a local file: {uri!r}")
     path = Path(unquote(parsed.path) if parsed.scheme else uri)
     candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    problems = []
     for candidate in candidates:
-        real = candidate.resolve()
-        if any(real.is_relative_to(root) for root in roots):
-            if not is_image_path(real):
-                raise ThumbnailRefused(f"not an image file: {uri}")
-            if not real.is_file():
-                raise ThumbnailRefused(f"no such file: {uri}")
-            return real
-    raise ThumbnailRefused(f"outside the image roots: {uri}")
+        try:  # a NUL, a name longer than the OS allows, a loop of links: not a file it can read
+            real = candidate.resolve()
+            if not any(real.is_relative_to(root) for root in roots):
+                problems.append(f"outside the image roots: {uri!r}")
+            elif not is_image_path(real):
+                problems.append(f"not an image file: {uri!r}")
+            elif not real.is_file():
+                problems.append(f"no such file: {uri!r}")
+            else:
+                return real
+        except (OSError, ValueError, RuntimeError) as exc:
+            problems.append(f"not a usable path: {uri!r} ({exc})")
+    raise ThumbnailRefused(
+        next((p for p in problems if "outside" not in p), None) or f"outside the image roots: {uri!r}"
+    )
 
 
 @functools.lru_cache(maxsize=4096)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.labels import MAX_LABEL_CHARS
 from retrieval_server.config import ServerConfig
 from tests.retrieval_server.calls import (
     LIMITS,
@@ -185,6 +186,51 @@ CASES: dict[str, tuple[str, Callable[[], object], grpc.StatusCode, str]] = {
         Code.INVALID_ARGUMENT,
         "twice",
     ),
+    # the label rule (moco_retrieval.labels): refused, not trimmed; all or nothing
+    "set-labels-untrimmed": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a8", "bird"), ("a9", " cat"))),
+        Code.INVALID_ARGUMENT,
+        "label of 'a9': a label must not start or end with whitespace",
+    ),
+    "set-labels-whitespace-only": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "   "))),
+        Code.INVALID_ARGUMENT,
+        "whitespace",
+    ),
+    "set-labels-nul": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "c\0at"))),
+        Code.INVALID_ARGUMENT,
+        "control character (U+0000 at position 1)",
+    ),
+    "set-labels-newline": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "cat\ndog"))),
+        Code.INVALID_ARGUMENT,
+        "control character",
+    ),
+    "set-labels-line-separator": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "cat\u2028dog"))),
+        Code.INVALID_ARGUMENT,
+        "line separator",
+    ),
+    "set-labels-too-long": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(assignments=assignments(("a9", "x" * (MAX_LABEL_CHARS + 1)))),
+        Code.INVALID_ARGUMENT,
+        f"at most {MAX_LABEL_CHARS} characters, got {MAX_LABEL_CHARS + 1}",
+    ),
+    "set-labels-predicted-with-control": (
+        "SetLabels",
+        lambda: pb.SetLabelsRequest(
+            assignments=[pb.LabelAssignment(id="a9", label="cat\x7f", confidence=0.5)], source=pb.PREDICTED
+        ),
+        Code.INVALID_ARGUMENT,
+        "control character",
+    ),
     "set-labels-nan-confidence": (
         "SetLabels",
         lambda: pb.SetLabelsRequest(
@@ -222,6 +268,21 @@ BAD_ITEMS: dict[str, tuple[Callable[[], pb.Item], grpc.StatusCode, str]] = {
     "not-an-image": (lambda: pb.Item(id="b-img", image=b"garbage"), Code.INVALID_ARGUMENT, ""),
     "bomb": (lambda: pb.Item(id="b-bomb", image=bomb()), Code.RESOURCE_EXHAUSTED, "exceeds the limit"),
     "truncated": (lambda: pb.Item(id="b-trunc", image=png_truncated()), Code.INVALID_ARGUMENT, ""),
+    "untrimmed-label": (
+        lambda: pb.Item(id="b-lab", embedding=pb.Vector(values=GOOD), label="cat "),
+        Code.INVALID_ARGUMENT,
+        "label of 'b-lab': a label must not start or end with whitespace",
+    ),
+    "label-with-nul": (
+        lambda: pb.Item(id="b-lab", embedding=pb.Vector(values=GOOD), label="\0"),
+        Code.INVALID_ARGUMENT,
+        "control character",
+    ),
+    "long-label": (
+        lambda: pb.Item(id="b-lab", embedding=pb.Vector(values=GOOD), label="é" * (MAX_LABEL_CHARS + 1)),
+        Code.INVALID_ARGUMENT,
+        f"at most {MAX_LABEL_CHARS} characters",
+    ),
 }
 
 
@@ -235,6 +296,19 @@ def test_a_bad_upsert_item_fails_alone(served: InProcess, case: str) -> None:
     assert ack.errors[0].code == code.value[0] and words.lower() in ack.errors[0].message.lower()
     assert served.stub.Delete(pb.DeleteRequest(ids=["fine"])).deleted == 1
     assert state(served.stub) == before
+
+
+@pytest.mark.parametrize("label", ["x" * MAX_LABEL_CHARS, "chat noir", "é" * MAX_LABEL_CHARS, "🐈 cat", "a\u200db"])
+def test_a_label_that_follows_the_rule_is_stored_as_sent(served: InProcess, label: str) -> None:
+    """At the length limit (code points, not bytes), inner spaces, any printable Unicode (an emoji, a
+    zero-width joiner): stored exactly, by SetLabels and by Upsert."""
+    assert served.stub.SetLabels(pb.SetLabelsRequest(assignments=assignments(("a9", label)))).updated == 1
+    (ack,) = upsert(served.stub, [pb.Item(id="lab", embedding=pb.Vector(values=GOOD), label=label)])
+    assert (ack.upserted, ack.failed) == (1, 0)
+    items = served.stub.Get(pb.GetRequest(ids=["a9", "lab"])).items
+    assert [i.label for i in items] == [label, label]
+    served.stub.SetLabels(pb.SetLabelsRequest(assignments=assignments(("a9", ""))))
+    assert served.stub.Delete(pb.DeleteRequest(ids=["lab"])).deleted == 1
 
 
 def test_a_duplicate_id_in_one_batch_fails_the_second(served: InProcess) -> None:

@@ -1,25 +1,39 @@
 """The web page in a real browser (Debian's chromium and chromedriver, headless, driven by Selenium)
 against a real retrieval server with real images: search by upload and by click, labelling from the
 suggestion queue, accepting a proposal, a read-only token. After each action the state is checked
-through gRPC. Every page is saved as a screenshot in test-artifacts/ (or $TEST_ARTIFACTS_DIR)."""
+through gRPC. Every page is saved as a screenshot in test-artifacts/ (or $TEST_ARTIFACTS_DIR).
+
+Then what only a browser does, with an attacker's page served from a second local HTTP server on
+another 127.0.0.1 port (another origin, the same site: SameSite cookies are sent to it): an
+auto-submitted text/plain form and a no-cors fetch that try to write labels, a cross-origin sign-in
+(login CSRF), a cross-origin frame, `next` redirects off the site, the content security policy
+against the page's own script and style, thumbnail URLs the browser would normalise, sign-out."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import http.server
 import json
 import os
 import shutil
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from retrieval_client import RetrievalClient, UpsertItem
 from retrieval_web.process import WebProcess
+from retrieval_web.thumbnails import thumbnail
 from tests import REPO
 from tests.server_harness import ServerProcess, make_export, server_env
 
@@ -58,17 +72,58 @@ def world(demo_data, tmp_path_factory):
     client = RetrievalClient(server.address, token=TOKEN, timeout=120)
     client.upsert_many(items)
     web = web_process("--address", server.address, "--token", TOKEN, "--image-root", images)
+    signin_web = web_process("--address", server.address, "--image-root", images)  # no token: sign in
+    attacker = AttackerSite(root / "attacker")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are logged there
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    yield {"server": server, "client": client, "web": web, "browser": browser, "images": images, "root": root}
+    yield {
+        "server": server,
+        "client": client,
+        "web": web,
+        "signin_web": signin_web,
+        "attacker": attacker,
+        "browser": browser,
+        "images": images,
+        "root": root,
+    }
     browser.quit()
+    attacker.close()
+    signin_web.close()
     web.close()
     client.close()
     server.stop()
+
+
+class AttackerSite:
+    """Another origin: a static HTTP server on another 127.0.0.1 port serving the pages put() writes."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.put("landed.html", "<title>attacker</title><p id='attacker'>off the site</p>")
+
+    def put(self, name: str, html: str) -> str:
+        (self.directory / name).write_text(html)
+        return f"{self.url}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
 
 def wait(browser, css: str, timeout: float = 60):
@@ -142,32 +197,40 @@ def test_duplicates_page(world):
     shot(browser, "duplicates")
 
 
+def sign_in(browser, web: WebProcess, token: str, path: str = "/label") -> None:
+    """Sign in through the page's form (from a fresh cookie jar: the two pages share 127.0.0.1)."""
+    browser.get(web.url + "/")
+    browser.delete_all_cookies()
+    browser.get(web.url + path)
+    wait(browser, "#token").send_keys(token)
+    browser.find_element(By.ID, "sign-in").click()
+    WebDriverWait(browser, 60).until(lambda b: "/sign-in" not in b.current_url)
+
+
 def test_a_read_only_token_sees_no_write_action_and_cannot_write(world):
     """A web page started without a token asks for one; with the read-only token there is nothing
-    to click that writes, and a write sent anyway is refused by the service."""
-    web = web_process("--address", world["server"].address, "--image-root", world["images"])
-    try:
-        browser = world["browser"]
-        browser.delete_all_cookies()
-        browser.get(web.url + "/label")
-        wait(browser, "#token")
-        assert not browser.find_elements(By.ID, "read-only")  # not signed in is not read-only
-        browser.find_element(By.ID, "token").send_keys(READ_ONLY)
-        browser.find_element(By.ID, "sign-in").click()
-        wait(browser, "#queue .card")  # the label page (the sign-in page before it has no queue)
-        assert browser.find_elements(By.ID, "read-only") and not browser.find_elements(By.CSS_SELECTOR, ".actions")
-        shot(browser, "read-only")
-        item_id = browser.find_element(By.CSS_SELECTOR, "#queue .card").get_attribute("data-id")
-        reply = browser.execute_async_script(
-            "const done = arguments[arguments.length - 1];"
-            "fetch('/api/labels', {method: 'POST', headers: {'Content-Type': 'application/json'},"
-            f" body: JSON.stringify({{labels: {{{json.dumps(item_id)}: 'cat'}}}})}})"
-            ".then(r => r.json().then(j => done([r.status, j.error])));"
-        )
-        assert reply == [403, "PERMISSION_DENIED"]
-        assert world["client"].get([item_id])[0].label == ""
-    finally:
-        web.close()
+    to click that writes, and a write sent anyway (with the CSRF token) is refused by the service."""
+    browser, web = world["browser"], world["signin_web"]
+    browser.get(web.url + "/")
+    browser.delete_all_cookies()
+    browser.get(web.url + "/label")
+    wait(browser, "#token")
+    assert not browser.find_elements(By.ID, "read-only")  # not signed in is not read-only
+    browser.find_element(By.ID, "token").send_keys(READ_ONLY)
+    browser.find_element(By.ID, "sign-in").click()
+    wait(browser, "#queue .card")  # the label page (the sign-in page before it has no queue)
+    assert browser.find_elements(By.ID, "read-only") and not browser.find_elements(By.CSS_SELECTOR, ".actions")
+    shot(browser, "read-only")
+    item_id = browser.find_element(By.CSS_SELECTOR, "#queue .card").get_attribute("data-id")
+    reply = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const csrf = document.querySelector('meta[name=csrf-token]').content;"
+        "fetch('/api/labels', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': csrf},"
+        f" body: JSON.stringify({{labels: {{{json.dumps(item_id)}: 'cat'}}}})}})"
+        ".then(r => r.json().then(j => done([r.status, j.error])));"
+    )
+    assert reply == [403, "PERMISSION_DENIED"]
+    assert world["client"].get([item_id])[0].label == ""
 
 
 def test_thumbnails_stay_inside_the_image_roots(world, tmp_path):
@@ -186,10 +249,169 @@ def test_thumbnails_stay_inside_the_image_roots(world, tmp_path):
     client.upsert_many([UpsertItem(f"bad/{k}", embedding=vector, metadata={"uri": v}) for k, v in bad.items()])
     for name in bad:
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(f"{url}/thumb/bad/{name}", timeout=30)
+            urllib.request.urlopen(f"{url}/thumb?id=bad/{name}", timeout=30)
         assert err.value.code == 404, name
     good = urllib.request.urlopen(
-        f"{url}/thumb/cat/{sorted((world['images'] / 'cat').glob('*.jpg'))[0].name}", timeout=30
+        f"{url}/thumb?id=cat/{sorted((world['images'] / 'cat').glob('*.jpg'))[0].name}", timeout=30
     )
     assert good.headers["Content-Type"] == "image/jpeg" and good.read()[:2] == b"\xff\xd8"
     client.delete([f"bad/{k}" for k in bad])
+
+
+# -- what only a browser does: another origin, frames, redirects, CSP, URL normalisation ---------------
+def unlabelled_id(world) -> str:
+    client = world["client"]
+    return next(s.id for s in client.suggest(12) if not client.get([s.id])[0].label)
+
+
+def attack_form(world, web: WebProcess, item_id: str) -> str:
+    """An auto-submitted text/plain form whose body is JSON: {"labels": {id: "pwned"}, "x": "="}
+    (the name is all but the end, the browser adds "=" and the value)."""
+    name = json.dumps({"labels": {item_id: "pwned"}, "x": ""})[:-2]
+    html = (
+        f"<form id='f' method='post' enctype='text/plain' action='{web.url}/api/labels'>"
+        f"<input name='{html_escape(name)}' value='{html_escape(chr(34) + '}')}'></form>"
+        "<script>document.getElementById('f').submit()</script>"
+    )
+    return world["attacker"].put("form.html", html)
+
+
+@pytest.mark.parametrize("target", ["web", "signin_web"])
+def test_a_cross_origin_form_cannot_write_labels(world, target):
+    """The audit's first CSRF: a form on another origin, submitted with the page's cookie (another
+    port is the same site, so even SameSite=Strict sends it), or against a --token page (no cookie
+    needed at all)."""
+    browser, web = world["browser"], world[target]
+    item_id = unlabelled_id(world)
+    if target == "signin_web":
+        sign_in(browser, web, TOKEN)
+    browser.get(attack_form(world, web, item_id))
+    WebDriverWait(browser, 60).until(lambda b: b.current_url.startswith(web.url))  # the page's reply
+    assert world["client"].get([item_id])[0].label == ""
+    assert "CROSS_ORIGIN" in browser.page_source
+
+
+@pytest.mark.parametrize("target", ["web", "signin_web"])
+def test_a_no_cors_fetch_from_another_port_cannot_write_labels(world, target):
+    browser, web = world["browser"], world[target]
+    item_id = unlabelled_id(world)
+    if target == "signin_web":
+        sign_in(browser, web, TOKEN)
+    body = json.dumps({"labels": {item_id: "pwned"}})
+    page = world["attacker"].put(
+        "fetch.html",
+        "<script>Promise.all(["
+        f"fetch('{web.url}/api/labels', {{method: 'POST', mode: 'no-cors', credentials: 'include',"
+        f" headers: {{'Content-Type': 'text/plain'}}, body: {json.dumps(body)}}}),"
+        f"fetch('{web.url}/api/reject', {{method: 'POST', mode: 'no-cors', credentials: 'include',"
+        f" headers: {{'Content-Type': 'text/plain'}}, body: {json.dumps(json.dumps({'ids': [item_id]}))}}}),"
+        "]).finally(() => { document.title = 'sent'; });</script>",
+    )
+    browser.get(page)
+    WebDriverWait(browser, 60).until(lambda b: b.title == "sent")
+    assert world["client"].get([item_id])[0].label == ""
+
+
+def test_a_cross_origin_sign_in_does_not_sign_the_browser_in(world):
+    """Login CSRF: the attacker's page signs the victim's browser in with the attacker's token."""
+    browser, web = world["browser"], world["signin_web"]
+    browser.get(web.url + "/")
+    browser.delete_all_cookies()
+    browser.get(web.url + "/sign-in")  # the victim has an (anonymous) session and its cookie
+    page = world["attacker"].put(
+        "login.html",
+        f"<form id='f' method='post' action='{web.url}/sign-in'><input name='token' value='{READ_ONLY}'></form>"
+        "<script>document.getElementById('f').submit()</script>",
+    )
+    browser.get(page)
+    WebDriverWait(browser, 60).until(lambda b: b.current_url.startswith(web.url))
+    browser.get(web.url + "/label")
+    wait(browser, "#token")  # still asked for a token: not signed in as the attacker
+    assert not browser.find_elements(By.CSS_SELECTOR, "#queue")
+
+
+def test_the_pages_cannot_be_framed_by_another_origin(world):
+    browser, web = world["browser"], world["web"]
+    browser.get(world["attacker"].put("frame.html", f"<iframe id='f' src='{web.url}/review'></iframe>"))
+    frame = wait(browser, "#f")
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.readyState") == "complete")
+    browser.switch_to.frame(frame)
+    try:
+        assert not browser.find_elements(By.ID, "nav-review")  # Chromium shows its error page instead
+    finally:
+        browser.switch_to.default_content()
+    shot(browser, "framed")
+
+
+@pytest.mark.parametrize(
+    "next_", ["//{host}/landed.html", "http://{host}/landed.html", "/\\{host}/landed.html", "/\t/{host}/landed.html"]
+)
+def test_sign_in_does_not_redirect_off_the_site(world, next_):
+    browser, web = world["browser"], world["signin_web"]
+    target = next_.format(host=urllib.parse.urlsplit(world["attacker"].url).netloc)
+    browser.get(web.url + "/")
+    browser.delete_all_cookies()
+    browser.get(f"{web.url}/sign-in?next={urllib.parse.quote(target, safe='')}")
+    wait(browser, "#token").send_keys(TOKEN)
+    browser.find_element(By.ID, "sign-in").click()
+    WebDriverWait(browser, 60).until(lambda b: "/sign-in" not in b.current_url)
+    assert browser.current_url == web.url + "/" and not browser.find_elements(By.ID, "attacker")
+    wait(browser, "#counts")  # the overview
+
+
+def test_the_content_security_policy_lets_the_pages_own_script_and_style_run(world):
+    """No inline script or style: the policy (script-src/style-src 'self') refuses nothing on any
+    page, the stylesheet applies, and the script runs (the labelling tests above use it)."""
+    browser, web = world["browser"], world["web"]
+    browser.get_log("browser")  # drop what came before
+    for path in ("/", "/search", "/label", "/review", "/duplicates?min_score=0.99", "/search?id=cat/x"):
+        browser.get(web.url + path)
+        wait(browser, "nav")
+        assert browser.execute_script("return getComputedStyle(document.querySelector('nav')).display") == "flex"
+    browser.get(web.url + "/label")
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)  # the script's keyboard handler
+    WebDriverWait(browser, 30).until(lambda b: "skipped" in b.find_element(By.ID, "status").text)
+    violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not violations
+
+
+def test_thumbnails_of_ids_a_browser_would_normalise_are_their_own(world):
+    """Ids holding "..", "./" or a leading "/": the tile's thumbnail is the item's own image, not
+    that of the id the browser would make of the URL path (an existing item here)."""
+    client, browser, images = world["client"], world["browser"], world["images"]
+    target = sorted((images / "cat").glob("*.jpg"))[0]
+    others = sorted((images / "bird").glob("*.jpg"))[:3]
+    tricky = [f"dots/../cat/{target.name}", f"./cat/{target.name}", f"/cat/{target.name}"]
+    vector = client.embed([target.read_bytes()])[0]
+    client.upsert_many([UpsertItem(i, embedding=vector, metadata={"uri": o.as_uri()}) for i, o in zip(tricky, others)])
+    try:
+        browser.get(world["web"].url + "/review")
+        wait(browser, ".group .card")
+        got = browser.execute_async_script(
+            "const [ids, done] = [arguments[0], arguments[arguments.length - 1]];"
+            "const tiles = [...document.querySelectorAll('.tile')].filter((t) => ids.includes(t.dataset.id));"
+            "Promise.all(tiles.map(async (t) => {"
+            "  const bytes = new Uint8Array(await (await fetch(t.querySelector('img').src)).arrayBuffer());"
+            "  return [t.dataset.id, btoa(String.fromCharCode(...bytes))];"
+            "})).then((pairs) => done(Object.fromEntries(pairs)));",
+            tricky,
+        )
+        assert sorted(got) == sorted(tricky)
+        for item_id, other in zip(tricky, others):
+            assert base64.b64decode(got[item_id]) == thumbnail(other.as_uri(), [images.resolve()]), item_id
+    finally:
+        client.delete(tricky)
+
+
+def test_sign_out_ends_the_session_and_a_copied_cookie_stops_working(world):
+    browser, web = world["browser"], world["signin_web"]
+    sign_in(browser, web, TOKEN)
+    wait(browser, "#queue .card")
+    copied = browser.get_cookie("moco_session")
+    assert copied["httpOnly"] and copied["sameSite"] == "Strict" and TOKEN not in copied["value"]
+    browser.find_element(By.ID, "sign-out").click()
+    wait(browser, "#token")
+    browser.add_cookie({"name": "moco_session", "value": copied["value"], "path": "/"})
+    browser.get(web.url + "/label")
+    wait(browser, "#token")  # the old id is unknown to the page now
+    assert not browser.find_elements(By.CSS_SELECTOR, "#queue")
