@@ -104,17 +104,22 @@ class AttackerSite:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir()
-        self.directory = directory
+        self.directory, self.pages = directory, 0
         handler = functools.partial(_QuietHandler, directory=str(directory))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
-        self.put("landed.html", "<title>attacker</title><p id='attacker'>off the site</p>")
+        (directory / "landed.html").write_text("<title>attacker</title><p id='attacker'>off the site</p>")
 
     def put(self, name: str, html: str) -> str:
-        (self.directory / name).write_text(html)
-        return f"{self.url}/{name}"
+        """A new page: a new file name each time, so the browser cannot answer a second test that
+        rewrites `name` from its cache (a 304 on the same mtime second served the first test's form)."""
+        self.pages += 1
+        path = Path(name)
+        unique = f"{path.stem}-{self.pages}{path.suffix}"
+        (self.directory / unique).write_text(html)
+        return f"{self.url}/{unique}"
 
     def close(self) -> None:
         self.httpd.shutdown()
