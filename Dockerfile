@@ -44,8 +44,7 @@ COPY pyproject.toml README.md ./
 COPY moco_retrieval/ moco_retrieval/
 COPY moco_train/ moco_train/
 COPY retrieval_server/ retrieval_server/
-COPY retrieval_client/ retrieval_client/
-COPY retrieval_web/ retrieval_web/
+COPY clients/ clients/
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --create-home --uid 10001 --user-group moco \
     && mkdir -p /data /runs /store \

@@ -8,9 +8,11 @@ PYTEST_ARGS ?=
 demo:
 	@venv="$(VENV)"; "$$venv/bin/python" -m scripts.demo $(DEMO_ARGS)
 
+# Test files are spread over one worker per core (at most 4), each file whole on one worker so
+# its module fixtures (a server, a browser, a training matrix) are built once.
 test: lint
 	@scripts/ensure_system_deps.sh
-	@venv="$(VENV)"; PATH="$$venv/bin:$$PATH" "$$venv/bin/python" -m pytest $(PYTEST_ARGS)
+	@venv="$(VENV)"; PATH="$$venv/bin:$$PATH" "$$venv/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 # The quick loop: lint + everything but the tests marked slow (several processes, Prometheus, Docker, demo).
 test-fast: lint
