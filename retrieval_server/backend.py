@@ -57,18 +57,20 @@ class Backend(Protocol):
 
     def search(
         self,
-        vector: np.ndarray,
+        queries: np.ndarray,
         k: int,
         labels: set[str],
-        exclude: int | None,
+        excludes: np.ndarray | None,
         min_score: float | None,
         metadata: dict[str, str],
-    ) -> Hits:
-        """The k nearest items to one normalised (D,) vector; `labels`: only human-labelled items
-        with one of them; `metadata`: only items with each key = value; `exclude`: a row left out."""
+    ) -> list[Hits]:
+        """The k nearest items to each normalised query (Q, D), searched together; `labels`: only
+        human-labelled items with one of them; `metadata`: only items with each key = value;
+        excludes[q]: a row left out of query q's results (-1: none)."""
 
-    def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
-        """The InstDisc vote of each normalised query (Q, D) among its k nearest labelled items."""
+    def vote(self, queries: np.ndarray, k: int, tau: float, excludes: np.ndarray | None = None) -> Vote:
+        """The InstDisc vote of each normalised query (Q, D) among its k nearest labelled items;
+        excludes[q]: a row left out of query q's neighbours (-1: none)."""
 
     def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k), rows (Q, k), -1 padding) of the k nearest items of each query."""

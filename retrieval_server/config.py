@@ -58,6 +58,12 @@ class ServerConfig:
     default_k: int = option(DEFAULT_K, help="Classify neighbours when the request has no k")
     default_tau: float = option(DEFAULT_TAU, help="Classify temperature when the request has none")
     max_k: int = option(GPU_MAX_K, help="largest k a request may ask for")
+    max_queries: int = option(1024, help="most queries of one SearchBatch or ClassifyBatch call")
+    coalesce: bool = option(
+        True,
+        help="run concurrent single-query Search and Classify calls as one index batch (a lone call "
+        "is not delayed; see retrieval_server/coalesce.py)",
+    )
     max_message_mb: int = option(64, help="largest gRPC message, both ways")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="images above this are refused undecoded")
     tls_cert: Path | None = option(None, help="PEM certificate chain (enables TLS with --tls-key)")
@@ -117,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         "decode_threads",
         "default_k",
         "max_k",
+        "max_queries",
         "max_message_mb",
         "max_image_pixels",
     ):

@@ -91,18 +91,18 @@ class EmbeddedBackend:
 
     def search(
         self,
-        vector: np.ndarray,
+        queries: np.ndarray,
         k: int,
         labels: set[str],
-        exclude: int | None,
+        excludes: np.ndarray | None,
         min_score: float | None,
         metadata: dict[str, str],
-    ) -> Hits:
+    ) -> list[Hits]:
         among = self.store.rows_with_metadata(metadata) if metadata else None
-        return self.index.search(vector, k, labels=labels, exclude=exclude, min_score=min_score, among=among)
+        return self.index.search(queries, k, labels=labels, excludes=excludes, min_score=min_score, among=among)
 
-    def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
-        return self.index.vote(queries, k, tau, exclude)
+    def vote(self, queries: np.ndarray, k: int, tau: float, excludes: np.ndarray | None = None) -> Vote:
+        return self.index.vote(queries, k, tau, excludes)
 
     def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.neighbors(queries, k)

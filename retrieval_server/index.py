@@ -62,8 +62,24 @@ class Vote:
     rows: np.ndarray  # (Q, k) int64 their store rows (-1: padding when fewer than k are labelled)
 
 
-def _drop(scores: np.ndarray, rows: np.ndarray, keep: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return scores[keep][:k], rows[keep][:k]
+def hits_of(scores: np.ndarray, rows: np.ndarray, keep: np.ndarray, k: int) -> list[Hits]:
+    """Per query (a row of the (Q, n) arrays), the first k neighbours where `keep` holds."""
+    return [Hits(s[m][:k], r[m][:k]) for s, r, m in zip(scores, rows, keep)]
+
+
+def leave_out(scores: np.ndarray, rows: np.ndarray, excludes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) neighbours with each query's own row (excludes[q]; -1: none) left out, order kept,
+    padded as FAISS pads (row -1) where fewer than k remain."""
+    keep = (rows != excludes[:, None]) & (rows >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept neighbours first, in order
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_scores = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
+    return out_scores, np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+
+
+def any_excluded(excludes: np.ndarray | None) -> bool:
+    """Whether a query leaves its own row out (then one more neighbour is searched for)."""
+    return excludes is not None and bool((excludes >= 0).any())
 
 
 class ItemIndex:
@@ -124,9 +140,9 @@ class ItemIndex:
             self.labelled.add(rows[new], vectors[new[labelled]])
             self._set_labels(rows, labels)
 
-    def _k_search(self, k: int, exclude: int | None) -> int:
-        """k, plus one for a query that is itself stored (within the GPU limit)."""
-        k_search = k + (exclude is not None)
+    def _k_search(self, k: int, excludes: np.ndarray | None) -> int:
+        """k, plus one when a query is itself stored (within the GPU limit)."""
+        k_search = k + any_excluded(excludes)
         return min(k_search, GPU_MAX_K) if self.gpus else k_search
 
     def _labelled_among(self, rows: np.ndarray) -> np.ndarray:
@@ -143,35 +159,36 @@ class ItemIndex:
     # -- reads ---------------------------------------------------------------------------------------
     def search(
         self,
-        vector: np.ndarray,
+        queries: np.ndarray,
         k: int,
         labels: set[str] | None = None,
-        exclude: int | None = None,
+        excludes: np.ndarray | None = None,
         min_score: float | None = None,
         among: np.ndarray | None = None,
-    ) -> Hits:
-        """The k nearest items to one normalised vector: all items, or the human-labelled ones whose
-        label is in `labels`, and only rows of `among` when given (a metadata filter's matches);
-        `exclude` (the query's own row) and scores below min_score left out."""
-        k_search = self._k_search(k, exclude)
+    ) -> list[Hits]:
+        """The k nearest items to each normalised query (Q, D), in one FAISS search: all items, or
+        the human-labelled ones whose label is in `labels`, and only rows of `among` when given (a
+        metadata filter's matches); each query's own row (excludes[q], -1: none) and scores below
+        min_score left out."""
+        k_search = self._k_search(k, excludes)
         with self._search_lock():
             allowed = among
             if labels:
                 labelled = np.array([r for r, lab in self.labels.items() if lab in labels], dtype=np.int64)
                 allowed = labelled if among is None else np.intersect1d(labelled, among)
             if allowed is None:
-                scores, rows = self.items.search(vector[None], k_search)
+                scores, rows = self.items.search(queries, k_search)
             elif not len(allowed):
-                return Hits(np.zeros(0, np.float32), np.zeros(0, np.int64))
+                return [Hits(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in range(len(queries))]
             else:
                 params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-                scores, rows = (self.labelled if labels else self.items).search(vector[None], k_search, params)
-        keep = rows[0] >= 0
-        if exclude is not None:
-            keep &= rows[0] != exclude
+                scores, rows = (self.labelled if labels else self.items).search(queries, k_search, params)
+        keep = rows >= 0
+        if excludes is not None:
+            keep &= rows != excludes[:, None]
         if min_score is not None:
-            keep &= scores[0] >= min_score
-        return Hits(*_drop(scores[0], rows[0], keep, k))
+            keep &= scores >= min_score
+        return hits_of(scores, rows, keep, k)
 
     def neighbors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest items of each normalised query (Q, D): (scores (Q, k), rows (Q, k), -1
@@ -179,20 +196,19 @@ class ItemIndex:
         with self._search_lock():
             return self.items.search(queries, min(k, GPU_MAX_K) if self.gpus else k)
 
-    def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
+    def vote(self, queries: np.ndarray, k: int, tau: float, excludes: np.ndarray | None = None) -> Vote:
         """The InstDisc vote of each normalised query (Q, D) among its k nearest labelled items;
-        `exclude` (one query only) leaves a stored query's own row out. Raises NoLabels."""
+        excludes[q] (-1: none) leaves a stored query's own row out. Raises NoLabels."""
         with self._search_lock():
             if self._classes is None:
                 self._classes = ClassTable(self.labels)
             table = self._classes
             if not table.names:
                 raise NoLabels("no labelled items: label some with Upsert or SetLabels")
-            scores, rows = self.labelled.search(queries, self._k_search(k, exclude))
+            scores, rows = self.labelled.search(queries, self._k_search(k, excludes))
+        if any_excluded(excludes):
+            scores, rows = leave_out(scores, rows, excludes, k)
         classes = table.lookup(rows)
-        if exclude is not None:
-            keep = rows[0] != exclude
-            scores, rows, classes = scores[0][keep][None, :k], rows[0][keep][None, :k], classes[0][keep][None, :k]
         shares = knn_vote(
             torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(classes), len(table.names), tau
         )

@@ -39,7 +39,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from moco_retrieval.knn import knn_vote
 
 from .config import ServerConfig
-from .index import Hits, NoLabels, Vote
+from .index import Hits, NoLabels, Vote, any_excluded
 from .store import EmbeddingChunk, NewItem, Row, StorageError, UnknownIds
 
 log = logging.getLogger(__name__)
@@ -264,27 +264,34 @@ class MilvusBackend:
 
     def search(
         self,
-        vector: np.ndarray,
+        queries: np.ndarray,
         k: int,
         labels: set[str],
-        exclude: int | None,
+        excludes: np.ndarray | None,
         min_score: float | None,
         metadata: dict[str, str],
-    ) -> Hits:
+    ) -> list[Hits]:
         where = []
         if labels:
             where.append(f"label in [{', '.join(literal(label) for label in sorted(labels))}]")
         where += [f"metadata[{literal(key)}] == {literal(value)}" for key, value in sorted(metadata.items())]
-        (hits,) = self._search(vector[None], k + (exclude is not None), " and ".join(where), [])
-        hits = [h for h in hits if int(h["row"]) != exclude and (min_score is None or h["distance"] >= min_score)]
-        return Hits(
-            np.array([h["distance"] for h in hits[:k]], dtype=np.float32),
-            np.array([h["row"] for h in hits[:k]], dtype=np.int64),
-        )
+        found = self._search(queries, k + any_excluded(excludes), " and ".join(where), [])
+        out = []
+        for q, hits in enumerate(found):
+            own = int(excludes[q]) if excludes is not None else -1
+            hits = [h for h in hits if int(h["row"]) != own and (min_score is None or h["distance"] >= min_score)]
+            out.append(
+                Hits(
+                    np.array([h["distance"] for h in hits[:k]], dtype=np.float32),
+                    np.array([h["row"] for h in hits[:k]], dtype=np.int64),
+                )
+            )
+        return out
 
-    def vote(self, queries: np.ndarray, k: int, tau: float, exclude: int | None = None) -> Vote:
-        found = self._search(queries, k + (exclude is not None), "label is not null", ["label"])
-        found = [[h for h in hits if int(h["row"]) != exclude][:k] for hits in found]
+    def vote(self, queries: np.ndarray, k: int, tau: float, excludes: np.ndarray | None = None) -> Vote:
+        found = self._search(queries, k + any_excluded(excludes), "label is not null", ["label"])
+        owns = excludes.tolist() if excludes is not None else [-1] * len(found)
+        found = [[h for h in hits if int(h["row"]) != own][:k] for hits, own in zip(found, owns)]
         # Classes: the labels among these neighbours, sorted. A label no neighbour has would get a
         # zero share, so the shares, the argmax and its ties equal a vote over every label.
         classes = sorted({h["entity"]["label"] for hits in found for h in hits})

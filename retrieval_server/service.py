@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -21,13 +21,14 @@ from moco_retrieval.labels import label_problem
 from . import __version__
 from .backend import Backend
 from .batcher import DeadlineExceeded, DynamicBatcher, QueueFull
+from .coalesce import Coalescer
 from .config import ServerConfig
 from .duplicates import duplicate_groups
 from .encoder import Encoder
 from .faiss_index import GPU_MAX_K
-from .index import NoLabels, Vote
+from .index import Hits, NoLabels, Vote
 from .metrics import ServerMetrics
-from .store import NewItem, StorageError, UnknownIds
+from .store import NewItem, Row, StorageError, UnknownIds
 from .suggest import suggest
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,13 @@ def to_vector(x: np.ndarray, packed: bool) -> pb.Vector:
     return pb.Vector(values=x.tolist())
 
 
+def neighbor(row: Row, score: float) -> pb.Neighbor:
+    """A stored item as a search result."""
+    return pb.Neighbor(
+        id=row.id, score=score, label=row.label or "", predicted_label=row.predicted_label or "", metadata=row.metadata
+    )
+
+
 def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
     return Code.RESOURCE_EXHAUSTED if isinstance(exc, ImageTooLargeError) else Code.INVALID_ARGUMENT
 
@@ -125,7 +133,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.cfg, self.encoder, self.batcher, self.backend, self.m = cfg, encoder, batcher, backend, metrics
         self.dim = encoder.dim
         self.max_k = min(cfg.max_k, GPU_MAX_K) if backend.gpus else cfg.max_k
-        self._update_gauges()
+        # Concurrent single-query calls share index calls (coalesce.py), batches of a call do not.
+        self._coalesced_search = Coalescer(self._search_index, cfg.max_queries)
+        self._coalesced_vote = Coalescer(self._vote_index, cfg.max_queries)
+        self.m.index_items.set_function(lambda: self._count_or_nan("item_count"))
+        self.m.labelled_items.set_function(lambda: self._count_or_nan("labelled_count"))
 
     # -- validation -------------------------------------------------------------------------------
     def _vector(self, v: pb.Vector, what: str = "vector") -> np.ndarray:
@@ -194,22 +206,45 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         except DeadlineExceeded as exc:
             raise RpcError(Code.DEADLINE_EXCEEDED, str(exc)) from exc
 
-    def _query(self, query: pb.Query, context: grpc.ServicerContext) -> tuple[np.ndarray, int | None]:
-        """(normalised query vector, store row to leave out of the results or None)."""
-        kind = query.WhichOneof("kind")
-        if kind == "image":
-            (result,) = self._embed([query.image], context)
-            if isinstance(result, ImageDecodeError):
-                raise RpcError(image_status(result), f"query image: {result}")
-            return result, None
-        if kind == "id":
-            row = self.backend.get([query.id], with_embedding=True).get(query.id)
-            if row is None:
-                raise RpcError(Code.NOT_FOUND, f"unknown id: {query.id!r}")
-            return np.asarray(row.embedding, dtype=np.float32), row.row
-        if kind == "vector":
-            return self._vector(query.vector, "query vector"), None
-        raise RpcError(Code.INVALID_ARGUMENT, "empty query: set image, id or vector")
+    def _queries(
+        self, queries: Sequence[pb.Query], context: grpc.ServicerContext, batch: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised query vectors (Q, D), each query's store row to leave out of its results,
+        -1 for none). The images are embedded in one batcher call and the ids read in one lookup;
+        in a batch the first bad query fails the call, named by its index."""
+        if batch and not queries:
+            raise RpcError(Code.INVALID_ARGUMENT, "no queries")
+        if len(queries) > self.cfg.max_queries:
+            raise RpcError(
+                Code.OUT_OF_RANGE, f"{len(queries)} queries is above the server's max_queries={self.cfg.max_queries}"
+            )
+
+        def where(i: int) -> str:
+            return f"queries[{i}]: " if batch else ""
+
+        vectors = np.empty((len(queries), self.dim), np.float32)
+        excludes = np.full(len(queries), -1, np.int64)
+        kinds = [q.WhichOneof("kind") for q in queries]
+        for i, (query, kind) in enumerate(zip(queries, kinds)):
+            if kind is None:
+                raise RpcError(Code.INVALID_ARGUMENT, f"{where(i)}empty query: set image, id or vector")
+            if kind == "vector":
+                vectors[i] = self._vector(query.vector, f"{where(i)}query vector")
+        by_id = [i for i, kind in enumerate(kinds) if kind == "id"]
+        if by_id:
+            found = self.backend.get([queries[i].id for i in by_id], with_embedding=True)
+            for i in by_id:
+                row = found.get(queries[i].id)
+                if row is None:
+                    raise RpcError(Code.NOT_FOUND, f"{where(i)}unknown id: {queries[i].id!r}")
+                vectors[i], excludes[i] = row.embedding, row.row
+        by_image = [i for i, kind in enumerate(kinds) if kind == "image"]
+        if by_image:
+            for i, result in zip(by_image, self._embed([queries[i].image for i in by_image], context)):
+                if isinstance(result, ImageDecodeError):
+                    raise RpcError(image_status(result), f"{where(i)}query image: {result}")
+                vectors[i] = result
+        return vectors, excludes
 
     # -- Embed ------------------------------------------------------------------------------------
     @_unary
@@ -281,7 +316,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         ]
         if items:
             self.backend.upsert(items)
-            self._update_gauges()
         errors.sort(key=lambda e: e.index)
         return pb.UpsertAck(sequence=sequence, upserted=len(items), failed=len(errors), errors=errors)
 
@@ -291,7 +325,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             deleted = self.backend.delete(list(request.ids), request.ignore_missing)
         except UnknownIds as exc:
             raise RpcError(Code.NOT_FOUND, f"{exc}; nothing deleted") from exc
-        self._update_gauges()
         return pb.DeleteResponse(deleted=deleted)
 
     @_unary
@@ -309,7 +342,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             updated = self.backend.set_labels(assignments, predicted)
         except UnknownIds as exc:
             raise RpcError(Code.NOT_FOUND, f"{exc}; no label changed") from exc
-        self._update_gauges()
         return pb.SetLabelsResponse(updated=updated)
 
     def close(self) -> str:
@@ -317,9 +349,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.batcher.close()
         return self.backend.close()
 
-    def _update_gauges(self) -> None:
-        self.m.index_items.set(self.backend.item_count)
-        self.m.labelled_items.set(self.backend.labelled_count)
+    def _count_or_nan(self, count: str) -> float:
+        """A count for the item gauges, read when Prometheus scrapes rather than after every write
+        (on Milvus each is a count query); NaN when the storage cannot say, so the scrape of every
+        other metric still succeeds."""
+        try:
+            return float(getattr(self.backend, count))
+        except StorageError:
+            return math.nan
 
     # -- reads ------------------------------------------------------------------------------------
     @_unary
@@ -345,67 +382,121 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             items.append(item)
         return pb.GetResponse(items=items)
 
-    def _neighbors(self, scores: np.ndarray, rows: np.ndarray) -> list[pb.Neighbor]:
-        stored = self.backend.by_rows(rows)
+    def _neighbors(self, found: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[pb.Neighbor]]:
+        """The Neighbor messages of each query's (scores, rows), from one store lookup; rows
+        deleted since the search are left out."""
+        stored = self.backend.by_rows(np.unique(np.concatenate([rows for _, rows in found])).tolist())
         out = []
-        for score, row in zip(scores.tolist(), rows.tolist()):
-            r = stored.get(row)
-            if r is not None:  # deleted since the search
-                out.append(
-                    pb.Neighbor(
-                        id=r.id,
-                        score=score,
-                        label=r.label or "",
-                        predicted_label=r.predicted_label or "",
-                        metadata=r.metadata,
-                    )
-                )
+        for scores, rows in found:
+            neighbors = []
+            for score, row in zip(scores.tolist(), rows.tolist()):
+                r = stored.get(row)
+                if r is not None:
+                    neighbors.append(neighbor(r, score))
+            out.append(neighbors)
         return out
 
-    @_unary
-    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+    def _search(
+        self, request: pb.SearchRequest | pb.SearchBatchRequest, queries: Sequence[pb.Query], context, batch: bool
+    ) -> list[pb.SearchResponse]:
         k = self._k(request, DEFAULT_SEARCH_K)
         if request.HasField("min_score") and math.isnan(request.min_score):
             raise RpcError(Code.INVALID_ARGUMENT, "min_score is NaN")
-        vector, exclude = self._query(request.query, context)
+        labels, metadata = self._filters(request)
+        min_score = request.min_score if request.HasField("min_score") else None
+        vectors, excludes = self._queries(queries, context, batch)
+        key = (k, frozenset(labels), min_score, tuple(sorted(metadata.items())))
         start = time.perf_counter()
-        hits = self.backend.search(
-            vector,
-            k,
-            labels=set(request.labels),
-            exclude=exclude,
-            min_score=request.min_score if request.HasField("min_score") else None,
-            metadata=dict(request.metadata),
-        )
+        if len(vectors) == 1 and self.cfg.coalesce:
+            hits = [self._coalesced_search(key, vectors[0], int(excludes[0]))]
+        else:
+            hits = self._search_index(key, vectors, excludes)
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
-        return pb.SearchResponse(neighbors=self._neighbors(hits.scores, hits.rows))
+        return [pb.SearchResponse(neighbors=n) for n in self._neighbors([(h.scores, h.rows) for h in hits])]
 
-    def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, exclude: int | None = None) -> Vote:
+    def _search_index(self, key: tuple, vectors: np.ndarray, excludes: np.ndarray) -> list[Hits]:
+        k, labels, min_score, metadata = key
+        return self.backend.search(vectors, k, set(labels), excludes, min_score, dict(metadata))
+
+    @staticmethod
+    def _filters(request: pb.SearchRequest | pb.SearchBatchRequest) -> tuple[set[str], dict[str, str]]:
+        """The label and metadata filters. Labels follow the label rule (no other label can be
+        stored); metadata keys and values may hold no control character, which both backends would
+        otherwise match differently (Milvus's filter expressions cannot spell them)."""
+        for label in request.labels:
+            problem = label_problem(label)
+            if problem:
+                raise RpcError(Code.INVALID_ARGUMENT, f"labels filter {label[:100]!r}: {problem}")
+        for key, value in request.metadata.items():
+            for what, text in (("key", key), ("value", value)):
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+                    raise RpcError(
+                        Code.INVALID_ARGUMENT, f"metadata filter {what} {text[:100]!r} holds a control character"
+                    )
+        return set(request.labels), dict(request.metadata)
+
+    @_unary
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        return self._search(request, [request.query], context, batch=False)[0]
+
+    @_unary
+    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
+        return pb.SearchBatchResponse(results=self._search(request, request.queries, context, batch=True))
+
+    def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, excludes: np.ndarray | None = None) -> Vote:
         start = time.perf_counter()
         try:
-            vote = self.backend.vote(queries, k, tau, exclude)
+            if len(queries) == 1 and self.cfg.coalesce:
+                vote = self._coalesced_vote((k, tau), queries[0], -1 if excludes is None else int(excludes[0]))
+            else:
+                vote = self.backend.vote(queries, k, tau, excludes)
         except NoLabels as exc:
             raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self.m.index_search_seconds.labels(op).observe(time.perf_counter() - start)
         return vote
 
-    @_unary
-    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+    def _vote_index(self, key: tuple[int, float], vectors: np.ndarray, excludes: np.ndarray) -> list[Vote]:
+        """One vote of the batch, split into one Vote per query."""
+        vote = self.backend.vote(vectors, *key, excludes)
+        return [
+            Vote(vote.classes, vote.shares[q : q + 1], vote.scores[q : q + 1], vote.rows[q : q + 1])
+            for q in range(len(vectors))
+        ]
+
+    def _classify(
+        self, request: pb.ClassifyRequest | pb.ClassifyBatchRequest, queries: Sequence[pb.Query], context, batch: bool
+    ) -> list[pb.ClassifyResponse]:
         k = self._k(request, self.cfg.default_k)
         tau = self._tau(request)
         shown = self._count(request, "neighbors", k)
-        vector, exclude = self._query(request.query, context)
-        vote = self._vote(vector[None], k, tau, "classify", exclude)
-        shares, names = vote.shares[0], vote.classes
-        best = int(np.argmax(shares))  # first maximum: ties go to the first label in sorted order
-        voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
-        valid = np.flatnonzero(vote.rows[0] >= 0)[:shown]
-        return pb.ClassifyResponse(
-            label=names[best],
-            confidence=float(shares[best]),
-            scores=[pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted],
-            neighbors=self._neighbors(vote.scores[0][valid], vote.rows[0][valid]),
-        )
+        vectors, excludes = self._queries(queries, context, batch)
+        vote = self._vote(vectors, k, tau, "classify", excludes)
+        names = vote.classes
+        voters = [np.flatnonzero(rows >= 0)[:shown] for rows in vote.rows]
+        neighbors = self._neighbors([(vote.scores[q][v], vote.rows[q][v]) for q, v in enumerate(voters)])
+        out = []
+        for shares, voted_neighbors in zip(vote.shares, neighbors):
+            best = int(np.argmax(shares))  # first maximum: ties go to the first label in sorted order
+            voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
+            out.append(
+                pb.ClassifyResponse(
+                    label=names[best],
+                    confidence=float(shares[best]),
+                    scores=[pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted],
+                    neighbors=voted_neighbors,
+                )
+            )
+        return out
+
+    @_unary
+    def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
+        return self._classify(request, [request.query], context, batch=False)[0]
+
+    @_unary
+    def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest, context: grpc.ServicerContext
+    ) -> pb.ClassifyBatchResponse:
+        return pb.ClassifyBatchResponse(results=self._classify(request, request.queries, context, batch=True))
 
     @_streaming
     def LabelCorpus(self, request: pb.LabelCorpusRequest, context: grpc.ServicerContext) -> Iterator[pb.LabelProposal]:
@@ -483,16 +574,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 if (r := stored.get(row)) is not None
             ]
             yield pb.DuplicateGroup(
-                items=[
-                    pb.Neighbor(
-                        id=r.id,
-                        score=float(score),
-                        label=r.label or "",
-                        predicted_label=r.predicted_label or "",
-                        metadata=r.metadata,
-                    )
-                    for r, score in sorted(members, key=lambda m: m[0].id)
-                ]
+                items=[neighbor(r, float(score)) for r, score in sorted(members, key=lambda m: m[0].id)]
             )
 
     @_unary
@@ -519,4 +601,5 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             server_version=__version__,
             model_device=self.encoder.device,
             max_suggestions=MAX_SUGGESTIONS,
+            max_queries=self.cfg.max_queries,
         )

@@ -8,7 +8,7 @@ message-size check, acknowledgements, resending, backoff); only the transport di
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 from grpc import aio
@@ -16,7 +16,6 @@ from grpc import aio
 from moco_retrieval.api.v1 import retrieval_pb2 as pb
 
 from .client import (
-    Classification,
     ItemFailure,
     Neighbor,
     Op,
@@ -29,6 +28,7 @@ from .client import (
     _neighbor,
     _proposal,
     _UpsertSession,
+    _with,
 )
 
 
@@ -60,23 +60,6 @@ class AsyncRetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    async def classify_many(
-        self,
-        queries: Sequence[dict],
-        k: int | None = None,
-        tau: float | None = None,
-        workers: int = 8,
-        neighbors: int | None = None,
-    ) -> list[Classification]:
-        """At most `workers` concurrent classify calls; results in input order."""
-        slots = asyncio.Semaphore(max(1, workers))
-
-        async def one(query: dict) -> Classification:
-            async with slots:
-                return await self.classify(k=k, tau=tau, neighbors=neighbors, **query)
-
-        return list(await asyncio.gather(*(one(q) for q in queries)))
-
     async def label_corpus(
         self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0, apply: bool = False
     ) -> AsyncIterator[Proposal]:
@@ -89,9 +72,7 @@ class AsyncRetrievalClient(_ClientBase):
 
     async def duplicates(self, min_score: float, max_neighbors: int | None = None) -> AsyncIterator[list[Neighbor]]:
         """See RetrievalClient.duplicates."""
-        request = pb.DuplicatesRequest(min_score=min_score)
-        if max_neighbors is not None:
-            request.max_neighbors = max_neighbors
+        request = _with(pb.DuplicatesRequest(min_score=min_score), max_neighbors=max_neighbors)
         try:
             async for group in self._stub.Duplicates(request, metadata=self._metadata):
                 yield [_neighbor(n) for n in group.items]

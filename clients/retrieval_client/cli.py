@@ -234,41 +234,50 @@ def cmd_import(client: RetrievalClient, args: argparse.Namespace) -> int:
     return 1 if failed or missing else 0
 
 
+def queries_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """(name, query) of each IMAGE file, then each --id, in the order given; the query is
+    {"image": bytes} or {"id": id}."""
+    return [(p, {"image": read_image(p)}) for p in args.images] + [(i, {"id": i}) for i in args.id or ()]
+
+
 def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
-    image = read_image(args.image) if args.image else None
-    neighbors = client.search(
-        image=image,
-        id=args.id,
+    queries = queries_of(args)
+    results = client.search_many(
+        [q for _, q in queries],
         k=args.k,
         labels=args.label or (),
         min_score=args.min_score,
         metadata=dict(args.where or ()),
     )
+    several = len(queries) > 1
     print_table(
-        ["rank", "id", "score", "label", "uri"],
+        ["query"] * several + ["rank", "id", "score", "label", "uri"],
         [
-            (r, n.id, f"{n.score:.4f}", shown_label(n.label, n.predicted_label), n.metadata.get("uri", ""))
+            [name] * several
+            + [r, n.id, f"{n.score:.4f}", shown_label(n.label, n.predicted_label), n.metadata.get("uri", "")]
+            for (name, _), neighbors in zip(queries, results)
             for r, n in enumerate(neighbors, 1)
         ],
     )
     if args.sheet:
-        if image is not None:
-            query = Tile(load_thumbnail(image), "query", Path(args.image).name)
+        (name, query), neighbors = queries[0], results[0]
+        if "image" in query:
+            tile = Tile(load_thumbnail(query["image"]), "query", Path(name).name)
         else:
-            item = client.get([args.id])[0]
-            query = Tile(
+            item = client.get([name])[0]
+            tile = Tile(
                 load_thumbnail(item.metadata.get("uri")),
                 "query",
                 f"{item.id} {shown_label(item.label, item.predicted_label)}",
             )
-        tiles = [query] + [
+        tiles = [tile] + [
             Tile(
                 load_thumbnail(n.metadata.get("uri")), n.id, f"{n.score:.3f} {shown_label(n.label, n.predicted_label)}"
             )
             for n in neighbors
         ]
         try:
-            path = write_sheet(args.sheet, tiles, title=f"Neighbours of {args.image or args.id}")
+            path = write_sheet(args.sheet, tiles, title=f"Neighbours of {name}")
         except (ValueError, OSError) as exc:
             raise CommandError(str(exc)) from None
         print(f"contact sheet: {path}", file=sys.stderr)
@@ -276,15 +285,14 @@ def cmd_search(client: RetrievalClient, args: argparse.Namespace) -> int:
 
 
 def cmd_classify(client: RetrievalClient, args: argparse.Namespace) -> int:
-    images = [read_image(p) for p in args.images]
-    results = client.classify_many(
-        [{"image": b} for b in images], k=args.k, tau=args.tau, workers=args.workers, neighbors=0
-    )
+    queries = queries_of(args)
+    names = [name for name, _ in queries]
+    results = client.classify_many([q for _, q in queries], k=args.k, tau=args.tau, neighbors=0)
     if args.json:
         json.dump(
             [
-                {"image": p, "label": r.label, "confidence": r.confidence, "scores": dict(r.scores)}
-                for p, r in zip(args.images, results)
+                {next(iter(query)): name, "label": r.label, "confidence": r.confidence, "scores": dict(r.scores)}
+                for (name, query), r in zip(queries, results)
             ],
             sys.stdout,
             indent=2,
@@ -292,19 +300,19 @@ def cmd_classify(client: RetrievalClient, args: argparse.Namespace) -> int:
         print()
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["image", "label", "confidence"])
-        writer.writerows([p, r.label, f"{r.confidence:.6f}"] for p, r in zip(args.images, results))
+        writer.writerow(["query", "label", "confidence"])
+        writer.writerows([name, r.label, f"{r.confidence:.6f}"] for name, r in zip(names, results))
     else:
         print_table(
-            ["image", "label", "confidence", "runner-up"],
+            ["query", "label", "confidence", "runner-up"],
             [
                 (
-                    p,
+                    name,
                     r.label,
                     f"{r.confidence:.4f}",
                     f"{r.scores[1][0]} {r.scores[1][1]:.4f}" if len(r.scores) > 1 else "",
                 )
-                for p, r in zip(args.images, results)
+                for name, r in zip(names, results)
             ],
         )
     return 0
@@ -542,9 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-from-folders", action="store_true", help="use each image's folder name as its label")
     p.add_argument("--batch-size", type=int, default=256, help="items per upsert batch (default %(default)s)")
 
-    p = command("search", cmd_search, "the most similar stored items to an image or a stored id")
-    p.add_argument("image", metavar="IMAGE", nargs="?", help="query image file")
-    p.add_argument("--id", help="query by stored id instead of an image")
+    def query_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("images", metavar="IMAGE", nargs="*", help="query image files")
+        p.add_argument("--id", action="append", help="query by a stored id (repeatable, with or without images)")
+
+    p = command(
+        "search",
+        cmd_search,
+        "the most similar stored items to each image or stored id (several queries: one SearchBatch call)",
+    )
+    query_options(p)
     p.add_argument("-k", type=int, default=10, help="number of results (default %(default)s)")
     p.add_argument("--label", action="append", help="only items with this human label (repeatable)")
     p.add_argument("--min-score", type=float, help="only results with at least this cosine similarity")
@@ -555,15 +570,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="only items whose metadata KEY equals VALUE (repeatable: all must hold)",
     )
-    p.add_argument("--sheet", metavar="OUT", help="write a contact sheet (.png or .html)")
+    p.add_argument("--sheet", metavar="OUT", help="write a contact sheet (.png or .html) of the one query")
 
-    p = command("classify", cmd_classify, "predicted label and confidence per image (kNN vote)")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p = command(
+        "classify", cmd_classify, "predicted label and confidence per image or stored id (kNN vote, in batches)"
+    )
+    query_options(p)
     knn_options(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
-    p.add_argument("--workers", type=int, default=8, help="concurrent requests (default %(default)s)")
 
     p = command("label", cmd_label, "set the human label of a stored item")
     p.add_argument("id", metavar="ID")
@@ -622,9 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> None:
     """Usage errors argparse cannot express: exit status 2 with the command's usage."""
-    if args.command == "search" and (args.image is None) == (args.id is None):
-        args.parser.error("give either IMAGE or --id")
-    for name in ("k", "batch_size", "workers", "timeout"):
+    if args.command in ("search", "classify") and not args.images and not args.id:
+        args.parser.error("give at least one IMAGE or --id")
+    if args.command == "search" and args.sheet and len(args.images) + len(args.id or ()) != 1:
+        args.parser.error("--sheet draws one query: give one IMAGE or one --id")
+    for name in ("k", "batch_size", "timeout"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             args.parser.error(f"{'-k' if name == 'k' else '--' + name.replace('_', '-')} must be positive")

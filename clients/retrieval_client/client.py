@@ -14,7 +14,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +122,7 @@ class ServerInfo:
     model_device: str
     max_suggestions: int = 0
     predicted_count: int = 0
+    max_queries: int = 0
 
 
 @dataclass
@@ -184,7 +184,11 @@ def _array(vec: pb.Vector) -> np.ndarray:
     return np.asarray(vec.values, dtype=np.float32)
 
 
-def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[float] | None) -> pb.Query:  # noqa: A002
+def _query(
+    image: bytes | None = None,
+    id: str | None = None,  # noqa: A002 - the proto's Query.id
+    vector: np.ndarray | Sequence[float] | None = None,
+) -> pb.Query:
     given = [x is not None for x in (image, id, vector)]
     if sum(given) != 1:
         raise ValueError("give exactly one of image, id or vector as the query")
@@ -193,6 +197,14 @@ def _query(image: bytes | None, id: str | None, vector: np.ndarray | Sequence[fl
     if id is not None:
         return pb.Query(id=id)
     return pb.Query(vector=_vector(vector))
+
+
+def _with(request, **optional: object):
+    """`request` with each optional field set that is not None (unset ones take the server's default)."""
+    for name, value in optional.items():
+        if value is not None:
+            setattr(request, name, value)
+    return request
 
 
 def _neighbor(n: pb.Neighbor) -> Neighbor:
@@ -254,6 +266,7 @@ def _server_info(r: pb.InfoResponse) -> ServerInfo:
         model_device=r.model_device,
         max_suggestions=r.max_suggestions,
         predicted_count=r.predicted_count,
+        max_queries=r.max_queries,
     )
 
 
@@ -393,12 +406,30 @@ class _ClientBase:
     ) -> list[Neighbor]:
         """Most similar first. Query by exactly one of image bytes, stored id or vector; `metadata`
         keeps only items with each of these key = value pairs."""
-        request = pb.SearchRequest(query=_query(image, id, vector), labels=list(labels), metadata=metadata or {})
-        if k is not None:
-            request.k = k
-        if min_score is not None:
-            request.min_score = min_score
+        request = _with(
+            pb.SearchRequest(query=_query(image, id, vector), labels=list(labels), metadata=metadata or {}),
+            k=k,
+            min_score=min_score,
+        )
         return self._run(self._one("Search", request, lambda r: [_neighbor(n) for n in r.neighbors]))
+
+    def search_many(
+        self,
+        queries: Sequence[dict],
+        k: int | None = None,
+        labels: Sequence[str] = (),
+        min_score: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> list[list[Neighbor]]:
+        """search() for many queries ({"image": bytes}, {"id": ...} or {"vector": ...}) with the same
+        options: one result list per query, in order, from SearchBatch calls of at most the server's
+        max_queries (and message size) each."""
+
+        def request(chunk: list[pb.Query]) -> pb.SearchBatchRequest:
+            batch = pb.SearchBatchRequest(queries=chunk, labels=list(labels), metadata=metadata or {})
+            return _with(batch, k=k, min_score=min_score)
+
+        return self._run(self._batches("SearchBatch", request, queries, lambda r: [_neighbor(n) for n in r.neighbors]))
 
     def classify(
         self,
@@ -412,14 +443,33 @@ class _ClientBase:
     ) -> Classification:
         """InstDisc kNN vote among the human-labelled items. Query by image, stored id or vector.
         `neighbors`: how many voting neighbours to return (None: all k; 0 skips their lookup)."""
-        request = pb.ClassifyRequest(query=_query(image, id, vector))
-        if k is not None:
-            request.k = k
-        if tau is not None:
-            request.tau = tau
-        if neighbors is not None:
-            request.neighbors = neighbors
+        request = _with(pb.ClassifyRequest(query=_query(image, id, vector)), k=k, tau=tau, neighbors=neighbors)
         return self._run(self._one("Classify", request, _classification))
+
+    def classify_many(
+        self,
+        queries: Sequence[dict],
+        k: int | None = None,
+        tau: float | None = None,
+        neighbors: int | None = None,
+    ) -> list[Classification]:
+        """classify() for many queries (as search_many's), results in order, from ClassifyBatch calls."""
+
+        def request(chunk: list[pb.Query]) -> pb.ClassifyBatchRequest:
+            return _with(pb.ClassifyBatchRequest(queries=chunk), k=k, tau=tau, neighbors=neighbors)
+
+        return self._run(self._batches("ClassifyBatch", request, queries, _classification))
+
+    def _batches(self, method: str, request: Callable[[list[pb.Query]], Any], queries: Sequence[dict], convert) -> Op:
+        """The queries in as few batch calls as the server's max_queries and message size allow."""
+        protos = [_query(**q) for q in queries]
+        if not protos:
+            return []
+        info = yield from self._limits()
+        out = []
+        for chunk in _chunks(protos, info.max_queries or 1, self._max_payload(info), lambda q: q.ByteSize()):
+            out.extend(convert(r) for r in (yield method, request(chunk)).results)
+        return out
 
     def suggest(
         self,
@@ -431,21 +481,13 @@ class _ClientBase:
         uncertain_from: int | None = None,
     ) -> list[Suggestion]:
         """Which unlabelled items to label next (see the proto's Suggest): best first."""
-        request = pb.SuggestRequest(n=n, seed=seed)
-        for name, value in (("sample", sample), ("k", k), ("tau", tau), ("uncertain_from", uncertain_from)):
-            if value is not None:
-                setattr(request, name, value)
+        request = _with(pb.SuggestRequest(n=n, seed=seed), sample=sample, k=k, tau=tau, uncertain_from=uncertain_from)
         return self._run(self._one("Suggest", request, _suggestions))
 
     def _label_corpus_request(
         self, k: int | None, tau: float | None, min_confidence: float, apply: bool
     ) -> pb.LabelCorpusRequest:
-        request = pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply)
-        if k is not None:
-            request.k = k
-        if tau is not None:
-            request.tau = tau
-        return request
+        return _with(pb.LabelCorpusRequest(min_confidence=min_confidence, apply=apply), k=k, tau=tau)
 
 
 class RetrievalClient(_ClientBase):
@@ -478,19 +520,6 @@ class RetrievalClient(_ClientBase):
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 
-    def classify_many(
-        self,
-        queries: Sequence[dict],
-        k: int | None = None,
-        tau: float | None = None,
-        workers: int = 8,
-        neighbors: int | None = None,
-    ) -> list[Classification]:
-        """Concurrent classify calls; `queries` are dicts like {"image": b"..."} or {"vector": v};
-        results in input order."""
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            return list(pool.map(lambda q: self.classify(k=k, tau=tau, neighbors=neighbors, **q), queries))
-
     def label_corpus(
         self, k: int | None = None, tau: float | None = None, min_confidence: float = 0.0, apply: bool = False
     ) -> Iterator[Proposal]:
@@ -505,9 +534,7 @@ class RetrievalClient(_ClientBase):
     def duplicates(self, min_score: float, max_neighbors: int | None = None) -> Iterator[list[Neighbor]]:
         """Groups of near-duplicate items (cosine >= min_score, linked), largest first, streamed;
         each member's score is its highest similarity to another member."""
-        request = pb.DuplicatesRequest(min_score=min_score)
-        if max_neighbors is not None:
-            request.max_neighbors = max_neighbors
+        request = _with(pb.DuplicatesRequest(min_score=min_score), max_neighbors=max_neighbors)
         try:
             for group in self._stub.Duplicates(request, metadata=self._metadata):
                 yield [_neighbor(n) for n in group.items]

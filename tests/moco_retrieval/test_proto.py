@@ -35,6 +35,8 @@ def test_service_has_the_contract_methods() -> None:
         "Get",
         "Search",
         "Classify",
+        "SearchBatch",
+        "ClassifyBatch",
         "LabelCorpus",
         "Info",
         "Suggest",

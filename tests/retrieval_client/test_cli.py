@@ -212,7 +212,7 @@ def test_search_prints_a_table_and_writes_contact_sheets(indexed, tmp_path, env)
     )
 
 
-def test_classify_outputs(indexed, env):
+def test_classify_outputs(indexed, env, lib):
     images = [str(sorted((indexed / cls).glob("*.jpg"))[0]) for cls in CLASSES]
     table = run_cli("classify", *images, "--k", "5", env=env)
     assert table.returncode == 0, table.stderr
@@ -228,6 +228,28 @@ def test_classify_outputs(indexed, env):
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [r["label"] for r in rows] == list(CLASSES)
     assert [float(r["confidence"]) for r in rows] == pytest.approx([r["confidence"] for r in results], abs=1e-3)
+    # images and stored ids in one call (ClassifyBatch): in order, each as Classify answers it alone
+    ids = [Path(p).relative_to(indexed).as_posix() for p in images[:2]]
+    mixed = json.loads(run_cli("classify", images[2], "--id", ids[0], "--id", ids[1], "--json", env=env).stdout)
+    assert [r.get("image") or r.get("id") for r in mixed] == [images[2], *ids]
+    alone = [lib.classify(image=Path(images[2]).read_bytes()), *(lib.classify(id=i) for i in ids)]
+    assert [(r["label"], round(r["confidence"], 4)) for r in mixed] == [
+        (c.label, round(c.confidence, 4)) for c in alone
+    ]
+
+
+def test_search_with_several_queries_prints_each_querys_neighbours(indexed, env, lib):
+    images = [str(sorted((indexed / cls).glob("*.jpg"))[1]) for cls in CLASSES[:2]]
+    stored_id = sorted(p.relative_to(indexed).as_posix() for p in indexed.rglob("*.jpg"))[0]
+    out = run_cli("search", *images, "--id", stored_id, "-k", "3", env=env)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.strip().splitlines()[1:]]
+    expected = [lib.search(image=Path(p).read_bytes(), k=3) for p in images] + [lib.search(id=stored_id, k=3)]
+    assert [(r[0], r[2]) for r in rows] == [
+        (name, n.id) for name, found in zip([*images, stored_id], expected) for n in found
+    ]
+    usage = run_cli("search", *images, "--sheet", "x.png", env=env)
+    assert usage.returncode == 2 and "--sheet draws one query" in usage.stderr
 
 
 def test_label_unlabel_delete_info(indexed, demo_data, tmp_path, env, lib):

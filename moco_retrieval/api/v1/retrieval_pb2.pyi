@@ -240,6 +240,51 @@ class ClassifyRequest(_message.Message):
     neighbors: int
     def __init__(self, query: _Optional[_Union[Query, _Mapping]] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ..., neighbors: _Optional[int] = ...) -> None: ...
 
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries", "k", "labels", "min_score", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    k: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    min_score: float
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., min_score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+
+class ClassifyBatchRequest(_message.Message):
+    __slots__ = ("queries", "k", "tau", "neighbors")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TAU_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    k: int
+    tau: float
+    neighbors: int
+    def __init__(self, queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., k: _Optional[int] = ..., tau: _Optional[float] = ..., neighbors: _Optional[int] = ...) -> None: ...
+
+class ClassifyBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
+
 class ClassScore(_message.Message):
     __slots__ = ("label", "score")
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -356,7 +401,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device", "max_suggestions", "predicted_count")
+    __slots__ = ("model_fingerprint", "arch", "dim", "input_size", "index_type", "index_device", "index_gpus", "item_count", "labelled_count", "label_counts", "max_k", "default_k", "default_tau", "max_batch_size", "max_message_bytes", "server_version", "model_device", "max_suggestions", "predicted_count", "max_queries")
     class LabelCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +428,7 @@ class InfoResponse(_message.Message):
     MODEL_DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUERIES_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     arch: str
     dim: int
@@ -402,4 +448,5 @@ class InfoResponse(_message.Message):
     model_device: str
     max_suggestions: int
     predicted_count: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ..., predicted_count: _Optional[int] = ...) -> None: ...
+    max_queries: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ..., predicted_count: _Optional[int] = ..., max_queries: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,16 @@ class RetrievalStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/retrieval.v1.Retrieval/SearchBatch',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
+        self.ClassifyBatch = channel.unary_unary(
+                '/retrieval.v1.Retrieval/ClassifyBatch',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchResponse.FromString,
+                _registered_method=True)
         self.LabelCorpus = channel.unary_stream(
                 '/retrieval.v1.Retrieval/LabelCorpus',
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.LabelCorpusRequest.SerializeToString,
@@ -144,6 +154,26 @@ class RetrievalServicer:
         """InstDisc weighted kNN vote among the human-labelled items: the top-k neighbours by cosine
         similarity s_i vote for their label with weight exp(s_i / tau).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
+        """Many queries in one call: one result per query, in request order, each what Search or
+        Classify answers for that query alone with the same options (which apply to every query).
+        The queries' images are embedded together and the index is searched once for all of them,
+        which costs far less per query than one call each. A bad query fails the whole call, its
+        message naming the query's index ("queries[3]: ..."): INVALID_ARGUMENT (no queries, an
+        undecodable image, a wrong vector), NOT_FOUND (a query id that is not stored);
+        OUT_OF_RANGE: more queries than InfoResponse.max_queries; the options' statuses as Search's
+        and Classify's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -228,6 +258,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SearchBatchRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.SearchBatchResponse.SerializeToString,
+            ),
+            'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyBatch,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'LabelCorpus': grpc.unary_stream_rpc_method_handler(
                     servicer.LabelCorpus,
@@ -439,6 +479,60 @@ class Retrieval:
             '/retrieval.v1.Retrieval/Classify',
             retrieval_dot_v1_dot_retrieval__pb2.ClassifyRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/SearchBatch',
+            retrieval_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/ClassifyBatch',
+            retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
