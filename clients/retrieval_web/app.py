@@ -548,10 +548,16 @@ def create_app(
             unlabelled=info.item_count - info.labelled_count,
         )
 
+    def check_access() -> None:
+        """The review snapshot is the process's, computed with someone's token: only a session
+        whose token (or none) the service accepts reads it. What the session's first page learnt
+        (can_write) says so without another call: Info scans the store (40 ms at 100k items)."""
+        if can_write() is None:
+            raise InputError("sign in first (or the service did not answer)", 401, "UNAUTHENTICATED")
+
     def current_snapshot(number: object = None):
-        """The review snapshot, once the service accepts this session (the snapshot is the
-        process's, computed with someone's token); 409 without one, or when it is not `number`."""
-        client().info()
+        """The review snapshot; 409 without one, or when it is not `number`."""
+        check_access()
         snapshot = proposals.snapshot
         if snapshot is None:
             raise InputError("no proposals computed yet: open the review page", 409, "CONFLICT")
@@ -562,7 +568,7 @@ def create_app(
     @app.get("/api/review/progress")
     @api
     def review_progress():
-        client().info()
+        check_access()
         job, snapshot = proposals.job, proposals.snapshot
         state = job.progress() if job else {"computing": False, "received": 0, "expected": 0, "error": None}
         return jsonify(snapshot=snapshot.number if snapshot else None, **state)

@@ -789,11 +789,20 @@ def test_recompute_starts_a_job_and_reports_progress(app, world):
 
 
 def test_the_shared_proposals_need_a_session_the_service_accepts(signin_app, world):
-    """The snapshot belongs to the page's process: a visitor who has not signed in reads nothing of it."""
-    browser = signin_app.test_client()
-    for path in ("/api/review/progress", "/api/review/count?threshold=0.5", "/api/counts"):
-        reply = browser.get(path)
-        assert (reply.status_code, reply.json["error"]) == (401, "UNAUTHENTICATED"), path
+    """The snapshot belongs to the page's process: a visitor who has not signed in reads nothing of
+    it, one with a read-only token does."""
+    client = world["client"]
+    client.set_labels({"i0": "red"})
+    try:
+        reader, stranger = signin_app.test_client(), signin_app.test_client()
+        sign_in(reader, READ_ONLY)
+        assert 'class="card state-open"' in review_page(reader)  # computed with the read-only token
+        for path in ("/api/review/progress", "/api/review/count?threshold=0.5", "/api/counts"):
+            reply = stranger.get(path)
+            assert (reply.status_code, reply.json["error"]) == (401, "UNAUTHENTICATED"), path
+            assert reader.get(path).status_code == 200, path
+    finally:
+        client.set_labels({"i0": ""})
 
 
 # -- duplicates: groups and "keep one" ----------------------------------------------------------------
