@@ -1,7 +1,8 @@
 """The README's screenshots of the web page (docs/web*.png), taken in headless Chromium from the
 committed encoder (pretrained/, exported) over the bundled sample (data/demo/train, 5 labels per
 class as in `make demo`): search with a held-out image, the label queue after a few key presses, the
-review page after accepting, relabelling and rejecting. The PNGs are quantised to 256 colours.
+review page after accepting right proposals, relabelling a wrong one and rejecting another (right and
+wrong by the sample's folders, as a person who knows the images would). The PNGs are quantised to 256 colours.
 
     python scripts/web_screenshots.py          # writes docs/web.png, docs/web-label.png, docs/web-review.png
 """
@@ -24,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from moco_retrieval.images import image_files
 from retrieval_client import RetrievalClient, UpsertItem
 from retrieval_server.process import ServerProcess
+from retrieval_web.keys import label_keys
 from retrieval_web.process import WebProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,28 +77,40 @@ def take(driver: webdriver.Chrome, url: str) -> None:
     wait(driver, "#results .tile")
     save(driver, "web.png")
 
+    # label: the two first cards with their true class's key (the folder of the id), skip the third
     driver.get(url + "/label?n=12")
     wait(driver, "#queue .card.selected")
+    keys = {label: key for key, label in label_keys(classes(driver))}
+    first, second = [c.get_attribute("data-id") for c in driver.find_elements(By.CSS_SELECTOR, "#queue .card")][:2]
     body = driver.find_element(By.TAG_NAME, "body")
-    body.send_keys(Keys.ENTER, Keys.ENTER, Keys.ARROW_RIGHT)  # accept two votes, skip one
+    body.send_keys(keys[true_class(first)], keys[true_class(second)], Keys.ARROW_RIGHT)
     wait_status(driver, "skipped")
     save(driver, "web-label.png")
 
-    driver.get(url + "/review")
+    # review, most confident first: accept two right proposals, relabel a wrong one, reject another
+    driver.get(url + "/review?order=highest")
     cards = WebDriverWait(driver, 300).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#proposals .card"))
-    for card in cards[:2]:
+    right = [c for c in cards if c.get_attribute("data-label") == true_class(c.get_attribute("data-id"))]
+    wrong = [c for c in cards if c not in right]
+    for card in right[:2]:
         card.find_element(By.CSS_SELECTOR, ".pick-box").click()
     driver.find_element(By.ID, "accept-selected").click()
     wait_status(driver, "2 accepted")
-    cards[2].find_element(By.CSS_SELECTOR, ".pick-box").click()
-    labels = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#label-list option")]
-    other = next(label for label in labels if label != cards[2].get_attribute("data-label"))
-    driver.find_element(By.ID, "relabel-as").send_keys(other)
+    wrong[0].find_element(By.CSS_SELECTOR, ".pick-box").click()
+    driver.find_element(By.ID, "relabel-as").send_keys(true_class(wrong[0].get_attribute("data-id")))
     driver.find_element(By.ID, "relabel-selected").click()
     wait_status(driver, "1 relabelled")
-    cards[4].find_element(By.CSS_SELECTOR, "button.reject").click()
+    wrong[1].find_element(By.CSS_SELECTOR, "button.reject").click()
     wait_status(driver, "rejected")
     save(driver, "web-review.png")
+
+
+def true_class(item_id: str) -> str:
+    return item_id.split("/")[0]
+
+
+def classes(driver: webdriver.Chrome) -> list[str]:
+    return [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#label-list option")]
 
 
 def main() -> int:

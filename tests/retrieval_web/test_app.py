@@ -824,3 +824,26 @@ def test_duplicate_groups_are_boxed_and_the_rest_can_be_deleted(app, world, sign
     assert (reply.status_code, reply.json["error"]) == (403, "PERMISSION_DENIED")
     assert 'class="keep-one"' not in reader.get("/duplicates?min_score=0.99").get_data(as_text=True)
     client.delete(["copy0"])
+
+
+def test_labels_ids_and_upload_names_are_escaped_on_the_new_pages(app, world):
+    """A label, a label filter and an upload's file name that are markup come back as text (the
+    content security policy would refuse an inline handler anyway: test_browser.py)."""
+    client = world["client"]
+    markup = "<img src=x onerror=alert(1)>"
+    client.set_labels({"i1": markup})
+    try:
+        browser = app.test_client()
+        image = (world["roots"][0] / "i0.png").read_bytes()
+        upload = browser.post(
+            "/search",
+            data={"csrf_token": page_csrf(browser), "image": (io.BytesIO(image), f"{markup}.png")},
+            headers={"Origin": HOST},
+        )
+        pages = [
+            browser.get(p).get_data(as_text=True) for p in ("/label", "/search?id=i0", f"/search?label={quote(markup)}")
+        ]
+        for html in [*pages, review_page(browser), upload.get_data(as_text=True)]:
+            assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    finally:
+        client.set_labels({"i1": ""})

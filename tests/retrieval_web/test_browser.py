@@ -230,11 +230,15 @@ def label_of(world, item_id: str) -> str:
 def test_label_keys_beyond_nine_the_vote_key_undo_and_the_counts(world):
     """Eleven labels: the tenth is typed 0, the eleventh a (the audit's page took 1 then 0 for the
     first label); Enter accepts the card's vote; undo clears the label in the store and makes the
-    card the active one again; the counts follow."""
+    card the active one again; the counts follow; a label the page refuses leaves the card as it was."""
     browser, client, url = world["browser"], world["client"], world["web"].url
     browser.get(url + "/label?n=12")
     first = wait(browser, "#queue .card.selected")
     first_id = first.get_attribute("data-id")
+    first.find_element(By.CSS_SELECTOR, ".new-label").send_keys("z" * 201, Keys.ENTER)  # refused: the card is back
+    wait_status(browser, "at most 200 characters")
+    assert "done" not in first.get_attribute("class") and not first.find_element(By.CSS_SELECTOR, ".state-badge").text
+    first.find_element(By.CSS_SELECTOR, ".new-label").clear()
     first.find_element(By.CSS_SELECTOR, ".new-label").send_keys("zebra", Keys.ENTER)  # an eleventh label
     wait_status(browser, f"{first_id}: zebra")
     assert label_of(world, first_id) == "zebra"

@@ -99,27 +99,32 @@ function setUpLabelPage(queue) {
       document.getElementById(`count-${name}`).textContent = counts[name];
     }
   }
-  function write(url, body, done) {
-    writes = writes.then(() => post(url, body)).then(() => { done(); refreshCounts(); }, () => {});
+  // The page shows an action at once; its write goes out after the ones before it. A refused write
+  // (its message is in the status line) puts the card back as it was and leaves the undo history.
+  function write(url, body, done, failed = () => {}) {
+    writes = writes.then(() => post(url, body)).then(() => { done(); refreshCounts().catch(() => {}); }, failed);
   }
   function record(entry) { history.push(entry); undoButton.disabled = false; }
+  function forget(entry) { const n = history.indexOf(entry); if (n >= 0) history.splice(n, 1); undoButton.disabled = !history.length; }
 
   function labelCard(card, label) {
     if (!label || !writable) return;
     const id = card.dataset.id;
-    record({ card, kind: "label", before: card.dataset.label });
+    const entry = { card, kind: "label", before: card.dataset.label };
+    record(entry);
     card.dataset.label = label;
     show(card);
     selectNext(card);
-    write("/api/labels", { labels: { [id]: label } }, () => status(`${id}: ${label}`));
+    write("/api/labels", { labels: { [id]: label } }, () => status(`${id}: ${label}`), () => { card.dataset.label = entry.before; show(card); forget(entry); });
   }
   function skipCard(card) {
     const id = card.dataset.id;
-    record({ card, kind: "skip" });
+    const entry = { card, kind: "skip" };
+    record(entry);
     card.dataset.skipped = "true";
     show(card);
     selectNext(card);
-    write("/api/skipped", { ids: [id], skipped: true }, () => status(`${id}: skipped`));
+    write("/api/skipped", { ids: [id], skipped: true }, () => status(`${id}: skipped`), () => { card.dataset.skipped = "false"; show(card); forget(entry); });
   }
   function undo() {
     const entry = history.pop();
