@@ -49,7 +49,7 @@ from .params import (
     json_body,
     metadata_filter,
 )
-from .review import ORDERS, SHOW, Proposals, View, cursor_text, default_threshold
+from .review import AUTO_REFRESH_S, ORDERS, SHOW, Proposals, View, cursor_text, default_threshold
 from .sessions import (
     DEFAULT_IDLE_MINUTES,
     DEFAULT_LIFETIME_HOURS,
@@ -134,18 +134,20 @@ def create_app(
     session_lifetime_s: float = DEFAULT_LIFETIME_HOURS * 3600,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_clients: int = DEFAULT_MAX_CLIENTS,
+    review_auto_refresh_s: float = AUTO_REFRESH_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> Flask:
     """The page for the service at `address`. behind_tls: a TLS proxy is in front (cookies are
     Secure, X-Forwarded-Proto is believed, https when absent); allowed_hosts: the host names the
-    page answers to (the Host header; None: any), against DNS rebinding."""
+    page answers to (the Host header; None: any), against DNS rebinding; review_auto_refresh_s: see
+    review.Proposals."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 32 * 2**20  # uploads for search
     roots = [Path(r).resolve() for r in image_roots]
     hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
     clients = Clients(address, tls, max_clients)
     sessions = SessionTable(session_idle_s, session_lifetime_s, max_sessions, clock)
-    proposals = Proposals(clients)
+    proposals = Proposals(clients, review_auto_refresh_s)
     uploads = itertools.count(1)
     app.extensions["retrieval_clients"] = clients
     app.extensions["retrieval_sessions"] = sessions

@@ -22,6 +22,7 @@ from moco_retrieval.labels import MAX_LABEL_CHARS
 from retrieval_client import RetrievalClient, RetrievalError, UpsertItem
 from retrieval_server.config import ServerConfig
 from retrieval_web.app import SECURE_COOKIE, create_app, local_path
+from retrieval_web.cli import main as cli_main
 from retrieval_web.sessions import Clients, SessionTable
 from retrieval_web.thumbnails import ThumbnailRefused, resolve
 from tests.retrieval_server.calls import InProcess
@@ -847,3 +848,8 @@ def test_labels_ids_and_upload_names_are_escaped_on_the_new_pages(app, world):
             assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     finally:
         client.set_labels({"i1": ""})
+
+
+def test_the_review_auto_refresh_flag_is_checked(capsys):
+    assert cli_main(["--review-auto-refresh-seconds", "-1"]) == 2
+    assert "--review-auto-refresh-seconds must be 0 or more" in capsys.readouterr().err

@@ -79,7 +79,8 @@ def world(demo_data, tmp_path_factory):
     client = RetrievalClient(server.address, token=TOKEN, timeout=120)
     client.upsert_many(items)
     web = web_process("--address", server.address, "--token", TOKEN, "--image-root", images)
-    signin_web = web_process("--address", server.address, "--image-root", images)  # no token: sign in
+    # no token: sign in; and a review that never recomputes without being asked
+    signin_web = web_process("--address", server.address, "--image-root", images, "--review-auto-refresh-seconds", 0)
     attacker = AttackerSite(root / "attacker")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
@@ -407,6 +408,24 @@ def test_review_bulk_actions_and_card_states(world):
         "state-rejected" in rejected.get_attribute("class")
         and rejected.find_element(By.CSS_SELECTOR, ".state-badge").text == "rejected"
     )
+
+
+def test_a_stale_review_offers_recompute_and_shows_its_progress(world):
+    """The page in front of a large store (here: told never to recompute on its own) keeps its
+    proposals when labels change, says they are stale, and recomputes them when asked, showing the
+    progress and reloading when they are ready."""
+    browser, client, web = world["browser"], world["client"], world["signin_web"]
+    sign_in(browser, web, TOKEN, "/review")
+    snapshot = "const p = document.getElementById('proposals'); return p ? parseInt(p.dataset.snapshot, 10) : null;"
+    first = WebDriverWait(browser, 60).until(lambda b: b.execute_script(snapshot))
+    item = unlabelled_id(world)
+    client.set_labels({item: "cat"})
+    browser.get(web.url + "/review?per_page=200")
+    assert "the store changed" in wait(browser, "#stale").text.lower()
+    assert item in grid_ids(browser, "#proposals .card")  # the snapshot as it was
+    browser.find_element(By.ID, "recompute").click()
+    WebDriverWait(browser, 60).until(lambda b: (b.execute_script(snapshot) or 0) > first)
+    assert not browser.find_elements(By.ID, "stale") and item not in grid_ids(browser, "#proposals .card")
 
 
 # -- search and duplicates ---------------------------------------------------------------------------
