@@ -12,43 +12,63 @@ carry the session's CSRF token (the X-CSRF-Token header the page's script sends,
 csrf_token field of a form) and must not come from another origin (Origin, else Referer); the JSON
 endpoints take `Content-Type: application/json` only. Pages may not be framed, the content
 security policy lets only the page's own scripts, styles and images run, and every input is
-checked: a bad one gets a 4xx with a message (JSON under /api/).
+checked (params.py): a bad one gets a 4xx with a message (JSON under /api/).
+
+The handlers only read the request, call the service and render: the label page's keys are in
+keys.py, the review page's proposals (a snapshot of LabelCorpus, paged and filtered) in review.py.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
-import math
+import itertools
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
 from flask import Flask, Response, g, jsonify, redirect, render_template, request, url_for
-from werkzeug.exceptions import BadRequest, HTTPException
+from werkzeug.exceptions import HTTPException
 
-from moco_retrieval.labels import LabelError, clean_label
 from retrieval_client import RetrievalClient, RetrievalError
 
+from .keys import label_keys
+from .params import (
+    MAX_ASSIGNMENTS,
+    InputError,
+    check_float,
+    check_id,
+    check_ids,
+    check_label,
+    choice_arg,
+    cursor_arg,
+    float_arg,
+    int_arg,
+    json_body,
+    metadata_filter,
+)
+from .review import AUTO_REFRESH_S, ORDERS, SHOW, Proposals, View, cursor_text, default_threshold
 from .sessions import (
     DEFAULT_IDLE_MINUTES,
     DEFAULT_LIFETIME_HOURS,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_SESSIONS,
+    MAX_SKIPPED,
     Clients,
     Session,
     SessionTable,
+    UploadedQuery,
 )
-from .thumbnails import ThumbnailRefused, thumbnail
+from .thumbnails import ThumbnailRefused, thumbnail, upload_thumbnail
 
-REVIEW_LIMIT = 500  # proposals shown per label on the review page
 MAX_K = 500  # results of one search
+SEARCH_STEP = 24  # results of a search's first page (the default k), and how many more "more" adds
 MAX_SUGGESTIONS = 500  # cards of the label page
-MAX_ASSIGNMENTS = 10_000  # ids of one JSON write (the page sends bigger ones in chunks)
-MAX_ID_BYTES = 512  # as the service (proto: Item.id)
+REVIEW_PAGE = 100  # proposals on one review page (at most MAX_REVIEW_PAGE)
+MAX_REVIEW_PAGE = 200
+MAX_GROUPS = 200  # duplicate groups shown, largest first
 MAX_TOKEN_CHARS = 4096
 COOKIE, SECURE_COOKIE = "moco_session", "__Host-moco_session"  # __Host-: Secure, Path=/, no Domain
 CSRF_HEADER, CSRF_FIELD = "X-CSRF-Token", "csrf_token"
@@ -74,14 +94,6 @@ HTTP_STATUS = {  # the service's refusals as HTTP statuses; anything else is the
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 DEFAULT_PORTS = {"http": "80", "https": "443"}
-
-
-class InputError(Exception):
-    """A request the page refuses: its HTTP status and a message for the person or the script."""
-
-    def __init__(self, message: str, status: int = 400, error: str = "BAD_REQUEST") -> None:
-        super().__init__(message)
-        self.message, self.status, self.error = message, status, error
 
 
 def local_path(target: str | None) -> str | None:
@@ -110,60 +122,6 @@ def _origin(url: str) -> str | None:
     return f"{scheme}://{host}" + (f":{port}" if port and str(port) != DEFAULT_PORTS.get(scheme) else "")
 
 
-def check_id(item_id: object, what: str = "id") -> str:
-    if not isinstance(item_id, str):
-        raise InputError(f"{what} must be a string")
-    try:
-        size = len(item_id.encode())
-    except UnicodeEncodeError:
-        raise InputError(f"{what} is not valid Unicode (a lone surrogate)") from None
-    if not 1 <= size <= MAX_ID_BYTES:
-        raise InputError(f"{what} must be 1 to {MAX_ID_BYTES} bytes of UTF-8, got {size}")
-    return item_id
-
-
-def int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.values.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"{name} must be a whole number, got {raw[:40]!r}") from None
-    if not low <= value <= high:
-        raise InputError(f"{name} must be from {low} to {high}, got {value}")
-    return value
-
-
-def float_arg(name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    raw = request.values.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InputError(f"{name} must be a number, got {raw[:40]!r}") from None
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-        raise InputError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {raw[:40]}")
-    return value
-
-
-def json_body(*fields: str) -> dict:
-    """The request's JSON object, with only `fields` (each required)."""
-    if request.mimetype != "application/json":
-        raise InputError("send JSON, with Content-Type: application/json", 415, "UNSUPPORTED_MEDIA_TYPE")
-    try:
-        body = request.get_json()
-    except (BadRequest, RecursionError):
-        raise InputError("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InputError("the body must be a JSON object")
-    unknown, missing = sorted(set(body) - set(fields)), [f for f in fields if f not in body]
-    if unknown or missing:
-        raise InputError(f"the body must have exactly the fields {', '.join(fields)}")
-    return body
-
-
 def create_app(
     address: str,
     token: str | None = None,
@@ -176,19 +134,25 @@ def create_app(
     session_lifetime_s: float = DEFAULT_LIFETIME_HOURS * 3600,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     max_clients: int = DEFAULT_MAX_CLIENTS,
+    review_auto_refresh_s: float = AUTO_REFRESH_S,
     clock: Callable[[], float] = time.monotonic,
 ) -> Flask:
     """The page for the service at `address`. behind_tls: a TLS proxy is in front (cookies are
     Secure, X-Forwarded-Proto is believed, https when absent); allowed_hosts: the host names the
-    page answers to (the Host header; None: any), against DNS rebinding."""
+    page answers to (the Host header; None: any), against DNS rebinding; review_auto_refresh_s: see
+    review.Proposals."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 32 * 2**20  # uploads for search
     roots = [Path(r).resolve() for r in image_roots]
     hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
     clients = Clients(address, tls, max_clients)
     sessions = SessionTable(session_idle_s, session_lifetime_s, max_sessions, clock)
+    proposals = Proposals(clients, review_auto_refresh_s)
+    uploads = itertools.count(1)
     app.extensions["retrieval_clients"] = clients
     app.extensions["retrieval_sessions"] = sessions
+    app.extensions["retrieval_proposals"] = proposals
+    app.add_template_filter(lambda t: time.strftime("%H:%M:%S", time.localtime(t)), "clock")
 
     # -- the request's origin, session and client --------------------------------------------------
     def scheme() -> str:
@@ -209,9 +173,12 @@ def create_app(
             g.set_cookie = True
         return g.session
 
+    def session_token() -> str | None:
+        return token or (g.session.token if g.session else None)
+
     def client() -> RetrievalClient:
         if "client" not in g:
-            g.client = clients.acquire(token or (g.session.token if g.session else None))
+            g.client = clients.acquire(session_token())
         return g.client
 
     def can_write() -> bool | None:
@@ -384,54 +351,173 @@ def create_app(
         unlabelled = info.item_count - info.labelled_count
         return render_template("overview.html", info=info, unlabelled=unlabelled)
 
+    def search_request() -> dict:
+        """What a search asks for beyond its query: k results a page, pages shown ("more" adds one),
+        and the filters the Search RPC takes."""
+        min_score = request.values.get("min_score", "")
+        k, pages = int_arg("k", SEARCH_STEP, 1, MAX_K), int_arg("pages", 1, 1, MAX_K)
+        return {
+            "k": k,
+            "pages": pages,
+            "shown": min(k * pages, MAX_K),
+            "labels": [check_label(v, "label filter") for v in request.values.getlist("label") if v],
+            "metadata": metadata_filter(request.values.getlist("meta")),
+            "min_score": None if min_score == "" else check_float("min_score", min_score, -1.0, 1.0),
+        }
+
+    def searched(asked: dict, **query) -> list:
+        filters = {name: asked[name] for name in ("labels", "metadata", "min_score")}
+        return client().search(**query, k=asked["shown"], **filters)
+
+    def render_search(query: dict | None, hits, asked: dict, status: int = 200, message: str | None = None):
+        """The search page; `query`: {"id": ...} or {"upload": 1} (what "more" and the filters repeat)."""
+        more_url = None
+        if query is not None and hits and len(hits) == asked["shown"] < MAX_K:
+            more = {**query, "label": asked["labels"], "meta": [f"{k}={v}" for k, v in asked["metadata"].items()]}
+            more |= {"min_score": asked["min_score"], "k": asked["k"], "pages": asked["pages"] + 1}
+            more_url = url_for("search", **more) + f"#r{len(hits) + 1}"
+        upload = g.session.upload if query and "upload" in query else None
+        if upload is not None:
+            title = f"the uploaded {upload.name}"
+            preview = url_for("uploaded_query", n=upload.number) if upload.thumbnail else None
+        else:
+            title = query and query["id"]
+            preview = query and url_for("thumb", id=query["id"])
+        return render_template(
+            "search.html",
+            query=title,
+            query_id=query and query.get("id"),
+            upload=upload is not None,
+            query_image=preview,
+            hits=hits,
+            asked=asked,
+            more_url=more_url,
+            labels=sorted(client().info().label_counts),
+            message=message,
+        ), status
+
     @app.route("/search", methods=["GET", "POST"])
     @page
     def search():
-        k = int_arg("k", 24, 1, MAX_K)
+        """By an uploaded image (POST; its embedding is kept in the session for "more" and other
+        filters: ?upload=1), or by a stored id (?id=). The filters and k travel in the query string."""
+        asked = search_request()
+        session = current_session()
         if request.method == "POST":
             upload = request.files.get("image")
             if upload is None or not upload.filename:
-                return render_template("search.html", hits=None, query=None, k=k, message="choose an image first"), 400
+                return render_search(None, None, asked, 400, "choose an image first")
             data = upload.read()
             if not data:
-                return render_template("search.html", hits=None, query=None, k=k, message="the file is empty"), 400
-            hits = client().search(image=data, k=k)
-            return render_template("search.html", hits=hits, query=f"the uploaded {upload.filename}", k=k)
+                return render_search(None, None, asked, 400, "the file is empty")
+            vector = client().embed([data])[0]
+            try:
+                preview = upload_thumbnail(data)
+            except ThumbnailRefused:  # the service decoded it, this process could not: no preview
+                preview = b""
+            session.upload = UploadedQuery(upload.filename[:200], vector, preview, next(uploads))
+        if request.method == "POST" or request.args.get("upload"):
+            if session.upload is None:
+                raise InputError("the uploaded image is no longer held (the session ended): upload it again")
+            return render_search({"upload": 1}, searched(asked, vector=session.upload.vector), asked)
         item_id = request.args.get("id")
         if not item_id:
-            return render_template("search.html", hits=None, query=None, k=k)
+            return render_search(None, None, asked)
         check_id(item_id)
-        return render_template("search.html", hits=client().search(id=item_id, k=k), query=item_id, k=k)
+        return render_search({"id": item_id}, searched(asked, id=item_id), asked)
+
+    @app.get("/search/upload.jpg")
+    def uploaded_query():
+        """The thumbnail of this session's uploaded search image (?n= only changes the URL)."""
+        upload = g.session.upload if g.session else None
+        if upload is None or not upload.thumbnail:
+            raise InputError("no uploaded image in this session", 404, "NOT_FOUND")
+        return Response(upload.thumbnail, mimetype="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
     @app.route("/label")
     @page
     def label():
+        """The Suggest queue, without the ids this session skipped."""
         n = int_arg("n", 12, 1, MAX_SUGGESTIONS)
         seed = int_arg("seed", 0, 0, 2**64 - 1)
         info = client().info()
-        unlabelled = info.item_count > info.labelled_count
-        suggestions = client().suggest(n, seed=seed) if unlabelled else []
-        return render_template("label.html", suggestions=suggestions, labels=sorted(info.label_counts), n=n)
+        skipped = current_session().skipped
+        suggestions = []
+        if info.item_count > info.labelled_count:
+            asked = min(n + len(skipped), info.max_suggestions or MAX_SUGGESTIONS, MAX_SUGGESTIONS)
+            suggestions = [s for s in client().suggest(asked, seed=seed) if s.id not in skipped][:n]
+        return render_template(
+            "label.html",
+            suggestions=suggestions,
+            keys=label_keys(sorted(info.label_counts)),
+            info=info,
+            skipped=len(skipped),
+            n=n,
+        )
+
+    def review_view() -> View:
+        label = request.values.get("label", "")
+        low, high = float_arg("low", 0.0, 0.0, 1.0), float_arg("high", 1.0, 0.0, 1.0)
+        if low > high:
+            raise InputError(f"low ({low}) must not be above high ({high})")
+        return View(check_label(label, "label filter") if label else "", low, high, choice_arg("show", SHOW))
 
     @app.route("/review")
     @page
     def review():
-        threshold = float_arg("threshold", 0.9, 0.0, 1.0)
-        groups: dict[str, list] = defaultdict(list)
-        if client().info().labelled_count:
-            for proposal in client().label_corpus():
-                groups[proposal.label].append(proposal)
-        for proposals in groups.values():
-            proposals.sort(key=lambda p: (-p.confidence, p.id))
-        shown = {label: proposals[:REVIEW_LIMIT] for label, proposals in sorted(groups.items())}
-        return render_template("review.html", groups=shown, threshold=threshold, labels=sorted(groups))
+        """A page of the proposals (review.py): filtered, ordered, from a cursor; the cards' states
+        checked against the store."""
+        view, order = review_view(), choice_arg("order", ORDERS)
+        size = int_arg("per_page", REVIEW_PAGE, 1, MAX_REVIEW_PAGE)
+        after, before = cursor_arg("after"), cursor_arg("before")
+        asked_threshold = float_arg("threshold", None, 0.0, 1.0)  # the "accept all >=" field (None: from the data)
+        info = client().info()
+        if not info.labelled_count:
+            return render_template("review.html", snapshot=None, progress=None, info=info)
+        job = proposals.refresh(info, session_token())
+        if job is not None:
+            proposals.wait(job)
+        snapshot = proposals.snapshot
+        if snapshot is None:
+            return render_template("review.html", snapshot=None, progress=proposals.job.progress(), info=info)
+        shown = snapshot.page(view, order, size, after, before)
+        stored = client().get([row.id for row in shown.rows], ignore_missing=True)
+        shown = snapshot.checked(shown, stored)
+        threshold = default_threshold(snapshot.open_confidences(view))
+        if threshold is not None and asked_threshold is not None:
+            threshold = asked_threshold
+        args = {
+            "label": view.label,
+            "low": view.low,
+            "high": view.high,
+            "show": view.show,
+            "order": order,
+            "per_page": size,
+        }
+        job = proposals.job
+        return render_template(
+            "review.html",
+            snapshot=snapshot,
+            progress=job.progress() if job is not None and not job.finished.is_set() else None,
+            stale=proposals.stale(info),
+            info=info,
+            view=view,
+            order=order,
+            page=shown,
+            stored_labels={item.id: item.label for item in stored},
+            next_url=shown.after and url_for("review", **args, after=cursor_text(shown.after)),
+            previous_url=shown.before and url_for("review", **args, before=cursor_text(shown.before)),
+            threshold=threshold,
+            would_accept=len(snapshot.open_at_least(view, threshold)) if threshold is not None else 0,
+            labels=sorted(info.label_counts),
+        )
 
     @app.route("/duplicates")
     @page
     def duplicates():
         min_score = float_arg("min_score", 0.95, 0.0, 1.0, low_open=True)
         groups = list(client().duplicates(min_score))
-        return render_template("duplicates.html", groups=groups, min_score=min_score)
+        return render_template("duplicates.html", groups=groups[:MAX_GROUPS], total=len(groups), min_score=min_score)
 
     @app.get("/thumb")
     def thumb():
@@ -451,14 +537,58 @@ def create_app(
             raise InputError(f"no thumbnail for {item_id!r}", 404, "NOT_FOUND") from None
         return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    # -- JSON writes -----------------------------------------------------------------------------
-    def ids_of(value: object, what: str) -> list:
-        if not isinstance(value, (list, dict)):
-            raise InputError(f"{what} must be a JSON {'object' if what == 'labels' else 'list'}")
-        if len(value) > MAX_ASSIGNMENTS:
-            raise InputError(f"at most {MAX_ASSIGNMENTS} ids per request, got {len(value)}")
-        return [check_id(i, f"an id of {what}") for i in value]
+    # -- JSON reads --------------------------------------------------------------------------------
+    @app.get("/api/counts")
+    @api
+    def counts():
+        """The label page's progress: items, human labels, stored predictions, unlabelled items."""
+        info = client().info()
+        return jsonify(
+            items=info.item_count,
+            labelled=info.labelled_count,
+            predicted=info.predicted_count,
+            unlabelled=info.item_count - info.labelled_count,
+        )
 
+    def check_access() -> None:
+        """The review snapshot is the process's, computed with someone's token: only a session
+        whose token (or none) the service accepts reads it. What the session's first page learnt
+        (can_write) says so without another call: Info scans the store (40 ms at 100k items)."""
+        if can_write() is None:
+            raise InputError("sign in first (or the service did not answer)", 401, "UNAUTHENTICATED")
+
+    def current_snapshot(number: object = None):
+        """The review snapshot; 409 without one, or when it is not `number`."""
+        check_access()
+        snapshot = proposals.snapshot
+        if snapshot is None:
+            raise InputError("no proposals computed yet: open the review page", 409, "CONFLICT")
+        if number is not None and number != snapshot.number:
+            raise InputError("the proposals were recomputed since this page was loaded: reload it", 409, "CONFLICT")
+        return snapshot
+
+    @app.get("/api/review/progress")
+    @api
+    def review_progress():
+        check_access()
+        job, snapshot = proposals.job, proposals.snapshot
+        state = job.progress() if job else {"computing": False, "received": 0, "expected": 0, "error": None}
+        return jsonify(snapshot=snapshot.number if snapshot else None, **state)
+
+    @app.get("/api/review/count")
+    @api
+    def review_count():
+        """How many open proposals of the view reach ?threshold= (what "accept all" would accept)."""
+        view = review_view()
+        threshold = check_float("threshold", request.args.get("threshold", ""), 0.0, 1.0)
+        snapshot = current_snapshot()
+        confidences = snapshot.open_confidences(view)
+        return jsonify(
+            count=int((confidences >= threshold).sum()),
+            highest=float(confidences.max()) if len(confidences) else None,
+        )
+
+    # -- JSON writes -----------------------------------------------------------------------------
     @app.post("/api/labels")
     @api
     def set_labels():
@@ -467,22 +597,97 @@ def create_app(
         labels = json_body("labels")["labels"]
         if not isinstance(labels, dict):
             raise InputError("labels must be a JSON object of id: label")
-        ids_of(labels, "labels")
-        cleaned = {}
-        for item_id, value in labels.items():
-            try:
-                cleaned[item_id] = clean_label(value, allow_empty=True)
-            except LabelError as exc:
-                raise InputError(f"label of {item_id[:100]!r}: {exc}") from None
-        return jsonify(updated=client().set_labels(cleaned))
+        check_ids(labels, "labels")
+        cleaned = {i: check_label(v, f"label of {i[:100]!r}", allow_empty=True) for i, v in labels.items()}
+        updated = client().set_labels(cleaned)
+        proposals.record_labels(cleaned)
+        return jsonify(updated=updated)
 
     @app.post("/api/reject")
     @api
     def reject():
-        """{"ids": [...]}: drop their predicted labels."""
+        """{"ids": [...]}: drop their predicted labels, and hide their proposals from the review."""
         ids = json_body("ids")["ids"]
         if not isinstance(ids, list):
             raise InputError("ids must be a JSON list of ids")
-        return jsonify(updated=client().set_labels({i: "" for i in ids_of(ids, "ids")}, predicted=True))
+        updated = client().set_labels({i: "" for i in check_ids(ids)}, predicted=True)
+        proposals.record_rejected(ids)
+        return jsonify(updated=updated)
+
+    @app.post("/api/delete")
+    @api
+    def delete():
+        """{"ids": [...]}: delete these items (the duplicates page's "keep one"); unknown ids are skipped."""
+        ids = json_body("ids")["ids"]
+        if not isinstance(ids, list) or not ids:
+            raise InputError("ids must be a non-empty JSON list of ids")
+        deleted = client().delete(check_ids(ids), ignore_missing=True)
+        proposals.record_deleted(ids)
+        return jsonify(deleted=deleted)
+
+    @app.post("/api/skipped")
+    @api
+    def skip():
+        """{"ids": [...], "skipped": true|false}: (un)skip label-queue cards for this session."""
+        body = json_body("ids", "skipped")
+        if not isinstance(body["ids"], list) or not isinstance(body["skipped"], bool):
+            raise InputError("ids must be a JSON list and skipped true or false")
+        ids = check_ids(body["ids"], limit=MAX_SKIPPED)
+        session = current_session()
+        if body["skipped"]:  # stored items only (and only once the service accepts this session)
+            session.skip(item.id for item in client().get(ids, ignore_missing=True))
+        else:
+            session.unskip(ids)
+        return jsonify(skipped=len(session.skipped))
+
+    @app.post("/api/skipped/clear")
+    @api
+    def clear_skipped():
+        json_body()
+        current_session().skipped.clear()
+        return jsonify(skipped=0)
+
+    @app.post("/api/review/recompute")
+    @api
+    def recompute():
+        """{}: compute the proposals again (in the background; poll /api/review/progress)."""
+        json_body()
+        info = client().info()
+        if not info.labelled_count:
+            raise InputError("no human labels yet: there is nothing to propose", 409, "FAILED_PRECONDITION")
+        job = proposals.refresh(info, session_token(), force=True)
+        return jsonify(job.progress())
+
+    @app.post("/api/review/accept-above")
+    @api
+    def accept_above():
+        """{"threshold", "label", "low", "high", "snapshot"}: accept every open proposal of the view
+        (label "" for all, confidence in [low, high]) with confidence >= threshold, in the snapshot the
+        page showed. Items given a human label since are left as they are."""
+        body = json_body("threshold", "label", "low", "high", "snapshot")
+        threshold = check_float("threshold", body["threshold"], 0.0, 1.0)
+        low, high = check_float("low", body["low"], 0.0, 1.0), check_float("high", body["high"], 0.0, 1.0)
+        if not isinstance(body["label"], str):
+            raise InputError('label must be a string ("" for every label)')
+        label = check_label(body["label"], "label filter") if body["label"] else ""
+        if low > high:
+            raise InputError(f"low ({low}) must not be above high ({high})")
+        if isinstance(body["snapshot"], bool) or not isinstance(body["snapshot"], int):
+            raise InputError("snapshot must be the number the page was given")
+        snapshot = current_snapshot(body["snapshot"])
+        chosen = snapshot.open_at_least(View(label, low, high), threshold)
+        if not chosen:
+            return jsonify(accepted=0, skipped=0, message=f"no open proposal reaches {threshold}")
+        ids = [item_id for item_id, _ in chosen]
+        stored = client().get(ids, ignore_missing=True)
+        snapshot.reconcile(ids, stored)  # labelled elsewhere or deleted since: decided, left out
+        still_open = {item.id for item in stored if not item.label}
+        pairs = [(item_id, proposed) for item_id, proposed in chosen if item_id in still_open]
+        accepted = 0
+        for start in range(0, len(pairs), MAX_ASSIGNMENTS):
+            chunk = dict(pairs[start : start + MAX_ASSIGNMENTS])
+            accepted += client().set_labels(chunk)
+            proposals.record_labels(chunk)
+        return jsonify(accepted=accepted, skipped=len(chosen) - len(pairs))
 
     return app

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moco_retrieval.options import add_options, from_args, option
 
+from .review import AUTO_REFRESH_S
 from .sessions import DEFAULT_IDLE_MINUTES, DEFAULT_LIFETIME_HOURS, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_SESSIONS
 
 ENV_PREFIX = "RETRIEVAL_WEB_"
@@ -47,6 +48,11 @@ class WebConfig:
         help="signed-in sessions kept (and as many anonymous ones); the least recently used goes first",
     )
     max_clients: int = option(DEFAULT_MAX_CLIENTS, help="gRPC channels kept, one per token, least recently used closed")
+    review_auto_refresh_seconds: float = option(
+        AUTO_REFRESH_S,
+        help="the review page recomputes its stale proposals on the next visit when computing them took less "
+        "than this; slower ones wait for the person's 'recompute' (0: always wait)",
+    )
 
 
 def default_allowed_hosts(host: str) -> list[str] | None:
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(cfg, name) > 0:
             print(f"retrieval-web: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    if not cfg.review_auto_refresh_seconds >= 0:
+        print("retrieval-web: error: --review-auto-refresh-seconds must be 0 or more", file=sys.stderr)
+        return 2
     missing = [str(r) for r in cfg.image_root if not r.is_dir()]
     if missing:
         print(f"retrieval-web: error: --image-root {', '.join(missing)}: no such folder", file=sys.stderr)
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         session_lifetime_s=cfg.session_lifetime_hours * 3600,
         max_sessions=cfg.max_sessions,
         max_clients=cfg.max_clients,
+        review_auto_refresh_s=cfg.review_auto_refresh_seconds,
     )
     server = create_server(app, host=cfg.host, port=cfg.port, threads=cfg.threads)
     print(

@@ -9,8 +9,16 @@ from pathlib import Path
 
 
 class WebProcess:
-    def __init__(self, *args: object, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "retrieval_web", "--port", "0", *map(str, args)]
+    """`module`: the package to run (a benchmark runs an older copy of the page beside this one)."""
+
+    def __init__(
+        self,
+        *args: object,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        module: str = "retrieval_web",
+    ) -> None:
+        cmd = [sys.executable, "-m", module, "--port", "0", *map(str, args)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
         line = self.proc.stdout.readline()
         if not line.startswith("retrieval-web on http://"):

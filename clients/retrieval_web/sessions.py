@@ -1,7 +1,9 @@
 """Server-side sessions and the bounded cache of gRPC clients.
 
 The browser's cookie holds an opaque random id and nothing else; the bearer token typed into the
-sign-in page, the CSRF token and whether the token may write stay in this process. A session ends
+sign-in page, the CSRF token, whether the token may write, the label-queue cards skipped (at most
+MAX_SKIPPED ids) and the last image uploaded to search (its embedding and a thumbnail) stay in this
+process. A session ends
 when it signs out (the id is forgotten at once, so a copied cookie stops working), after
 `idle_s` without a request, or `lifetime_s` after sign-in, whichever comes first. The table is
 bounded: at most `max_sessions` signed-in sessions and as many anonymous ones (visitors before
@@ -16,8 +18,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from retrieval_client import RetrievalClient
 
@@ -25,6 +29,18 @@ DEFAULT_IDLE_MINUTES = 120
 DEFAULT_LIFETIME_HOURS = 12
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_CLIENTS = 32
+MAX_SKIPPED = 500  # ids a session keeps skipped (the label queue is at most 500 long); the oldest go first
+
+
+@dataclass(frozen=True)
+class UploadedQuery:
+    """The image a session searched with: its embedding (for "more" and other filters) and a
+    thumbnail (shown above the results: the content security policy allows no data: or blob: image)."""
+
+    name: str
+    vector: np.ndarray
+    thumbnail: bytes
+    number: int  # the session's upload count: the thumbnail's URL changes with each upload
 
 
 @dataclass
@@ -35,10 +51,23 @@ class Session:
     last_seen: float
     token: str | None = None  # the token typed into the sign-in page; None: anonymous
     can_write: bool | None = None  # asked once per session (None: not asked yet)
+    skipped: dict[str, None] = field(default_factory=dict)  # label-queue ids skipped, oldest first
+    upload: UploadedQuery | None = None
 
     @property
     def signed_in(self) -> bool:
         return self.token is not None
+
+    def skip(self, ids: Iterable[str]) -> None:
+        for item_id in ids:
+            self.skipped.pop(item_id, None)
+            self.skipped[item_id] = None
+        for old in list(self.skipped)[: max(0, len(self.skipped) - MAX_SKIPPED)]:
+            del self.skipped[old]
+
+    def unskip(self, ids: Iterable[str]) -> None:
+        for item_id in ids:
+            self.skipped.pop(item_id, None)
 
 
 class SessionTable:

@@ -50,13 +50,17 @@ def resolve(uri: str, roots: list[Path]) -> Path:
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _thumbnail(path: Path, mtime_ns: int) -> bytes:
-    image = decode_image(path)
+def _jpeg(source: bytes | Path) -> bytes:
+    image = decode_image(source)
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(path: Path, mtime_ns: int) -> bytes:
+    return _jpeg(path)
 
 
 def thumbnail(uri: str, roots: list[Path]) -> bytes:
@@ -66,3 +70,11 @@ def thumbnail(uri: str, roots: list[Path]) -> bytes:
         return _thumbnail(path, path.stat().st_mtime_ns)
     except (ImageDecodeError, OSError) as exc:
         raise ThumbnailRefused(f"unreadable image: {uri} ({exc})") from exc
+
+
+def upload_thumbnail(data: bytes) -> bytes:
+    """A JPEG thumbnail of uploaded image bytes (ThumbnailRefused when they do not decode)."""
+    try:
+        return _jpeg(data)
+    except ImageDecodeError as exc:
+        raise ThumbnailRefused(f"undecodable upload ({exc})") from exc

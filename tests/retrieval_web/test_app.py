@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,6 +22,7 @@ from moco_retrieval.labels import MAX_LABEL_CHARS
 from retrieval_client import RetrievalClient, RetrievalError, UpsertItem
 from retrieval_server.config import ServerConfig
 from retrieval_web.app import SECURE_COOKIE, create_app, local_path
+from retrieval_web.cli import main as cli_main
 from retrieval_web.sessions import Clients, SessionTable
 from retrieval_web.thumbnails import ThumbnailRefused, resolve
 from tests.retrieval_server.calls import InProcess
@@ -434,6 +436,25 @@ def test_a_host_name_the_page_does_not_answer_to_is_refused(world):
         ("/duplicates?min_score=inf", "min_score"),
         ("/thumb", "1 to 512 bytes"),
         ("/thumb?id=" + "y" * 600, "1 to 512 bytes"),
+        ("/review?low=2", "low must be in"),
+        ("/review?low=0.8&high=0.2", "must not be above high"),
+        ("/review?order=up", "order must be one of lowest, highest"),
+        ("/review?show=mine", "show must be one of open, decided, all"),
+        ("/review?per_page=0", "per_page must be from 1 to 200"),
+        ("/review?per_page=100000", "per_page must be"),
+        ("/review?after=abc", "after must be a number"),
+        ("/review?after=0.5", "the id of after must be 1 to 512 bytes"),
+        ("/review?before=nan%20i1", "before must be in"),
+        ("/review?label=c%00t", "control character"),
+        ("/search?min_score=2", "min_score must be in [-1.0, 1.0]"),
+        ("/search?meta=novalue", "key=value"),
+        ("/search?meta==v", "key=value"),
+        ("/search?" + "&".join(f"meta=k{n}=v" for n in range(9)), "at most 8 metadata filters"),
+        ("/search?meta=k=" + "v" * 2000, "at most 1000 printable characters"),
+        ("/search?label=%20%20", "blank"),
+        ("/search?upload=1", "upload it again"),
+        ("/api/review/count", "threshold must be a number"),
+        ("/api/review/count?threshold=0.5&low=x", "low must be a number"),
     ],
 )
 def test_a_bad_query_parameter_is_a_400_page(app, path, words):
@@ -447,7 +468,8 @@ def test_a_thumbnail_that_cannot_be_read_is_a_404(app, item_id):
     assert reply.status_code == 404
 
 
-LABEL_CASES = {  # body of /api/labels or /api/reject -> status, words of the message
+ACCEPT_ABOVE = {"threshold": 0.5, "label": "", "low": 0.0, "high": 1.0, "snapshot": 1}
+LABEL_CASES = {  # path and body of a JSON write -> status, words of the message
     "list-body": ("/api/labels", "[1, 2]", 400, "JSON object"),
     "not-json": ("/api/labels", "{labels", 400, "not valid JSON"),
     "deeply-nested": ("/api/labels", "[" * 100_000 + "]" * 100_000, 400, "not valid JSON"),
@@ -472,6 +494,56 @@ LABEL_CASES = {  # body of /api/labels or /api/reject -> status, words of the me
     "ids-an-object": ("/api/reject", '{"ids": {"i1": 1}}', 400, "JSON list"),
     "ids-numbers": ("/api/reject", '{"ids": [1, 2]}', 400, "must be a string"),
     "ids-null": ("/api/reject", '{"ids": null}', 400, "JSON list"),
+    "delete-empty": ("/api/delete", '{"ids": []}', 400, "non-empty JSON list"),
+    "delete-a-string": ("/api/delete", '{"ids": "i1"}', 400, "non-empty JSON list"),
+    "delete-too-many": ("/api/delete", json.dumps({"ids": [f"x{n}" for n in range(10_001)]}), 400, "at most 10000"),
+    "delete-extra-field": ("/api/delete", '{"ids": ["i1"], "all": true}', 400, "exactly the fields ids"),
+    "delete-id-number": ("/api/delete", '{"ids": [7]}', 400, "must be a string"),
+    "skip-not-bool": ("/api/skipped", '{"ids": ["i1"], "skipped": 1}', 400, "true or false"),
+    "skip-ids-object": ("/api/skipped", '{"ids": {"i1": 1}, "skipped": true}', 400, "JSON list"),
+    "skip-too-many": ("/api/skipped", json.dumps({"ids": ["i1"] * 501, "skipped": True}), 400, "at most 500"),
+    "skip-no-flag": ("/api/skipped", '{"ids": []}', 400, "exactly the fields ids, skipped"),
+    "clear-with-fields": ("/api/skipped/clear", '{"all": true}', 400, "exactly the fields (none)"),
+    "recompute-no-labels": ("/api/review/recompute", "{}", 409, "no human labels"),
+    "accept-no-snapshot": ("/api/review/accept-above", json.dumps(ACCEPT_ABOVE), 409, "no proposals computed"),
+    "accept-threshold-text": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"threshold": "x"}),
+        400,
+        "threshold must be a number",
+    ),
+    "accept-threshold-bool": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"threshold": True}),
+        400,
+        "threshold must be a number",
+    ),
+    "accept-threshold-2": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"threshold": 2}),
+        400,
+        "threshold must be in",
+    ),
+    "accept-label-number": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"label": 5}),
+        400,
+        "label must be a string",
+    ),
+    "accept-label-blank": ("/api/review/accept-above", json.dumps(ACCEPT_ABOVE | {"label": " "}), 400, "blank"),
+    "accept-low-above-high": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"low": 0.9, "high": 0.1}),
+        400,
+        "must not be above",
+    ),
+    "accept-snapshot-text": (
+        "/api/review/accept-above",
+        json.dumps(ACCEPT_ABOVE | {"snapshot": "1"}),
+        400,
+        "snapshot must be the number",
+    ),
+    "accept-missing-field": ("/api/review/accept-above", '{"threshold": 0.5}', 400, "exactly the fields"),
 }
 
 
@@ -536,3 +608,248 @@ def test_pb_label_fields_document_the_rule():
     """The label rule is part of the contract: its comment in the proto names the limit."""
     proto = (Path(__file__).parents[2] / "proto" / "retrieval" / "v1" / "retrieval.proto").read_text()
     assert f"1 to {MAX_LABEL_CHARS} characters" in proto and "refuses an untrimmed label" in proto
+
+
+# -- every state-changing route ---------------------------------------------------------------------
+def test_every_state_changing_route_needs_the_csrf_token_and_the_same_origin(app, world):
+    """Whatever route is added later: a POST without the session's token, or from another origin
+    with it, is refused before the handler runs."""
+    routes = sorted(r.rule for r in app.url_map.iter_rules() if "POST" in (r.methods or ()))
+    assert {"/api/delete", "/api/skipped", "/api/review/accept-above", "/api/review/recompute"} <= set(routes)
+    browser = app.test_client()
+    csrf = page_csrf(browser)
+    for path in routes:
+        reply = post_json(browser, path, {}, None)
+        assert (reply.status_code, reply.json and reply.json.get("error")) in ((403, "CSRF"), (403, None)), path
+        reply = post_json(browser, path, {}, csrf, origin="http://127.0.0.1:9999")
+        assert reply.status_code == 403 and b"cross-origin" in reply.data, path
+
+
+# -- label page: keys, skipped cards, counts --------------------------------------------------------
+def queue_ids(html: str) -> list[str]:
+    return re.findall(r'<div class="card[^"]*" data-id="([^"]+)"', html)
+
+
+def test_the_label_page_shows_one_key_per_label_and_the_counts(app, world):
+    client = world["client"]
+    client.set_labels({f"i{n}": label for n, label in enumerate("abcdefghijk"[:6])})
+    client.set_labels({"nul": "zz-ten", "long": "zz-eleven"})
+    try:
+        html = app.test_client().get("/label?n=1").get_data(as_text=True)
+        keys = re.findall(r'<span class="key-label"><kbd>(\w)</kbd> ([\w-]+)</span>', html)
+        assert keys == [(str(n), lab) for n, lab in enumerate("abcdef", 1)] + [("7", "zz-eleven"), ("8", "zz-ten")]
+        info = client.info()
+        assert f'id="count-labelled">{info.labelled_count}<' in html
+        assert f'id="count-unlabelled">{info.item_count - info.labelled_count}<' in html
+        counts = app.test_client().get("/api/counts").json
+        assert counts == {
+            "items": info.item_count,
+            "labelled": info.labelled_count,
+            "predicted": info.predicted_count,
+            "unlabelled": info.item_count - info.labelled_count,
+        }
+    finally:
+        client.set_labels({i: "" for i in ("i0", "i1", "i2", "i3", "i4", "i5", "nul", "long")})
+
+
+def test_skipped_cards_stay_out_of_this_sessions_queue(app):
+    browser, other = app.test_client(), app.test_client()
+    csrf = page_csrf(browser)
+    first = queue_ids(browser.get("/label?n=3").get_data(as_text=True))
+    assert len(first) == 3
+    reply = post_json(browser, "/api/skipped", {"ids": [first[0], "not-stored"], "skipped": True}, csrf)
+    assert reply.json == {"skipped": 1}  # an id the service does not hold is not kept
+    again = queue_ids(browser.get("/label?n=3").get_data(as_text=True))
+    assert first[0] not in again and len(again) == 3 and again[:2] == first[1:]
+    assert first[0] in queue_ids(other.get("/label?n=3").get_data(as_text=True))  # this session only
+    assert post_json(browser, "/api/skipped", {"ids": [first[0]], "skipped": False}, csrf).json == {"skipped": 0}
+    assert queue_ids(browser.get("/label?n=3").get_data(as_text=True)) == first
+    post_json(browser, "/api/skipped", {"ids": first, "skipped": True}, csrf)
+    html = browser.get("/label?n=3").get_data(as_text=True)
+    assert not set(first) & set(queue_ids(html)) and 'id="skipped-count">3<' in html
+    assert post_json(browser, "/api/skipped/clear", {}, csrf).json == {"skipped": 0}
+    assert queue_ids(browser.get("/label?n=3").get_data(as_text=True)) == first
+
+
+# -- search: uploaded query, filters, more ----------------------------------------------------------
+def test_an_uploaded_query_stays_in_its_session_for_more_and_filters(app, world):
+    browser, other = app.test_client(), app.test_client()
+    csrf = page_csrf(browser)
+    image = (world["roots"][0] / "i1.png").read_bytes()
+    reply = browser.post(
+        "/search",
+        data={"csrf_token": csrf, "k": "2", "image": (io.BytesIO(image), "mine.png")},
+        headers={"Origin": HOST},
+    )
+    html = reply.get_data(as_text=True)
+    preview = re.search(r'<img src="(/search/upload\.jpg\?n=\d+)" alt="the query"', html).group(1)
+    thumb = browser.get(preview)
+    assert thumb.status_code == 200 and thumb.data[:2] == b"\xff\xd8"
+    assert other.get(preview).status_code == 404  # another session has no upload: nothing to see
+    assert 'href="/search?upload=1&amp;k=2&amp;pages=2#r3"' in html  # "more": the same query, 2 more
+    more = browser.get("/search?upload=1&k=2&pages=2").get_data(as_text=True)
+    assert "Most similar to the uploaded mine.png" in more and len(re.findall(r'class="card result"', more)) == 4
+    only = browser.get("/search?upload=1&meta=uri%3Di4.png").get_data(as_text=True)
+    assert re.findall(r'class="card result" data-id="([^"]+)"', only) == ["i4"]
+    assert other.get("/search?upload=1").status_code == 400
+
+
+def test_search_filters_by_label_metadata_and_score(app, world):
+    client = world["client"]
+    client.set_labels({"i1": "red", "i2": "blue"})
+    try:
+        browser = app.test_client()
+
+        def results(query: str) -> list[str]:
+            reply = browser.get("/search?id=i0&" + query)
+            assert reply.status_code == 200, reply.get_data(as_text=True)[-300:]
+            return re.findall(r'class="card result" data-id="([^"]+)"', reply.get_data(as_text=True))
+
+        assert results("label=red") == ["i1"]
+        assert results("meta=uri%3Di2.png") == ["i2"]
+        assert results("meta=uri%3Di2.png&label=red") == []
+        assert sorted(results("min_score=0.5&k=50")) == sorted(h.id for h in client.search(id="i0", k=50))
+        assert results("min_score=-1&k=3") == [h.id for h in client.search(id="i0", k=3, min_score=-1)]
+    finally:
+        client.set_labels({"i1": "", "i2": ""})
+
+
+# -- review: snapshot, pages, accept above, reject -----------------------------------------------------
+def review_page(browser, query: str = "") -> str:
+    """The review page once its proposals are computed (it shows their progress until then)."""
+    for _ in range(600):
+        html = browser.get("/review" + query).get_data(as_text=True)
+        if 'id="review-progress"' not in html:
+            return html
+        time.sleep(0.1)
+    raise AssertionError("the proposals were not computed within a minute")
+
+
+def review_ids(html: str) -> list[str]:
+    return re.findall(r'<div class="card state-\w+" data-id="([^"]+)"', html)
+
+
+def test_the_review_pages_accepts_above_a_threshold_and_remembers_rejections(app, world):
+    client = world["client"]
+    client.set_labels({"i0": "red", "i3": "blue"})
+    try:
+        browser = app.test_client()
+        csrf = page_csrf(browser)
+        proposals = {p.id: p for p in client.label_corpus()}
+        html = review_page(browser, "?per_page=3")
+        lowest = sorted(proposals.values(), key=lambda p: (p.confidence, p.id))
+        assert review_ids(html) == [p.id for p in lowest[:3]]
+        next_url = re.search(r'id="next-page" href="([^"]+)"', html).group(1).replace("&amp;", "&")
+        assert review_ids(browser.get(next_url).get_data(as_text=True)) == [p.id for p in lowest[3:6]]
+        snapshot = int(re.search(r'data-snapshot="(\d+)"', html).group(1))
+        # a reject is remembered: not listed again, shown as rejected among the decided ones
+        gone = lowest[0].id
+        assert post_json(browser, "/api/reject", {"ids": [gone]}, csrf).status_code == 200
+        assert gone not in review_ids(review_page(browser))
+        decided = review_page(browser, "?show=decided")
+        assert review_ids(decided) == [gone] and 'class="card state-rejected"' in decided
+        # accept above a threshold: an item labelled elsewhere meanwhile keeps its own label
+        count = browser.get("/api/review/count?threshold=0").json
+        assert count["count"] == len(proposals) - 1 and count["highest"] == pytest.approx(lowest[-1].confidence)
+        elsewhere = lowest[1].id
+        client.set_labels({elsewhere: "green"})
+        body = {"threshold": 0.0, "label": "", "low": 0.0, "high": 1.0, "snapshot": snapshot + 1}
+        assert post_json(browser, "/api/review/accept-above", body, csrf).status_code == 409  # another snapshot
+        reply = post_json(browser, "/api/review/accept-above", body | {"snapshot": snapshot}, csrf)
+        assert reply.json == {"accepted": len(proposals) - 2, "skipped": 1}
+        stored = {item.id: item.label for item in client.get(list(proposals))}
+        assert stored[elsewhere] == "green" and stored[gone] == ""
+        assert all(stored[i] == p.label for i, p in proposals.items() if i not in (elsewhere, gone))
+        reply = post_json(browser, "/api/review/accept-above", body | {"snapshot": snapshot}, csrf)
+        assert reply.json["accepted"] == 0 and "no open proposal reaches" in reply.json["message"]
+        # the store changed and the last computation was quick: the next visit recomputes, and the
+        # rejection holds in the new snapshot (LabelCorpus proposes the same label again)
+        again = review_page(browser, "?show=all")
+        assert int(re.search(r'id="proposals" data-snapshot="(\d+)"', again).group(1)) > snapshot
+        assert review_ids(again) == [gone] and 'class="card state-rejected"' in again
+    finally:
+        client.set_labels({i: "" for i in ("i0", "i1", "i2", "i3", "i4", "i5", "nul", "long", "deep")})
+
+
+def test_recompute_starts_a_job_and_reports_progress(app, world):
+    client = world["client"]
+    client.set_labels({"i0": "red"})
+    try:
+        browser = app.test_client()
+        csrf = page_csrf(browser)
+        reply = post_json(browser, "/api/review/recompute", {}, csrf)
+        assert reply.status_code == 200 and reply.json["expected"] == client.info().item_count - 1
+        for _ in range(600):
+            progress = browser.get("/api/review/progress").json
+            if not progress["computing"]:
+                break
+            time.sleep(0.1)
+        assert progress["error"] is None and progress["snapshot"] == 1 and progress["received"] == progress["expected"]
+    finally:
+        client.set_labels({"i0": ""})
+
+
+def test_the_shared_proposals_need_a_session_the_service_accepts(signin_app, world):
+    """The snapshot belongs to the page's process: a visitor who has not signed in reads nothing of
+    it, one with a read-only token does."""
+    client = world["client"]
+    client.set_labels({"i0": "red"})
+    try:
+        reader, stranger = signin_app.test_client(), signin_app.test_client()
+        sign_in(reader, READ_ONLY)
+        assert 'class="card state-open"' in review_page(reader)  # computed with the read-only token
+        for path in ("/api/review/progress", "/api/review/count?threshold=0.5", "/api/counts"):
+            reply = stranger.get(path)
+            assert (reply.status_code, reply.json["error"]) == (401, "UNAUTHENTICATED"), path
+            assert reader.get(path).status_code == 200, path
+    finally:
+        client.set_labels({"i0": ""})
+
+
+# -- duplicates: groups and "keep one" ----------------------------------------------------------------
+def test_duplicate_groups_are_boxed_and_the_rest_can_be_deleted(app, world, signin_app):
+    client = world["client"]
+    html = app.test_client().get("/duplicates?min_score=0.99").get_data(as_text=True)
+    groups = list(client.duplicates(0.99))
+    assert html.count('<section class="dup-group"') == len(groups) >= 1
+    assert f'<span class="group-size">{len(groups[0])} items</span>' in html
+    vector = client.get(["i0"], include_embedding=True)[0].embedding
+    client.upsert_many([UpsertItem(f"copy{n}", embedding=vector) for n in range(3)])
+    browser = app.test_client()
+    reply = post_json(browser, "/api/delete", {"ids": ["copy1", "copy2", "never-stored"]}, page_csrf(browser))
+    assert reply.json == {"deleted": 2}
+    assert [i.id for i in client.get(["copy0", "copy1", "copy2"], ignore_missing=True)] == ["copy0"]
+    reader = signin_app.test_client()
+    sign_in(reader, READ_ONLY)
+    reply = post_json(reader, "/api/delete", {"ids": ["copy0"]}, page_csrf(reader))
+    assert (reply.status_code, reply.json["error"]) == (403, "PERMISSION_DENIED")
+    assert 'class="keep-one"' not in reader.get("/duplicates?min_score=0.99").get_data(as_text=True)
+    client.delete(["copy0"])
+
+
+def test_labels_ids_and_upload_names_are_escaped_on_the_new_pages(app, world):
+    """A label, a label filter and an upload's file name that are markup come back as text (the
+    content security policy would refuse an inline handler anyway: test_browser.py)."""
+    client = world["client"]
+    markup = "<img src=x onerror=alert(1)>"
+    client.set_labels({"i1": markup})
+    try:
+        browser = app.test_client()
+        image = (world["roots"][0] / "i0.png").read_bytes()
+        upload = browser.post(
+            "/search",
+            data={"csrf_token": page_csrf(browser), "image": (io.BytesIO(image), f"{markup}.png")},
+            headers={"Origin": HOST},
+        )
+        pages = [
+            browser.get(p).get_data(as_text=True) for p in ("/label", "/search?id=i0", f"/search?label={quote(markup)}")
+        ]
+        for html in [*pages, review_page(browser), upload.get_data(as_text=True)]:
+            assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    finally:
+        client.set_labels({"i1": ""})
+
+
+def test_the_review_auto_refresh_flag_is_checked(capsys):
+    assert cli_main(["--review-auto-refresh-seconds", "-1"]) == 2
+    assert "--review-auto-refresh-seconds must be 0 or more" in capsys.readouterr().err

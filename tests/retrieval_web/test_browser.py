@@ -1,7 +1,10 @@
 """The web page in a real browser (Debian's chromium and chromedriver, headless, driven by Selenium)
-against a real retrieval server with real images: search by upload and by click, labelling from the
-suggestion queue, accepting a proposal, a read-only token. After each action the state is checked
-through gRPC. Every page is saved as a screenshot in test-artifacts/ (or $TEST_ARTIFACTS_DIR).
+against a real retrieval server with real images: search by upload and by click with its filters,
+"more" and bulk labels; the label queue with the keyboard (keys beyond 9, the vote's key, undo,
+skipped cards, progress counts, 20 items with the keyboard only); the review's pages, filters,
+threshold count, bulk actions and card states; "keep one" on the duplicates page; a read-only
+token. After each action the state is checked through gRPC. Every page is saved as a screenshot in
+test-artifacts/ (or $TEST_ARTIFACTS_DIR).
 
 Then what only a browser does, with an attacker's page served from a second local HTTP server on
 another 127.0.0.1 port (another origin, the same site: SameSite cookies are sent to it): an
@@ -24,14 +27,17 @@ import urllib.request
 from html import escape as html_escape
 from pathlib import Path
 
+import numpy as np
 import pytest
 from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from retrieval_client import RetrievalClient, UpsertItem
+from retrieval_web.keys import label_keys
 from retrieval_web.process import WebProcess
 from retrieval_web.thumbnails import thumbnail
 from tests import REPO
@@ -39,7 +45,8 @@ from tests.server_harness import ServerProcess, make_export, server_env
 
 pytestmark = pytest.mark.slow
 TOKEN, READ_ONLY = "full-token", "read-token"
-CLASSES = ("airplane", "automobile", "bird", "cat")
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PER_CLASS = 6  # demo images of each class stored; the first of each is labelled: 10 labels
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
 
 
@@ -49,20 +56,20 @@ def web_process(*args: object) -> WebProcess:
 
 @pytest.fixture(scope="module")
 def world(demo_data, tmp_path_factory):
-    """A server holding 12 demo images per class with uri metadata under an image root, the first 2
-    of each class labelled; a web page in front of it, and a browser."""
+    """A server holding PER_CLASS demo images of each of the 10 classes with uri metadata under an
+    image root, the first of each class labelled; a web page in front of it, and a browser."""
     root = tmp_path_factory.mktemp("web")
     images = root / "images"
     items = []
     for cls in CLASSES:
         (images / cls).mkdir(parents=True)
-        for n, path in enumerate(sorted((demo_data / "train" / cls).glob("*.jpg"))[:12]):
+        for n, path in enumerate(sorted((demo_data / "train" / cls).glob("*.jpg"))[:PER_CLASS]):
             shutil.copy(path, images / cls / path.name)
             items.append(
                 UpsertItem(
                     f"{cls}/{path.name}",
                     image=path.read_bytes(),
-                    label=cls if n < 2 else "",
+                    label=cls if n < 1 else "",
                     metadata={"uri": (images / cls / path.name).as_uri()},
                 )
             )
@@ -72,7 +79,8 @@ def world(demo_data, tmp_path_factory):
     client = RetrievalClient(server.address, token=TOKEN, timeout=120)
     client.upsert_many(items)
     web = web_process("--address", server.address, "--token", TOKEN, "--image-root", images)
-    signin_web = web_process("--address", server.address, "--image-root", images)  # no token: sign in
+    # no token: sign in; and a review that never recomputes without being asked
+    signin_web = web_process("--address", server.address, "--image-root", images, "--review-auto-refresh-seconds", 0)
     attacker = AttackerSite(root / "attacker")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
@@ -140,14 +148,15 @@ def shot(browser, name: str) -> None:
 
 
 def grid_ids(browser, css: str = "#results .tile") -> list[str]:
-    return [t.get_attribute("data-id") for t in browser.find_elements(By.CSS_SELECTOR, css)]
+    """The data-id of each element matching css, read in one script (no stale element mid-navigation)."""
+    return browser.execute_script("return [...document.querySelectorAll(arguments[0])].map((e) => e.dataset.id);", css)
 
 
 def test_overview_shows_the_counts_and_the_model(world):
     browser, client = world["browser"], world["client"]
     browser.get(world["web"].url + "/")
     info = client.info()
-    assert wait(browser, "#count-items").text == str(info.item_count) == "48"
+    assert wait(browser, "#count-items").text == str(info.item_count) == str(len(CLASSES) * PER_CLASS)
     assert browser.find_element(By.ID, "count-labelled").text == str(info.labelled_count)
     assert info.model_fingerprint in browser.find_element(By.ID, "model").text
     shot(browser, "overview")
@@ -200,6 +209,284 @@ def test_duplicates_page(world):
     groups = len(list(world["client"].duplicates(0.99)))
     assert wait(browser, "#group-count").text == f"{groups} groups"
     shot(browser, "duplicates")
+
+
+# -- the labelling workflow ------------------------------------------------------------------------
+def press(browser, *keys: str) -> None:
+    browser.find_element(By.TAG_NAME, "body").send_keys(*keys)
+
+
+def wait_status(browser, text: str, timeout: float = 60) -> None:
+    WebDriverWait(browser, timeout).until(lambda b: text in b.find_element(By.ID, "status").text)
+
+
+def queue(browser) -> list[str]:
+    return grid_ids(browser, "#queue .card")
+
+
+def label_of(world, item_id: str) -> str:
+    return world["client"].get([item_id])[0].label
+
+
+def test_label_keys_beyond_nine_the_vote_key_undo_and_the_counts(world):
+    """Eleven labels: the tenth is typed 0, the eleventh a (the audit's page took 1 then 0 for the
+    first label); Enter accepts the card's vote; undo clears the label in the store and makes the
+    card the active one again; the counts follow; a label the page refuses leaves the card as it was."""
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    browser.get(url + "/label?n=12")
+    first = wait(browser, "#queue .card.selected")
+    first_id = first.get_attribute("data-id")
+    first.find_element(By.CSS_SELECTOR, ".new-label").send_keys("z" * 201, Keys.ENTER)  # refused: the card is back
+    wait_status(browser, "at most 200 characters")
+    assert "done" not in first.get_attribute("class") and not first.find_element(By.CSS_SELECTOR, ".state-badge").text
+    first.find_element(By.CSS_SELECTOR, ".new-label").clear()
+    first.find_element(By.CSS_SELECTOR, ".new-label").send_keys("zebra", Keys.ENTER)  # an eleventh label
+    wait_status(browser, f"{first_id}: zebra")
+    assert label_of(world, first_id) == "zebra"
+    keys = label_keys(sorted(client.info().label_counts))
+    assert len(keys) == 11 and [k for k, _ in keys[9:]] == ["0", "a"]
+    browser.get(url + "/label?n=12")
+    legend = wait(browser, "#legend").text
+    assert all(f"{key} {label}" in legend for key, label in keys)
+    card = browser.find_element(By.CSS_SELECTOR, "#queue .card.selected")
+    assert [b.text for b in card.find_elements(By.CSS_SELECTOR, ".set-label")] == [f"{k} {lab}" for k, lab in keys]
+    tenth, eleventh, voted = queue(browser)[:3]
+    press(browser, "0")
+    press(browser, "a")
+    vote = browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{voted}"]').get_attribute("data-vote")
+    assert vote and f"Enter accept {vote}" in browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{voted}"]').text
+    press(browser, Keys.ENTER)
+    wait_status(browser, f"{voted}: {vote}")
+    assert [label_of(world, i) for i in (tenth, eleventh, voted)] == [keys[9][1], keys[10][1], vote]
+    info = client.info()
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "count-labelled").text == str(info.labelled_count))
+    assert browser.find_element(By.ID, "count-unlabelled").text == str(info.item_count - info.labelled_count)
+    shot(browser, "label-keys")
+    browser.find_element(By.ID, "undo").click()
+    wait_status(browser, f"undone: {voted}")
+    assert label_of(world, voted) == ""
+    card = browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{voted}"]')
+    assert "selected" in card.get_attribute("class") and "done" not in card.get_attribute("class")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "count-labelled").text == str(info.labelled_count - 1)
+    )
+
+
+def test_a_skipped_card_stays_skipped_for_the_session(world):
+    browser, url = world["browser"], world["web"].url
+    browser.get(url + "/label?n=12")
+    skipped = wait(browser, "#queue .card.selected").get_attribute("data-id")
+    press(browser, Keys.ARROW_RIGHT)
+    wait_status(browser, f"{skipped}: skipped")
+    browser.get(url + "/label?n=12")
+    wait(browser, "#queue .card")
+    assert skipped not in queue(browser) and len(queue(browser)) == 12
+    assert int(browser.find_element(By.ID, "skipped-count").text) >= 1
+    browser.find_element(By.ID, "unskip-all").click()
+    WebDriverWait(browser, 30).until(lambda b: skipped in queue(b))
+
+
+def test_label_20_items_with_the_keyboard_only_then_undo_one(world):
+    """The issue's test: 20 key presses label 20 cards (each key moves on to the next card at once),
+    u undoes the last; the store holds the 19 labels and no label on the 20th."""
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    keys = label_keys(sorted(client.info().label_counts))
+    browser.get(url + "/label?n=24")
+    wait(browser, "#queue .card.selected")
+    cards = queue(browser)[:20]
+    typed = [keys[n % len(keys)] for n in range(20)]
+    assert len(cards) == 20 and all(label_of(world, i) == "" for i in cards)
+    press(browser, "".join(key for key, _ in typed))
+    wait_status(browser, f"{cards[-1]}: {typed[-1][1]}")
+    press(browser, "u")
+    wait_status(browser, f"undone: {cards[-1]}")
+    stored = client.get(cards)
+    assert [item.label for item in stored] == [label for _, label in typed[:19]] + [""]
+    assert browser.find_element(By.CSS_SELECTOR, "#queue .card.selected").get_attribute("data-id") == cards[-1]
+
+
+# -- review ------------------------------------------------------------------------------------------
+def cards(browser) -> list:
+    return browser.find_elements(By.CSS_SELECTOR, "#proposals .card")
+
+
+def open_proposals(world) -> list:
+    """LabelCorpus now, lowest confidence first (the review's default order), minus the rejected ones."""
+    rejected = world.setdefault("rejected", set())
+    return sorted(
+        (p for p in world["client"].label_corpus() if p.id not in rejected), key=lambda p: (p.confidence, p.id)
+    )
+
+
+def test_review_pages_filters_and_accept_all_above_a_threshold(world):
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    browser.get(url + "/review?per_page=5")
+    wait(browser, "#proposals .card")
+    lowest = open_proposals(world)
+    assert grid_ids(browser, "#proposals .card") == [p.id for p in lowest[:5]]
+    browser.find_element(By.ID, "next-page").click()
+    WebDriverWait(browser, 30).until(lambda b: grid_ids(b, "#proposals .card") == [p.id for p in lowest[5:10]])
+    assert browser.find_element(By.ID, "page-range").text == f"6–10 of {len(lowest)}"
+    browser.find_element(By.ID, "previous-page").click()
+    WebDriverWait(browser, 30).until(lambda b: grid_ids(b, "#proposals .card") == [p.id for p in lowest[:5]])
+    # one predicted label, most confident first
+    label = max({p.label for p in lowest}, key=lambda lab: sum(p.label == lab for p in lowest))
+    of_label = sorted((p for p in lowest if p.label == label), key=lambda p: (-p.confidence, p.id))
+    Select(browser.find_element(By.NAME, "label")).select_by_visible_text(label)
+    Select(browser.find_element(By.NAME, "order")).select_by_value("highest")
+    browser.find_element(By.ID, "apply-filter").click()
+    WebDriverWait(browser, 30).until(lambda b: grid_ids(b, "#proposals .card") == [p.id for p in of_label[:5]])
+    # the threshold's default is reached by some, and the count follows the field
+    field = browser.find_element(By.NAME, "threshold")
+    threshold = float(field.get_attribute("value"))
+    confidences = np.array([p.confidence for p in of_label], np.float32)
+    assert (
+        0
+        < (confidences >= np.float32(threshold)).sum()
+        == int(browser.find_element(By.ID, "would-accept").get_attribute("data-count"))
+    )
+    above = f"{float(confidences.max()) + 0.001:.3f}"
+    field.clear()
+    field.send_keys(above)
+    WebDriverWait(browser, 30).until(lambda b: "none would be accepted" in b.find_element(By.ID, "would-accept").text)
+    assert not browser.find_element(By.ID, "accept-above-button").is_enabled()
+    top = f"{np.floor(float(confidences[1]) * 1000) / 1000:.3f}"  # at least the two most confident
+    expect = [p.id for p in of_label if np.float32(p.confidence) >= np.float32(top)]
+    field.clear()
+    field.send_keys(top)
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "would-accept").text == f"{len(expect)} would be accepted"
+    )
+    browser.find_element(By.ID, "accept-above-button").click()
+    wait_status(browser, f"{len(expect)} proposals accepted")
+    assert [item.label for item in client.get(expect)] == [label] * len(expect)
+
+
+def test_review_bulk_actions_and_card_states(world):
+    """Select a range with shift-click and accept it, relabel a selection, reject a card: each card
+    shows its state in its own style and words; after a reload the rejected proposal is not listed
+    among the open ones (the page remembers it: LabelCorpus proposes it again) but among the decided."""
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    browser.get(url + "/review?per_page=10")
+    wait(browser, "#proposals .card")
+    shown = cards(browser)
+    ids = [c.get_attribute("data-id") for c in shown]
+    proposed = {c.get_attribute("data-id"): c.get_attribute("data-label") for c in shown}
+    pick = lambda n: shown[n].find_element(By.CSS_SELECTOR, ".pick-box")  # noqa: E731
+    pick(0).click()
+    ActionChains(browser).key_down(Keys.SHIFT).click(pick(2)).key_up(Keys.SHIFT).perform()
+    assert browser.find_element(By.ID, "selected-count").text == "3 selected"
+    browser.find_element(By.ID, "accept-selected").click()
+    wait_status(browser, "3 accepted")
+    assert [item.label for item in client.get(ids[:3])] == [proposed[i] for i in ids[:3]]
+    pick(3).click()
+    pick(4).click()
+    browser.find_element(By.ID, "relabel-as").send_keys("zebra")
+    browser.find_element(By.ID, "relabel-selected").click()
+    wait_status(browser, "2 relabelled")
+    assert [item.label for item in client.get(ids[3:5])] == ["zebra", "zebra"]
+    shown[5].find_element(By.CSS_SELECTOR, "button.reject").click()
+    wait_status(browser, f"{ids[5]}: rejected")
+    world.setdefault("rejected", set()).add(ids[5])
+    badges = [c.find_element(By.CSS_SELECTOR, ".state-badge").text for c in shown[:7]]
+    assert badges == ["accepted"] * 3 + ["relabelled: zebra"] * 2 + ["rejected", ""]
+    styles = [next(k for k in c.get_attribute("class").split() if k.startswith("state-")) for c in shown[:7]]
+    assert styles == ["state-accepted"] * 3 + ["state-relabelled"] * 2 + ["state-rejected", "state-open"]
+    assert browser.execute_script(
+        "const [a, r] = arguments; return getComputedStyle(a).borderColor !== getComputedStyle(r).borderColor;",
+        shown[0],
+        shown[5],
+    )
+    assert client.get([ids[5]])[0].predicted_label == "" and client.get([ids[5]])[0].label == ""
+    shot(browser, "review-states")
+    browser.get(url + "/review?per_page=200")
+    wait(browser, "#proposals")
+    assert ids[5] not in grid_ids(browser, "#proposals .card")
+    browser.get(url + "/review?per_page=200&show=decided")
+    rejected = wait(browser, f'#proposals .card[data-id="{ids[5]}"]')
+    assert (
+        "state-rejected" in rejected.get_attribute("class")
+        and rejected.find_element(By.CSS_SELECTOR, ".state-badge").text == "rejected"
+    )
+
+
+def test_a_stale_review_offers_recompute_and_shows_its_progress(world):
+    """The page in front of a large store (here: told never to recompute on its own) keeps its
+    proposals when labels change, says they are stale, and recomputes them when asked, showing the
+    progress and reloading when they are ready."""
+    browser, client, web = world["browser"], world["client"], world["signin_web"]
+    sign_in(browser, web, TOKEN, "/review")
+    snapshot = "const p = document.getElementById('proposals'); return p ? parseInt(p.dataset.snapshot, 10) : null;"
+    first = WebDriverWait(browser, 60).until(lambda b: b.execute_script(snapshot))
+    item = unlabelled_id(world)
+    client.set_labels({item: "cat"})
+    browser.get(web.url + "/review?per_page=200")
+    assert "the store changed" in wait(browser, "#stale").text.lower()
+    assert item in grid_ids(browser, "#proposals .card")  # the snapshot as it was
+    browser.find_element(By.ID, "recompute").click()
+    WebDriverWait(browser, 60).until(lambda b: (b.execute_script(snapshot) or 0) > first)
+    assert not browser.find_elements(By.ID, "stale") and item not in grid_ids(browser, "#proposals .card")
+
+
+# -- search and duplicates ---------------------------------------------------------------------------
+def test_search_shows_the_query_filters_more_and_labels_results(world):
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    query = sorted((world["images"] / "dog").iterdir())[2]
+    browser.get(url + "/search")
+    wait(browser, "#upload").send_keys(str(query))
+    browser.find_element(By.ID, "search-button").click()
+    wait(browser, "#results .tile")
+    image = browser.find_element(By.ID, "query-image")
+    assert browser.execute_script("return arguments[0].naturalWidth", image) > 0  # the uploaded image itself
+    browser.find_element(By.ID, "more").click()
+    WebDriverWait(browser, 30).until(lambda b: len(grid_ids(b)) == 48)
+    expected = client.search(image=query.read_bytes(), k=48)
+    assert grid_ids(browser) == [h.id for h in expected]
+    # filters: a label, a metadata pair, a minimum score
+    Select(browser.find_element(By.CSS_SELECTOR, "#search-filter select[name=label]")).select_by_visible_text("dog")
+    browser.find_element(By.CSS_SELECTOR, "#search-filter #apply-filter").click()
+    WebDriverWait(browser, 30).until(lambda b: "label=dog" in b.current_url)
+    assert grid_ids(browser) == [h.id for h in client.search(image=query.read_bytes(), k=24, labels=["dog"])]
+    target = expected[5]
+    browser.get(f"{url}/search?upload=1&meta=uri%3D{urllib.parse.quote(target.metadata['uri'])}")
+    WebDriverWait(browser, 30).until(lambda b: grid_ids(b) == [target.id])
+    browser.get(f"{url}/search?upload=1&min_score={expected[9].score}")
+    wait(browser, "#results")
+    assert grid_ids(browser) == [h.id for h in expected if h.score >= expected[9].score][:24]
+    # label two results at once, from a stored item's search (its thumbnail is the query image)
+    browser.get(f"{url}/search?id={urllib.parse.quote(expected[0].id)}")
+    wait(browser, "#results .tile")
+    assert browser.execute_script("return document.getElementById('query-image').naturalWidth") > 0
+    chosen = [i for i in grid_ids(browser) if label_of(world, i) == ""][:2]
+    for item_id in chosen:
+        browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{item_id}"] .pick-box').click()
+    browser.find_element(By.ID, "relabel-as").send_keys("dog")
+    browser.find_element(By.ID, "label-selected").click()
+    wait_status(browser, "2 labelled dog")
+    assert [label_of(world, i) for i in chosen] == ["dog", "dog"]
+    shot(browser, "search-filters")
+
+
+def test_duplicates_keep_one_and_delete_the_rest(world):
+    """Three copies of one vector form a group; keep the second: two clicks delete the other two."""
+    browser, client, url = world["browser"], world["client"], world["web"].url
+    vector = np.random.default_rng(7).standard_normal(client.info().dim).astype(np.float32)
+    uri = sorted((world["images"] / "ship").iterdir())[0].as_uri()
+    copies = [f"copy/{n}" for n in range(3)]
+    client.upsert_many([UpsertItem(i, embedding=vector, metadata={"uri": uri}) for i in copies])
+    browser.get(url + "/duplicates?min_score=0.9999")
+    group = wait(browser, f'.dup-group:has(.dup-item[data-id="{copies[0]}"])')
+    assert group.find_element(By.CSS_SELECTOR, ".group-size").text == "3 items"
+    assert sorted(grid_ids(browser, f"#{group.get_attribute('id')} .dup-item")) == copies
+    shot(browser, "duplicates-groups")
+    group.find_element(By.CSS_SELECTOR, f'input[value="{copies[1]}"]').click()
+    button = group.find_element(By.CSS_SELECTOR, ".keep-one")
+    button.click()
+    assert "click again" in button.text and len(client.get(copies, ignore_missing=True)) == 3  # armed only
+    button.click()
+    wait_status(browser, f"kept {copies[1]}, deleted 2")
+    assert [item.id for item in client.get(copies, ignore_missing=True)] == [copies[1]]
+    client.delete([copies[1]])
 
 
 def sign_in(browser, web: WebProcess, token: str, path: str = "/label") -> None:
