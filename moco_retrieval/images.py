@@ -95,7 +95,9 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
                 return _to_rgb(img)
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, TypeError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2x its MAX_IMAGE_PIXELS) hit in open()
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
         reason = _BUFFER_REPR.sub("", str(exc)).strip() or type(exc).__name__
         raise ImageDecodeError(f"{name}: cannot decode image ({reason})") from exc
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,23 @@ def test_junk_is_refused(tmp_path):
         decode_image(b"")
     with pytest.raises(ImageTooLargeError):
         decode_image(good.getvalue(), max_pixels=100)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (no image data): enough for Image.open."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_an_image_above_pils_own_limit_is_too_large_not_undecodable():
+    """50,000 x 50,000 px is past 2x PIL's MAX_IMAGE_PIXELS, where PIL refuses inside Image.open,
+    before our limit is checked: still ImageTooLargeError (the server's RESOURCE_EXHAUSTED)."""
+    with pytest.raises(ImageTooLargeError, match="decompression bomb"):
+        decode_image(png_header(50_000, 50_000), max_pixels=10**12)
 
 
 def test_image_extensions():
