@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=$(scripts/ensure_venv.sh)
-hash=$(cat requirements.txt requirements-dev.txt bench/requirements.txt | sha256sum | cut -c1-12)
+# Keyed by the project venv too: each project venv (MOCO_VENV) gets its own benchmark venv on top.
+hash=$( (cat requirements.txt requirements-dev.txt bench/requirements.txt; echo "$base") | sha256sum | cut -c1-12)
 venv="${MOCO_BENCH_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moco-retrieval/bench-venv-$hash}"
 if [[ ! -f "$venv/.complete" ]]; then
   echo "building benchmark virtualenv $venv" >&2
