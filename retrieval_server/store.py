@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_version ON items(version);
 CREATE INDEX IF NOT EXISTS items_label ON items(label) WHERE label IS NOT NULL;
+-- Info's count of predictions to review reads this small index, not every row's embedding page.
+CREATE INDEX IF NOT EXISTS items_to_review ON items(row) WHERE predicted_label IS NOT NULL AND label IS NULL;
 CREATE TABLE IF NOT EXISTS tombstones (row INTEGER PRIMARY KEY, version INTEGER NOT NULL);
 """
 
