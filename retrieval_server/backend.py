@@ -55,6 +55,10 @@ class Backend(Protocol):
 
     def by_rows(self, rows: Iterable[int]) -> dict[int, Row]: ...
 
+    def encoded(self, rows: Iterable[int]) -> dict[int, bytes]:
+        """Each stored row's Neighbor without its score (neighbors.encode_item); rows deleted
+        meanwhile are left out."""
+
     def search(
         self,
         queries: np.ndarray,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .index import Hits, ItemIndex, Vote
+from .neighbors import encode_item
 from .store import EmbeddingChunk, NewItem, Row, StorageError, Store, StoreLock
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,11 @@ class EmbeddedBackend:
         self._writes = threading.Lock()  # store commit + index update, in version order
         self._changed_since_snapshot = 0
         self._snapshot_lock = threading.Lock()
+        # Each item's Neighbor encoding (neighbors.encode_item), kept from the first time a search
+        # returns it until a write changes it: the in-memory row table of Search and Classify.
+        self._encoded: dict[int, bytes] = {}
+        self._encoded_lock = threading.Lock()
+        self._writes_seen = 0  # bumped with every forget, so a read racing a write caches nothing
 
     @property
     def device(self) -> str:
@@ -52,6 +58,7 @@ class EmbeddedBackend:
                 [w.label for w in done.items],
                 np.array([w.existed for w in done.items], dtype=bool),
             )
+            self._forget([w.row for w in done.items])
             self._after_write(len(items))
         return len(items)
 
@@ -59,12 +66,14 @@ class EmbeddedBackend:
         with self._writes:
             done = self.store.delete(ids, ignore_missing)
             self.index.apply_delete(done.version, np.array(done.rows, dtype=np.int64))
+            self._forget(done.rows)
             self._after_write(len(done.rows))
         return len(done.rows)
 
     def set_labels(self, assignments: list[tuple[str, str | None, float]], predicted: bool) -> int:
         with self._writes:
             changed = self.store.set_labels(assignments, predicted)
+            self._forget([c.row for c in changed])
             if not predicted:
                 rows = np.array([c.row for c in changed], dtype=np.int64)
                 labelled = rows[[c.label is not None for c in changed]]
@@ -72,7 +81,16 @@ class EmbeddedBackend:
         return len(changed)
 
     def set_predicted_rows(self, proposals: list[tuple[int, str, float]]) -> None:
-        self.store.set_predicted_rows(proposals)
+        with self._writes:
+            self.store.set_predicted_rows(proposals)
+            self._forget([row for row, _, _ in proposals])
+
+    def _forget(self, rows: Iterable[int]) -> None:
+        """After a commit: these rows' encodings are stale."""
+        with self._encoded_lock:
+            for row in rows:
+                self._encoded.pop(row, None)
+            self._writes_seen += 1
 
     def _after_write(self, changed: int) -> None:
         """A background snapshot every --snapshot-every changes; under self._writes."""
@@ -88,6 +106,19 @@ class EmbeddedBackend:
 
     def by_rows(self, rows: Iterable[int]) -> dict[int, Row]:
         return self.store.by_rows(rows)
+
+    def encoded(self, rows: Iterable[int]) -> dict[int, bytes]:
+        rows = [int(r) for r in rows]
+        found = {r: e for r in rows if (e := self._encoded.get(r)) is not None}
+        missing = [r for r in rows if r not in found]
+        if missing:
+            seen = self._writes_seen
+            fetched = {r: encode_item(row) for r, row in self.store.by_rows(missing).items()}
+            with self._encoded_lock:
+                if seen == self._writes_seen:  # no write committed since the read: still current
+                    self._encoded.update(fetched)
+            found.update(fetched)
+        return found
 
     def search(
         self,

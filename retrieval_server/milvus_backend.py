@@ -40,6 +40,7 @@ from moco_retrieval.knn import knn_vote
 
 from .config import ServerConfig
 from .index import Hits, NoLabels, Vote, any_excluded
+from .neighbors import encode_item
 from .store import EmbeddingChunk, NewItem, Row, StorageError, UnknownIds
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,10 @@ class MilvusBackend:
 
     def by_rows(self, rows: Iterable[int]) -> dict[int, Row]:
         return {int(e["row"]): _row(e, False) for e in self._by_rows([int(r) for r in rows], FIELDS)}
+
+    def encoded(self, rows: Iterable[int]) -> dict[int, bytes]:
+        # Not kept between calls: other replicas write the same collection.
+        return {r: encode_item(row) for r, row in self.by_rows(rows).items()}
 
     def _search(self, queries: np.ndarray, k: int, where: str, fields: list[str]) -> list[list[dict]]:
         data = [np.ascontiguousarray(q, dtype=np.float32) for q in queries]

@@ -28,7 +28,8 @@ from .encoder import Encoder
 from .faiss_index import GPU_MAX_K
 from .index import Hits, NoLabels, Vote
 from .metrics import ServerMetrics
-from .store import NewItem, Row, StorageError, UnknownIds
+from .neighbors import neighbor, neighbors_wire
+from .store import NewItem, StorageError, UnknownIds
 from .suggest import suggest
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,6 @@ def to_vector(x: np.ndarray, packed: bool) -> pb.Vector:
     if packed:
         return pb.Vector(data=np.ascontiguousarray(x, dtype="<f4").tobytes())
     return pb.Vector(values=x.tolist())
-
-
-def neighbor(row: Row, score: float) -> pb.Neighbor:
-    """A stored item as a search result."""
-    return pb.Neighbor(
-        id=row.id, score=score, label=row.label or "", predicted_label=row.predicted_label or "", metadata=row.metadata
-    )
 
 
 def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
@@ -382,18 +376,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             items.append(item)
         return pb.GetResponse(items=items)
 
-    def _neighbors(self, found: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[pb.Neighbor]]:
-        """The Neighbor messages of each query's (scores, rows), from one store lookup; rows
+    def _neighbors(self, found: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[list[bytes], list[float]]]:
+        """(encoded items, scores) of each query's (scores, rows), from one backend lookup; rows
         deleted since the search are left out."""
-        stored = self.backend.by_rows(np.unique(np.concatenate([rows for _, rows in found])).tolist())
+        encoded = self.backend.encoded(np.unique(np.concatenate([rows for _, rows in found])).tolist())
         out = []
         for scores, rows in found:
-            neighbors = []
-            for score, row in zip(scores.tolist(), rows.tolist()):
-                r = stored.get(row)
-                if r is not None:
-                    neighbors.append(neighbor(r, score))
-            out.append(neighbors)
+            kept = [(encoded[r], s) for s, r in zip(scores.tolist(), rows.tolist()) if r in encoded]
+            out.append(([item for item, _ in kept], [s for _, s in kept]))
         return out
 
     def _search(
@@ -412,7 +402,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         else:
             hits = self._search_index(key, vectors, excludes)
         self.m.index_search_seconds.labels("search").observe(time.perf_counter() - start)
-        return [pb.SearchResponse(neighbors=n) for n in self._neighbors([(h.scores, h.rows) for h in hits])]
+        return [
+            pb.SearchResponse.FromString(neighbors_wire(pb.SearchResponse, *n))
+            for n in self._neighbors([(h.scores, h.rows) for h in hits])
+        ]
 
     def _search_index(self, key: tuple, vectors: np.ndarray, excludes: np.ndarray) -> list[Hits]:
         k, labels, min_score, metadata = key
@@ -478,14 +471,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         for shares, voted_neighbors in zip(vote.shares, neighbors):
             best = int(np.argmax(shares))  # first maximum: ties go to the first label in sorted order
             voted = sorted((c for c in range(len(names)) if shares[c] > 0), key=lambda c: (-shares[c], c))
-            out.append(
-                pb.ClassifyResponse(
-                    label=names[best],
-                    confidence=float(shares[best]),
-                    scores=[pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted],
-                    neighbors=voted_neighbors,
-                )
-            )
+            response = pb.ClassifyResponse.FromString(neighbors_wire(pb.ClassifyResponse, *voted_neighbors))
+            response.label, response.confidence = names[best], float(shares[best])
+            response.scores.extend(pb.ClassScore(label=names[c], score=float(shares[c])) for c in voted)
+            out.append(response)
         return out
 
     @_unary
