@@ -79,8 +79,9 @@ class ServerConfig:
     )
     snapshot_every: int = option(
         10000,
-        help="after this many changed items, write a FAISS snapshot (embedded) or flush the Milvus "
-        "collection (milvus: seals what Milvus Lite searches slowly while unflushed); 0: only at shutdown",
+        help="after this many changed items, write a FAISS snapshot (embedded: and not before a tenth of the "
+        "stored items changed) or flush the Milvus collection (milvus: seals what Milvus Lite searches slowly "
+        "while unflushed); 0: only at shutdown",
     )
     reset_store: bool = option(False, help="drop a store embedded by another model instead of refusing to start")
     grace_s: float = option(10.0, help="seconds in-flight calls get on SIGTERM")

@@ -17,6 +17,7 @@ from .neighbors import encode_item
 from .store import EmbeddingChunk, NewItem, Row, StorageError, Store, StoreLock
 
 log = logging.getLogger(__name__)
+SNAPSHOT_FRACTION = 10  # a snapshot at most once per 1/10 of the stored items changed
 
 
 class EmbeddedBackend:
@@ -93,9 +94,13 @@ class EmbeddedBackend:
             self._writes_seen += 1
 
     def _after_write(self, changed: int) -> None:
-        """A background snapshot every --snapshot-every changes; under self._writes."""
+        """A background snapshot every --snapshot-every changes, and at most once per tenth of the
+        stored items changed; under self._writes. A snapshot writes the whole index, so a fixed
+        period made the snapshots of a growing store quadratic (ingest fell from 51k to 40k items/s
+        by 300k items; with the tenth, start-up replays at most a tenth of the store)."""
         self._changed_since_snapshot += changed
-        if self.snapshot_every and self._changed_since_snapshot >= self.snapshot_every:
+        period = max(self.snapshot_every, self.index.item_count // SNAPSHOT_FRACTION)
+        if self.snapshot_every and self._changed_since_snapshot >= period:
             if self._snapshot_lock.acquire(blocking=False):  # one at a time, in the background
                 self._changed_since_snapshot = 0
                 threading.Thread(target=self._snapshot_locked, name="snapshot", daemon=True).start()

@@ -7,6 +7,7 @@ search and vote; snapshots are in snapshot.py, the FAISS wrapper in faiss_index.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from moco_retrieval.knn import knn_vote
 
 from .faiss_index import GPU_MAX_K, FaissIndex
 from .rwlock import RWLock
-from .snapshot import SnapshotPointer, read_snapshot, write_snapshot
+from .snapshot import SnapshotPointer, read_snapshot, snapshot_writer
 from .store import Store
 
 
@@ -240,18 +241,17 @@ class ItemIndex:
         return how
 
     def save_snapshot(self, snapshot_dir: Path, store_id: str) -> int:
-        """Write the items index with the version it covers (under the read lock: searches go on)."""
-        with self._lock.read():
-            version = self.version
-            write_snapshot(
-                snapshot_dir,
-                self.items.cpu,
-                SnapshotPointer(
+        """Write the items index with the version it covers: copied into the file under the read
+        lock (searches go on; writes wait for the copy only), made durable (fsync, rename) after it."""
+        with contextlib.ExitStack() as durable:
+            with self._lock.read():
+                version = self.version
+                pointer = SnapshotPointer(
                     version=version,
                     file=f"items-v{version}.faiss",
                     store_id=store_id,
                     factory=self.factory,
                     dim=self.dim,
-                ),
-            )
+                )
+                durable.enter_context(snapshot_writer(snapshot_dir, pointer))(self.items.cpu)
         return version

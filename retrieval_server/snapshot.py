@@ -5,14 +5,16 @@ one is ignored and the index is rebuilt from the store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 
-from moco_retrieval.fileio import atomic_write
+from moco_retrieval.fileio import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 SNAPSHOT_POINTER = "snapshot.json"
@@ -27,12 +29,17 @@ class SnapshotPointer:
     dim: int
 
 
-def write_snapshot(directory: Path, index: faiss.Index, pointer: SnapshotPointer) -> None:
-    """The index file, then the pointer (each atomic), then older index files are removed."""
+@contextlib.contextmanager
+def snapshot_writer(directory: Path, pointer: SnapshotPointer) -> Iterator[Callable[[faiss.Index], None]]:
+    """`with snapshot_writer(d, p) as write: write(index)`: the index file, then the pointer (each
+    atomic), then older index files are removed. Only write(index) needs the index held still; the
+    fsyncs and renames come after it, when the block ends, so the caller can hold its index lock
+    for the copy into the page cache alone (writers wait for that, not for the disk)."""
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob(".items-v*.faiss.*.tmp"):  # left by a kill during an earlier write
         stale.unlink(missing_ok=True)
-    atomic_write(directory / pointer.file, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
+    with atomic_open(directory / pointer.file) as f:
+        yield lambda index: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
     atomic_write(directory / SNAPSHOT_POINTER, lambda f: f.write(json.dumps(asdict(pointer)).encode()))
     for old in directory.glob("items-v*.faiss"):
         if old.name != pointer.file:
