@@ -54,8 +54,9 @@ CHUNK = 10_000  # vectors are generated (and ingested) 10k at a time
 NUM_CLASSES = 10
 MAX_MESSAGE = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-# What stores the vectors ("server-bare" and "faiss-omp" are variants of server and faiss).
-SYSTEMS = ("server", "server-milvus", "faiss", "milvus")
+# What stores the vectors ("server-bare" and "faiss-omp" are variants of server and faiss; server-nc
+# is a second server, with --no-coalesce).
+SYSTEMS = ("server", "server-nc", "server-milvus", "faiss", "milvus")
 MILVUS_COLLECTION = "bench"
 RESULTS = REPO / "bench" / "results" / "server_bench.json"
 
@@ -138,6 +139,19 @@ class ServerTarget:
         reqs = [pb.SearchRequest(query=pb.Query(vector=packed(q)), k=k) for q in queries]
         return lambda i: [int(n.id[1:]) for n in self.stub.Search(reqs[i % len(reqs)], timeout=600).neighbors]
 
+    def search_batch_call(self, queries: np.ndarray, k: int, nq: int) -> Callable[[int], list[list[int]]]:
+        """SearchBatch calls of nq queries each (consecutive slices of `queries`)."""
+        reqs = [
+            pb.SearchBatchRequest(queries=[pb.Query(vector=packed(q)) for q in queries[s : s + nq]], k=k)
+            for s in range(0, len(queries) - nq + 1, nq)
+        ]
+
+        def call(i: int) -> list[list[int]]:
+            results = self.stub.SearchBatch(reqs[i % len(reqs)], timeout=600).results
+            return [[int(n.id[1:]) for n in r.neighbors] for r in results]
+
+        return call
+
     def classify_call(self, queries: np.ndarray, k: int, tau: float) -> Callable[[int], str]:
         reqs = [pb.ClassifyRequest(query=pb.Query(vector=packed(q)), k=k, tau=tau) for q in queries]
         if self.neighbors is not None:
@@ -177,6 +191,17 @@ class FaissTarget:
             faiss.omp_set_num_threads(self.threads)
             j = i % len(queries)
             return self.all.search(queries[j : j + 1], k)[1][0].tolist()
+
+        return call
+
+    def search_batch_call(self, queries: np.ndarray, k: int, nq: int) -> Callable[[int], list[list[int]]]:
+        """One FAISS search of nq queries per call (the same slices as the server's SearchBatch)."""
+        starts = list(range(0, len(queries) - nq + 1, nq))
+
+        def call(i: int) -> list[list[int]]:
+            faiss.omp_set_num_threads(self.threads)
+            s = starts[i % len(starts)]
+            return self.all.search(queries[s : s + nq], k)[1].tolist()
 
         return call
 
@@ -473,9 +498,88 @@ def bench_size(targets: dict, size: int, queries: np.ndarray, args: argparse.Nam
             if "server-milvus" in row:  # the backend choice: embedded (server) against milvus
                 row["p50_server_milvus_over_server"] = ratio(row["server-milvus"]["p50_ms"], row["server"]["p50_ms"])
                 row["qps_server_over_server_milvus"] = ratio(row["server"]["qps"], row["server-milvus"]["qps"])
+            if "server-nc" in row:  # coalescing on (server) against off
+                row["qps_server_over_server_nc"] = ratio(row["server"]["qps"], row["server-nc"]["qps"])
+                row["p50_server_over_server_nc"] = ratio(row["server"]["p50_ms"], row["server-nc"]["p50_ms"])
             out[op].append(row)
+    out["search_batch"] = bench_batch(targets, size, queries, args)
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def bench_batch(targets: dict, size: int, queries: np.ndarray, args: argparse.Namespace) -> dict:
+    """SearchBatch of args.batch_queries queries per call against in-process FAISS searching the
+    same queries as one batch (1 thread and all threads): the cost per query, one client."""
+    nq = args.batch_queries
+    row: dict = {"queries_per_call": nq}
+    for name in ("server", "faiss", "faiss-omp"):
+        res = run_load(targets[name].search_batch_call(queries, args.k, nq), 1, args.max_calls, args.case_seconds)
+        row[name] = res.to_dict() | {"per_query_ms": round(res.p50_ms / nq, 4)}
+        print(f"  {size:>8} batch{nq}  {name:9} per query {res.p50_ms / nq:8.4f} ms  ({res.calls} calls)", flush=True)
+    best = min(row[n]["per_query_ms"] for n in ("faiss", "faiss-omp"))
+    row["per_query_server_over_faiss"] = ratio(row["server"]["per_query_ms"], best)
+    return row
+
+
+def p50(size_row: dict, op: str, concurrency: int, system: str) -> float:
+    return next(r[system]["p50_ms"] for r in size_row[op] if r["concurrency"] == concurrency)
+
+
+def target_table(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured value, from this run's figures alone."""
+    floor1 = next(f["p50_ms"] for f in results["grpc_floor"] if f["concurrency"] == 1)
+    rows = []
+
+    def add(measure: str, size: int | None, target: str, value: float, limit: float, at_least: bool = False) -> None:
+        met = value >= limit if at_least else value <= limit
+        rows.append({"measure": measure, "size": size, "target": target, "measured": round(value, 4), "met": met})
+
+    for z in results["sizes"]:
+        size = z["size"]
+        faiss1 = min(p50(z, "search", 1, n) for n in ("faiss", "faiss-omp"))
+        limit = floor1 + 1.2 * faiss1
+        add(
+            "single Search p50 ms",
+            size,
+            f"<= floor + 1.2 x FAISS = {limit:.3f} ms",
+            p50(z, "search", 1, "server"),
+            limit,
+        )
+        add(
+            f"SearchBatch ({z['search_batch']['queries_per_call']} queries) per query / FAISS batch per query",
+            size,
+            "<= 1.3",
+            z["search_batch"]["per_query_server_over_faiss"],
+            1.3,
+        )
+        c16 = [r for r in z["search"] if r["concurrency"] == 16]
+        if c16:
+            value = ratio(c16[0]["server"]["qps"], c16[0]["faiss"]["qps"])
+            add("Search QPS, 16 clients / 16 threads of single-query FAISS", size, ">= 1.0", value, 1.0, at_least=True)
+        vote1 = p50(z, "classify", 1, "faiss")  # labelled-only FAISS search + the vote
+        limit = 2 * (floor1 + vote1)
+        add(
+            "Classify k=200 with 200 neighbours p50 ms",
+            size,
+            f"<= 2 x (floor + FAISS + vote) = {limit:.3f} ms",
+            p50(z, "classify", 1, "server"),
+            limit,
+        )
+    embed = results["embed"]
+    e64 = next((r for r in embed["server"] if r["concurrency"] == 64), None)
+    if e64 is not None:
+        value = ratio(e64["images_per_s"], embed["direct_best"]["end_to_end_images_per_s"])
+        add("Embed, 64 single-image clients / best direct batched forward", None, ">= 0.9", value, 0.9, at_least=True)
+    biggest = results["sizes"][-1]
+    add(
+        f"ingest items/s up to {biggest['size']}",
+        biggest["size"],
+        ">= 27,000",
+        biggest["ingest_items_per_s"]["server"],
+        27_000,
+        at_least=True,
+    )
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -510,6 +614,30 @@ def markdown(results: dict) -> str:
                     f"{row.get('qps_server_over_milvus', '-')} | {row.get('p50_server_milvus_over_server', '-')} |"
                     + (f" {row.get('overhead_p50_bare_over_faiss', '-')} |" if op == "classify" else "")
                 )
+        lines.append("")
+    lines += [
+        "**SearchBatch** (one client; cost per query)",
+        "",
+        "| vectors | queries per call | server ms/query | FAISS 1 thread ms/query | FAISS all threads ms/query | "
+        "server / best FAISS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size in results["sizes"]:
+        b = size.get("search_batch")
+        if b:
+            lines.append(
+                f"| {size['size']:,} | {b['queries_per_call']} | {b['server']['per_query_ms']} | "
+                f"{b['faiss']['per_query_ms']} | {b['faiss-omp']['per_query_ms']} | "
+                f"{b['per_query_server_over_faiss']} |"
+            )
+    lines.append("")
+    if results.get("targets"):
+        lines += ["**Targets**", "", "| measure | vectors | target | measured | met |", "|---|---|---|---|---|"]
+        for t in results["targets"]:
+            size = f"{t['size']:,}" if t["size"] else "-"
+            lines.append(
+                f"| {t['measure']} | {size} | {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |"
+            )
         lines.append("")
     lines += [
         "**Memory and ingest**",
@@ -575,6 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-seconds", type=float, default=8.0, help="time budget per Embed case")
     p.add_argument("--embed-rounds", type=int, default=3, help="alternating direct/server Embed rounds (median)")
     p.add_argument("--k", type=int, default=10, help="Search k")
+    p.add_argument("--batch-queries", type=int, default=64, help="queries per SearchBatch call")
     p.add_argument("--classify-k", type=int, default=200, help="Classify k (InstDisc default)")
     p.add_argument("--tau", type=float, default=0.07, help="Classify temperature (InstDisc default)")
     p.add_argument("--label-share", type=float, default=0.1, help="share of stored vectors with a label")
@@ -617,6 +746,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def server_flags(args: argparse.Namespace) -> list[str]:
+    return ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+
+
 def describe(args: argparse.Namespace, info: pb.InfoResponse, label_every: int) -> dict:
     dim = info.dim
     return {
@@ -636,7 +769,7 @@ def describe(args: argparse.Namespace, info: pb.InfoResponse, label_every: int) 
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "server_index": f"{info.index_type} on {info.index_device}",
         "model": f"{info.arch}, input {info.input_size}px, encoder on {info.model_device}",
-        "systems": ["server", "server-bare", "faiss", "faiss-omp"]
+        "systems": ["server", "server-nc", "server-bare", "faiss", "faiss-omp"]
         + ([] if args.no_milvus else ["server-milvus", "milvus"]),
         "dim_note": (
             f"Every system stores the served model's {dim}-d vectors ({info.arch}; 128-d is the MoCo "
@@ -707,19 +840,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or (work / "server_bench.json" if args.quick else RESULTS)
     model = args.model or make_model(work / "model.pt", args.dim)
     label_every = round(1 / args.label_share)
-    server = BenchServer(
-        model,
-        work / "store",
-        work,
-        [
-            "--index-factory",
-            "Flat",
-            "--max-batch-size",
-            str(args.max_batch_size),
-            "--max-queue-delay-ms",
-            str(args.max_queue_delay_ms),
-        ],
-    )
+    server = BenchServer(model, work / "store", work, ["--index-factory", "Flat", *server_flags(args)])
     results: dict = {"machine": machine_info(), "sizes": []}
     results["startup_empty_s"] = round(server.start().startup_seconds, 3)
     results["server_rss_empty_mb"] = round(server.rss() / 2**20, 1)
@@ -751,6 +872,11 @@ def main(argv: list[str] | None = None) -> None:
         "faiss": one_thread,
         "faiss-omp": FaissTarget(dim, threads=faiss.omp_get_max_threads(), shares=one_thread),
     }
+    nc_server = BenchServer(
+        model, work / "store-nc", work, ["--index-factory", "Flat", "--no-coalesce", *server_flags(args)]
+    )
+    nc_server.start()
+    targets["server-nc"] = ServerTarget(nc_server.port, args.upsert_batch)
     milvus_server = None
     if not args.no_milvus:
         targets["milvus"] = MilvusTarget(work, dim)
@@ -759,7 +885,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         milvus_server.start()
         targets["server-milvus"] = ServerTarget(milvus_server.port, args.upsert_batch)
-    pids = [server.proc.pid] + [t.proc.pid for t in (targets.get("milvus"), milvus_server) if t is not None]
+    pids = [server.proc.pid, nc_server.proc.pid]
+    pids += [t.proc.pid for t in (targets.get("milvus"), milvus_server) if t is not None]
     queries = chunk_vectors(args.seed + 1, 0, dim)[: args.queries]
     stored = 0
     for size in args.sizes:
@@ -779,12 +906,15 @@ def main(argv: list[str] | None = None) -> None:
         write(results, args.out)
 
     srv.close()
+    targets["server-nc"].close()
+    nc_server.stop()
     results["restart"] = restart(server)
     if "milvus" in targets:
         targets["milvus"].close()
         targets["server-milvus"].close()
         milvus_server.stop()
     results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = target_table(results)
     write(results, args.out)
     print("\n" + markdown(results))
     print(f"\nwritten {args.out}; work dir {work}")
