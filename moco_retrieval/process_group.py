@@ -81,3 +81,9 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def destroy() -> None:
+    """Leave the process group (no-op in one process)."""
+    if is_distributed():
+        dist.destroy_process_group()

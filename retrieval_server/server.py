@@ -11,10 +11,8 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import faiss
 import grpc
@@ -38,6 +36,7 @@ from .faiss_index import resolve_gpus
 from .index import ItemIndex
 from .metrics import MetricsInterceptor, ServerMetrics
 from .service import RetrievalService
+from .serving import Router, Serving
 from .store import StorageError, Store, StoreInUse, StoreLock
 
 log = logging.getLogger("retrieval_server")
@@ -46,26 +45,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 
 class StartupError(Exception):
     """A configuration or data problem that stops the server before it serves (one line to stderr)."""
-
-
-class _Pending(pb_grpc.RetrievalServicer):
-    """Registered before loading (gRPC cannot add services later): UNAVAILABLE until `target` is set."""
-
-    target: RetrievalService | None = None
-
-
-def _forward(name: str) -> Callable:
-    def method(self: _Pending, request: Any, context: grpc.ServicerContext) -> Any:
-        if self.target is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its model and index")
-        return getattr(self.target, name)(request, context)
-
-    method.__name__ = name
-    return method
-
-
-for _name in pb.DESCRIPTOR.services_by_name["Retrieval"].methods_by_name:
-    setattr(_Pending, _name, _forward(_name))
 
 
 def _write_ready_file(path: Path, port: int, metrics_port: int) -> None:
@@ -137,7 +116,6 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
             raise StartupError(str(exc)) from exc
     else:
         backend = embedded_backend(cfg, meta.fingerprint, meta.feature_dim)
-        metrics.watch_store(backend.store.free_bytes, backend.store.size_bytes)
     batcher = DynamicBatcher(
         encoder,
         metrics,
@@ -146,16 +124,22 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         capacity=cfg.max_queue,
         decode_threads=cfg.decode_threads,
     )
+    return RetrievalService(cfg, encoder, batcher, backend, metrics)
+
+
+def publish_model_info(metrics: ServerMetrics, service: RetrievalService) -> None:
+    """retrieval_model_info of the served model and store (one series: a switch replaces it)."""
+    meta = service.encoder.meta
+    metrics.model_info.clear()
     metrics.model_info.labels(
         meta.arch,
         meta.fingerprint,
         str(meta.feature_dim),
-        encoder.device,
-        backend.device,
-        backend.index_type,
+        service.encoder.device,
+        service.backend.device,
+        service.backend.index_type,
         __version__,
     ).set(1)
-    return RetrievalService(cfg, encoder, batcher, backend, metrics)
 
 
 class GrpcServer:
@@ -175,8 +159,10 @@ class GrpcServer:
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._pending = _Pending()
-        pb_grpc.add_RetrievalServicer_to_server(self._pending, self.server)
+        self.metrics = metrics
+        self.serving = Serving()
+        self.router = Router(self.serving)
+        pb_grpc.add_RetrievalServicer_to_server(self.router, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = _bind(self.server, cfg)
@@ -187,8 +173,15 @@ class GrpcServer:
             self.health.set(name, status)
 
     def attach(self, service: RetrievalService) -> None:
-        self._pending.target = service
+        self.serving.start(service)
+        self.watch(service)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def watch(self, service: RetrievalService) -> None:
+        """Point the model and store metrics at a service that is (or is about to be) served."""
+        publish_model_info(self.metrics, service)
+        if isinstance(service.backend, EmbeddedBackend):
+            self.metrics.watch_store(service.backend.store.free_bytes, service.backend.store.size_bytes)
 
 
 def serve(cfg: ServerConfig) -> int:
@@ -227,7 +220,7 @@ def serve(cfg: ServerConfig) -> int:
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
     grpc_server.health.enter_graceful_shutdown()
     server.stop(cfg.grace_s).wait()
-    closed = service.close()
+    closed = grpc_server.serving.current.close()
     http_server.shutdown()
     log.info("stopped cleanly (%s)", closed)
     return 0
