@@ -80,6 +80,7 @@ def milvus_listing(client, collection: str) -> Listing:
     try:
         described = client.describe_collection(collection)
         properties = described.get("properties", {})
+        client.load_collection(collection)  # a no-op where servers serve it already
         iterator = client.query_iterator(
             collection,
             batch_size=4096,

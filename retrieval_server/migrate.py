@@ -86,6 +86,7 @@ class Report:
     carried: list[int] = field(default_factory=list)  # changes carried by each catch-up pass
     missing: list[Missing] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1
 
 
 def work_folder(cfg: MigrateConfig) -> Path:
@@ -374,7 +375,8 @@ def finish(work: Path, report: Report) -> Path:
 def summary(report: Report, path: Path) -> str:
     lines = [
         f"migrated {report.items} items ({report.labelled} human-labelled, {report.predicted} predicted labels "
-        f"recomputed) to {report.destination} for model {report.fingerprint} in {report.seconds:.0f} s",
+        f"recomputed) to {report.destination} for model {report.fingerprint} in {report.seconds:.0f} s on "
+        f"{report.processes} process{'es' if report.processes > 1 else ''}",
         f"writes to the source carried by the catch-up passes: {' + '.join(map(str, report.carried)) or 0}",
         f"left out: {len(report.missing)} items whose image is missing or does not decode (report: {path})",
     ]
@@ -411,14 +413,14 @@ def run_migrate(cfg: MigrateConfig) -> int:
     except (ExportError, OSError, RuntimeError) as exc:
         raise MigrateError(str(exc)) from exc
     reembedder = embed_shards(cfg, work, plan, items, encoder)
-    if process_group.is_distributed():
-        process_group.destroy()
+    processes = process_group.get_world_size()
+    process_group.destroy()
     if rank != 0:
         return 0
     try:
         report = build(cfg, work, plan, listing, source, reembedder)
     finally:
         source.close()
-    report.seconds = time.perf_counter() - started
+    report.seconds, report.processes = time.perf_counter() - started, processes
     print(summary(report, finish(work, report)), flush=True)
     return 1 if report.missing else 0

@@ -28,6 +28,7 @@ from moco_retrieval.fileio import atomic_write
 
 from . import __version__
 from .auth import AuthInterceptor
+from .backup import BackupError
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .embedded import EmbeddedBackend
@@ -38,6 +39,7 @@ from .metrics import MetricsInterceptor, ServerMetrics
 from .service import RetrievalService
 from .serving import Router, Serving
 from .store import StorageError, Store, StoreInUse, StoreLock
+from .switch import AliasFollower, Switcher, initial_export
 
 log = logging.getLogger("retrieval_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -159,7 +161,8 @@ class GrpcServer:
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.metrics = metrics
+        self.cfg, self.metrics = cfg, metrics
+        self.follower: AliasFollower | None = None
         self.serving = Serving()
         self.router = Router(self.serving)
         pb_grpc.add_RetrievalServicer_to_server(self.router, self.server)
@@ -173,8 +176,17 @@ class GrpcServer:
             self.health.set(name, status)
 
     def attach(self, service: RetrievalService) -> None:
+        """Serve `service`; from now on SwitchModel (embedded) or the alias follower (milvus with
+        --follow-models) may replace it (switch.py)."""
         self.serving.start(service)
         self.watch(service)
+
+        def load(cfg: ServerConfig) -> RetrievalService:
+            return load_service(cfg, self.metrics)
+
+        self.router.switch = Switcher(self.cfg, self.serving, load, self.watch)
+        if self.cfg.backend == "milvus" and self.cfg.follow_models:
+            self.follower = AliasFollower(self.cfg, self.serving, load, self.watch)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def watch(self, service: RetrievalService) -> None:
@@ -196,6 +208,14 @@ def serve(cfg: ServerConfig) -> int:
         http_server, metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+    if cfg.backend == "milvus" and cfg.follow_models:
+        from pymilvus import MilvusException  # pymilvus only when asked for
+
+        try:
+            cfg = initial_export(cfg)
+        except (BackupError, MilvusException) as exc:
+            http_server.shutdown()
+            raise StartupError(f"--follow-models: {exc}") from exc
     grpc_server = GrpcServer(cfg, metrics)
     server, port = grpc_server.server, grpc_server.port
     try:
@@ -219,6 +239,8 @@ def serve(cfg: ServerConfig) -> int:
         pass
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
     grpc_server.health.enter_graceful_shutdown()
+    if grpc_server.follower is not None:
+        grpc_server.follower.close()
     server.stop(cfg.grace_s).wait()
     closed = grpc_server.serving.current.close()
     http_server.shutdown()
