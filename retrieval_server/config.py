@@ -159,9 +159,10 @@ class MigrateConfig(StoreOptions):
     k: int = option(DEFAULT_K, help="neighbours of the vote that recomputes predicted labels")
     tau: float = option(DEFAULT_TAU, help="temperature of that vote")
     settle_s: float = option(
-        5.0,
+        10.0,
         help="with --alias: seconds given to the replicas to follow it before the last catch-up carries "
-        "what they wrote to the old collection meanwhile (more than their --follow-interval-s)",
+        "what they wrote to the old collection meanwhile (more than their --follow-interval-s plus the time "
+        "they take to load the new export)",
     )
 
 
