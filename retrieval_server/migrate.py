@@ -49,6 +49,7 @@ from .config import MigrateConfig, server_config
 from .encoder import Encoder
 from .listing import Listing, SourceError, embedded_listing, milvus_listing, read_listing, write_listing
 from .migration import LISTING_FILE, MIGRATION_DIR, MigrationState, Missing, Reembedder, carry, predict, write_items
+from .store import StorageError
 
 CATCH_UP_PASSES = 5  # a source written faster than a pass carries is reported, not chased forever
 PLAN, LISTING, REPORT, SHARDS, PARTIAL = "plan.json", "listing.jsonl", "report.json", "shards", "store"
@@ -275,10 +276,11 @@ def embed_shards(cfg: MigrateConfig, work: Path, plan: Plan, items: dict, encode
     if changed:
         raise MigrateError(f"{out} holds shards of another run ({', '.join(changed)} differ): remove {work}")
     rank, world = process_group.get_rank(), process_group.get_world_size()
+    done = set(complete_shards(out, manifest)) if out.exists() else set()
     mine = sum(
         min(cfg.shard_size, len(files) - s * cfg.shard_size)
         for s in range(manifest.shards)
-        if s % world == rank and s not in set(complete_shards(out, manifest))
+        if s % world == rank and s not in done
     )
     desc = "re-embedding" + (f" (rank {rank})" if world > 1 else "")
     with tqdm(total=mine, desc=desc, unit="img", file=sys.stderr, disable=None, position=rank) as bar:
@@ -419,6 +421,8 @@ def run_migrate(cfg: MigrateConfig) -> int:
         return 0
     try:
         report = build(cfg, work, plan, listing, source, reembedder)
+    except StorageError as exc:  # a full disk, a Milvus that went away: the shards are kept
+        raise MigrateError(f"writing the new store failed ({exc}); run the same command again to resume") from exc
     finally:
         source.close()
     report.seconds, report.processes = time.perf_counter() - started, processes
