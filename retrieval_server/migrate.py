@@ -51,12 +51,13 @@ from .listing import Listing, SourceError, embedded_listing, milvus_listing, rea
 from .migration import LISTING_FILE, MIGRATION_DIR, MigrationState, Missing, Reembedder, carry, predict, write_items
 from .store import StorageError
 
-CATCH_UP_PASSES = 5  # a source written faster than a pass carries is reported, not chased forever
+CATCH_UP_PASSES = 5  # a source written faster than a pass carries is not chased forever (the summary says)
 PLAN, LISTING, REPORT, SHARDS, PARTIAL = "plan.json", "listing.jsonl", "report.json", "shards", "store"
 
 
 class MigrateError(Exception):
-    """Bad input or a store that cannot be migrated: one line, and nothing was written."""
+    """One line for the CLI: bad input (found before anything is written), or a failure that
+    running the same command again resumes from."""
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def embed_shards(cfg: MigrateConfig, work: Path, plan: Plan, items: dict, encode
     if changed:
         raise MigrateError(f"{out} holds shards of another run ({', '.join(changed)} differ): remove {work}")
     rank, world = process_group.get_rank(), process_group.get_world_size()
-    done = set(complete_shards(out, manifest)) if out.exists() else set()
+    done = set(complete_shards(out, manifest))
     mine = sum(
         min(cfg.shard_size, len(files) - s * cfg.shard_size)
         for s in range(manifest.shards)
