@@ -32,7 +32,7 @@ def init_process_group(backend: str) -> None:
         agent_store = dist.TCPStore(
             env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=dist.constants.default_pg_timeout
         )
-        store = dist.PrefixStore(f"moco_train/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+        store = dist.PrefixStore(f"moco_retrieval/restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
         dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
         return
     if shared_store and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
