@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow  # server child processes
 IDS = [f"img/{i:02d}" for i in range(12)]
 HUMAN = {"img/00": "cat", "img/01": "dog", "img/02": 'cat, the "big" one', "img/03": "chien ü"}
 PREDICTED = {"img/04": ("dog", 0.75), "img/01": ("cat", 0.5)}  # img/01 has both
+VECTORS_ONLY = ("--encoder", "torch")  # no image is embedded here: skip building the ONNX encoder
 
 
 def fill(client: RetrievalClient) -> None:
@@ -44,7 +45,7 @@ def export(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
     directory = tmp_path_factory.mktemp("labelled")
-    with ServerProcess(export, directory / "store") as server:
+    with ServerProcess(export, directory / "store", *VECTORS_ONLY) as server:
         with RetrievalClient(server.address) as client:
             fill(client)
         yield server
@@ -53,7 +54,7 @@ def server(export, tmp_path_factory):
 @pytest.fixture
 def empty(export, tmp_path):
     """A second server holding the same items, without any label."""
-    with ServerProcess(export, tmp_path / "store") as server:
+    with ServerProcess(export, tmp_path / "store", *VECTORS_ONLY) as server:
         with RetrievalClient(server.address) as client:
             vectors = np.random.default_rng(0).standard_normal((len(IDS), 512)).astype(np.float32)
             client.upsert_many([UpsertItem(i, embedding=v) for i, v in zip(IDS, vectors)])
@@ -147,5 +148,5 @@ def test_human_labels_survive_a_backup_and_its_restore(server, export, tmp_path)
     assert (
         server_cli.main(["restore", str(tmp_path / "store.tar"), "--store", str(restored), "--model", str(export)]) == 0
     )
-    with ServerProcess(export, restored) as again:
+    with ServerProcess(export, restored, *VECTORS_ONLY) as again:
         assert run_cli("labels", "export", env={"RETRIEVAL_ADDRESS": again.address}).stdout == before

@@ -60,6 +60,7 @@ def classify_all(stub, ids: list[str]) -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 def test_the_migrated_store_keeps_the_work_and_equals_a_fresh_index(corpus, source, tmp_path):
     store, new_store = tmp_path / "store", tmp_path / "new"
     shutil.copytree(source, store)
@@ -170,6 +171,7 @@ def test_a_killed_migration_resumes_to_the_store_of_an_uninterrupted_one(tmp_pat
     assert by_id["cat/03.png"][1] == "cat" and by_id["cat/04.png"][2] is not None  # a prediction recomputed
 
 
+@pytest.mark.slow
 def test_milvus_collections_and_their_alias(tmp_path):
     """A Milvus collection migrated to a new one, which takes over an alias; a second migration to
     that alias from a collection of another model is refused (the alias is held by another model)."""

@@ -69,7 +69,8 @@ def fill(client: RetrievalClient, corpus: Corpus) -> None:
 def source_store(corpus: Corpus, store: Path, *args: object) -> None:
     """A store of the corpus written by a real server of the old model; then one image goes
     missing and one stops decoding."""
-    with ServerProcess(corpus.old, store, *args, log_dir=store.parent) as server:
+    # torch: the old model's embeddings are replaced anyway, and this skips building an ONNX encoder
+    with ServerProcess(corpus.old, store, *args, "--encoder", "torch", log_dir=store.parent) as server:
         with RetrievalClient(server.address) as client:
             fill(client, corpus)
     (corpus.root / GONE).unlink()
