@@ -98,7 +98,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, env_prefix: str | No
                     kwargs["help"] = f"{help_text} (default: %(default)s)"
             if is_list:  # --flag a b and --flag a --flag b; the list given replaces the default
                 kwargs.update(nargs="+", action="extend", default=None)
-                if default:
+                if default and default is not MISSING:
                     kwargs["help"] = f"{help_text} (default: {' '.join(map(str, default))})"
                 parser.set_defaults(**{f"{f.name}{LIST_DEFAULT}": default})
         parser.add_argument(*flags, **kwargs)

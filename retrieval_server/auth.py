@@ -16,6 +16,7 @@ WRITE_METHODS = (
     "/retrieval.v1.Retrieval/Upsert",
     "/retrieval.v1.Retrieval/Delete",
     "/retrieval.v1.Retrieval/SetLabels",
+    "/retrieval.v1.Retrieval/SwitchModel",
 )
 # Writes only when the request asks for it: LabelCorpus with apply=true stores predicted labels.
 APPLY_METHODS = ("/retrieval.v1.Retrieval/LabelCorpus",)

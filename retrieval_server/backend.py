@@ -86,6 +86,10 @@ class Backend(Protocol):
         """The items without a human label for LabelCorpus, in the order its proto documents,
         holding no read transaction open between chunks (the stream may be slow)."""
 
+    def labelled_items(self, human_only: bool, chunk: int) -> Iterator[list[Row]]:
+        """The items with a human label (or, unless human_only, a predicted one), in pages of at
+        most `chunk`, in the order ListLabels documents, holding no read transaction between pages."""
+
     def counts(self) -> tuple[int, dict[str, int], int]:
         """(items, human-labelled items per label, items with a predicted and no human label)."""
 

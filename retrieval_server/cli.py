@@ -7,7 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import add_serve_arguments, config_from_args
+from moco_retrieval.options import add_options
+
+from .config import MigrateConfig, add_serve_arguments, config_from_args, migrate_config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--store", type=Path, required=True, help="the store directory to restore into")
     restore.add_argument("--model", type=Path, required=True, help="the export that will serve the store")
     restore.add_argument("--replace", action="store_true", help="overwrite a store that is already there")
+    migrate = commands.add_parser(
+        "migrate",
+        help="re-embed a store for a new export into a new store, while a server serves the old one",
+        description="Re-embeds every item from its uri under --image-root with the new export (--model), "
+        "carrying ids, metadata and human labels; predicted labels are recomputed. Resumable: run the same "
+        "command again after an interruption. Under torchrun the embedding is spread over the processes. "
+        "Missing or undecodable images are reported (exit status 1), never silently dropped.",
+    )
+    add_options(migrate, MigrateConfig)
     return parser
 
 
@@ -41,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "migrate":
+        return _migrate(args)
     from .backup import BackupError, backup, restore
     from .store import StoreInUse
 
@@ -73,6 +86,20 @@ def _serve(args: argparse.Namespace) -> int:
         one_line = " ".join(str(exc).split())  # e.g. torch.load's multi-line explanations
         print(f"retrieval-server: error: {one_line}", file=sys.stderr)
         return 2
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    cfg = migrate_config_from_args(args)
+    from .migrate import MigrateError, run_migrate  # heavy imports (torch, faiss) after argument errors
+
+    try:
+        return run_migrate(cfg)
+    except MigrateError as exc:
+        print(f"retrieval-server migrate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("retrieval-server migrate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ ENV_PREFIX = "RETRIEVAL_"
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class StoreOptions:
+    """The export and the store it embeds: what `serve` and `migrate` share."""
+
     model: Path = option(help="export written by `moco-train export`")
     store: Path | None = option(None, help="directory of the SQLite store and index snapshots (--backend embedded)")
     backend: str = option(
@@ -33,15 +35,13 @@ class ServerConfig:
         None, help="Milvus to use: a local file (e.g. ./milvus.db, Milvus Lite) or http://host:19530"
     )
     milvus_token: str | None = option(None, help="Milvus token (user:password or an API key), if it needs one")
-    milvus_collection: str = option("items", help="Milvus collection of the items")
+    milvus_collection: str = option(
+        "items", help="Milvus collection of the items, or an alias of it (see --follow-models)"
+    )
     milvus_index: str = option(
         "FLAT",
         help="Milvus index type on the embedding (metric IP): FLAT, IVF_FLAT, HNSW, or a GPU_* one on a GPU cluster",
     )
-    host: str = option("127.0.0.1", help="address to bind")
-    port: int = option(50051, help="gRPC port (0 picks a free one)")
-    metrics_port: int = option(9100, help="Prometheus port (0 picks a free one)")
-    ready_file: Path | None = option(None, help="written atomically as JSON {port, metrics_port, pid} once SERVING")
     device: str = option("auto", choices=("auto", "cpu", "cuda"), help="encoder device")
     encoder: str = option(
         "auto",
@@ -51,6 +51,14 @@ class ServerConfig:
     )
     index_factory: str = option("Flat", help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32, IVF4096,PQ32")
     index_gpus: str = option("auto", help="auto (all GPUs if any), 0 (CPU) or a number of GPUs")
+
+
+@dataclass(frozen=True)
+class ServerConfig(StoreOptions):
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(50051, help="gRPC port (0 picks a free one)")
+    metrics_port: int = option(9100, help="Prometheus port (0 picks a free one)")
+    ready_file: Path | None = option(None, help="written atomically as JSON {port, metrics_port, pid} once SERVING")
     max_batch_size: int = option(64, help="images per model forward")
     max_queue_delay_ms: float = option(5.0, help="how long the first queued image waits for others")
     max_queue: int = option(1024, help="queued images before RESOURCE_EXHAUSTED")
@@ -85,6 +93,13 @@ class ServerConfig:
     )
     reset_store: bool = option(False, help="drop a store embedded by another model instead of refusing to start")
     grace_s: float = option(10.0, help="seconds in-flight calls get on SIGTERM")
+    follow_models: list[Path] = option(
+        [],
+        help="--backend milvus: more exports this replica may serve. When --milvus-collection is an alias and "
+        "`retrieval-server migrate --alias` moves it to a collection of one of their fingerprints, the replica "
+        "loads that export and the collection beside the served ones and switches to them without failing a call",
+    )
+    follow_interval_s: float = option(2.0, help="how often a replica with --follow-models checks its alias")
 
     @property
     def max_message_bytes(self) -> int:
@@ -106,18 +121,80 @@ def _read_secret(path: Path | None, value: str | None, what: str) -> str | None:
     return value or None
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """Validate the parsed options into a ServerConfig with the tokens read (SystemExit with one
-    line when invalid)."""
-    cfg = from_args(ServerConfig, args)
-    if (cfg.tls_cert is None) != (cfg.tls_key is None):
-        raise SystemExit("error: --tls-cert and --tls-key go together")
+def check_store_options(cfg: StoreOptions) -> None:
+    """SystemExit with one line when the store options do not go together."""
     if cfg.backend == "embedded" and cfg.store is None:
         raise SystemExit("error: --store is required with --backend embedded")
     if cfg.backend == "milvus" and not cfg.milvus_uri:
         raise SystemExit("error: --milvus-uri is required with --backend milvus")
     if cfg.index_gpus != "auto" and not cfg.index_gpus.isdigit():
         raise SystemExit(f"error: --index-gpus must be auto or a number, not {cfg.index_gpus!r}")
+
+
+def server_config(options: StoreOptions, **overrides: object) -> ServerConfig:
+    """A ServerConfig with these store options (and overrides): how `migrate` opens the stores."""
+    shared = {f.name: getattr(options, f.name) for f in dataclasses.fields(StoreOptions)}
+    return ServerConfig(**{**shared, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrateConfig(StoreOptions):
+    """`retrieval-server migrate`: the store options name the store to migrate (the source) and the
+    new export (--model); the rest says where its images are and where the new store goes."""
+
+    image_root: list[Path] = option(
+        help="folders the items' uri metadata point into (file:// URIs or paths; relative ones are looked up "
+        "under each root in turn); an item whose uri lies outside every root is refused before anything is written",
+        metavar="DIR",
+    )
+    to: str = option(help="the new store: a directory that does not exist yet (embedded) or a new Milvus collection")
+    alias: str | None = option(
+        None,
+        help="--backend milvus: once the new collection is complete, point this alias at it (created when "
+        "missing; it must point at the migrated collection): replicas serving the alias with --follow-models "
+        "switch to it without failing a call",
+    )
+    work: Path | None = option(
+        None,
+        help="folder of the resumable work (the source's listing, the embedding shards, the report); "
+        "default TO.migrate beside an embedded destination, ./migrate-TO for Milvus; on a filesystem all "
+        "processes share under torchrun",
+    )
+    shard_size: int = option(10_000, help="images per shard (the unit of work a rerun skips once done)")
+    batch_size: int = option(64, "-b", "--batch-size", help="images per forward")
+    workers: int = option(2, "-j", "--workers", help="image decoding processes per process")
+    k: int = option(DEFAULT_K, help="neighbours of the vote that recomputes predicted labels")
+    tau: float = option(DEFAULT_TAU, help="temperature of that vote")
+    settle_s: float = option(
+        10.0,
+        help="with --alias: seconds given to the replicas to follow it before the last catch-up carries "
+        "what they wrote to the old collection meanwhile (more than their --follow-interval-s plus the time "
+        "they take to load the new export)",
+    )
+
+
+def migrate_config_from_args(args: argparse.Namespace) -> MigrateConfig:
+    cfg = from_args(MigrateConfig, args)
+    check_store_options(cfg)
+    if cfg.alias and cfg.backend != "milvus":
+        raise SystemExit("error: --alias goes with --backend milvus (an embedded server switches with SwitchModel)")
+    for name in ("shard_size", "batch_size", "k", "tau"):
+        if getattr(cfg, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+    if cfg.workers < 0 or cfg.settle_s < 0:
+        raise SystemExit("error: --workers and --settle-s must not be negative")
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Validate the parsed options into a ServerConfig with the tokens read (SystemExit with one
+    line when invalid)."""
+    cfg = from_args(ServerConfig, args)
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    check_store_options(cfg)
+    if cfg.follow_interval_s <= 0:
+        raise SystemExit("error: --follow-interval-s must be positive")
     for name in (
         "max_batch_size",
         "max_queue",

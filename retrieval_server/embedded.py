@@ -153,6 +153,12 @@ class EmbeddedBackend:
             yield found
             last_id = found.ids[-1]
 
+    def labelled_items(self, human_only: bool, chunk: int) -> Iterator[list[Row]]:
+        last_id = None
+        while page := self.store.labelled_after(last_id, chunk, human_only):
+            yield page
+            last_id = page[-1].id
+
     def counts(self) -> tuple[int, dict[str, int], int]:
         total, label_counts = self.store.counts()
         return total, label_counts, self.store.predicted_count()

@@ -62,6 +62,13 @@ class Vote:
     scores: np.ndarray  # (Q, k) float32 similarities of the voting neighbours, best first
     rows: np.ndarray  # (Q, k) int64 their store rows (-1: padding when fewer than k are labelled)
 
+    def proposals(self) -> tuple[list[str], np.ndarray]:
+        """Each query's label and its share: LabelCorpus's proposals, and the predicted labels a
+        migration recomputes. The first maximum wins (ties go to the first label in sorted order);
+        shares are float32, as LabelProposal carries them, so a threshold taken from one holds."""
+        best = self.shares.argmax(axis=1)
+        return [self.classes[b] for b in best.tolist()], self.shares[np.arange(len(best)), best].astype(np.float32)
+
 
 def hits_of(scores: np.ndarray, rows: np.ndarray, keep: np.ndarray, k: int) -> list[Hits]:
     """Per query (a row of the (Q, n) arrays), the first k neighbours where `keep` holds."""

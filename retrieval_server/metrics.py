@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from .handlers import rewrap
+from .store import StorageError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -95,6 +96,12 @@ class ServerMetrics:
         for gauge, read in ((self.store_free_bytes, free_bytes), (self.store_size_bytes, size_bytes)):
             gauge.set_function(partial(_or_nan, read))
 
+    def watch_counts(self, items: Callable[[], int], labelled: Callable[[], int]) -> None:
+        """Read the item counts at each scrape rather than after every write (on Milvus each is a
+        count query); NaN while the storage cannot say, so every other metric is still scraped."""
+        for gauge, read in ((self.index_items, items), (self.labelled_items, labelled)):
+            gauge.set_function(partial(_or_nan, read))
+
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP server in a daemon thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -104,7 +111,7 @@ class ServerMetrics:
 def _or_nan(read: Callable[[], int]) -> float:
     try:
         return float(read())
-    except OSError:
+    except (OSError, StorageError):
         return math.nan
 
 

@@ -60,6 +60,15 @@ def row_of(item_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def served_collection(client: MilvusClient, name: str) -> tuple[str, str | None]:
+    """(the collection `name` is, or that the alias `name` points at now; its model fingerprint),
+    ("", None) when there is none."""
+    if not client.has_collection(name):
+        return "", None
+    described = client.describe_collection(name)
+    return described["collection_name"], described.get("properties", {}).get("fingerprint")
+
+
 def literal(value: str) -> str:
     """A string literal of Milvus's filter expressions (double-quoted, backslash escapes)."""
     return json.dumps(value, ensure_ascii=False)
@@ -98,16 +107,18 @@ class MilvusBackend:
             raise MilvusError(f"Milvus at {cfg.milvus_uri}: {exc}") from exc
         name = cfg.milvus_collection
         try:
-            if client.has_collection(name):
-                other = client.describe_collection(name).get("properties", {}).get("fingerprint")
-                if other != fingerprint:
+            collection, other = served_collection(client, name)
+            if collection:
+                if other == fingerprint:
+                    name = collection  # an alias is served through the collection it points at now
+                else:
                     if not cfg.reset_store:
                         raise MilvusError(
                             f"FAILED_PRECONDITION: Milvus collection {name!r} holds embeddings of model {other}, "
                             f"not of the served model {fingerprint}; use another --milvus-collection or "
                             "--reset-store to drop its items"
                         )
-                    client.drop_collection(name)
+                    client.drop_collection(collection)
             if not client.has_collection(name):
                 cls._create(client, name, fingerprint, dim, cfg.milvus_index)
             client.load_collection(name)
@@ -349,6 +360,11 @@ class MilvusBackend:
 
     def unlabelled(self, chunk: int) -> Iterator[EmbeddingChunk]:
         return self.embeddings(labelled=False, chunk=chunk)
+
+    def labelled_items(self, human_only: bool, chunk: int) -> Iterator[list[Row]]:
+        where = "label is not null" + ("" if human_only else " or predicted_label is not null")
+        for batch in self._iterate(where, FIELDS, chunk):
+            yield [_row(e, False) for e in batch]
 
     def counts(self) -> tuple[int, dict[str, int], int]:
         label_counts: dict[str, int] = {}

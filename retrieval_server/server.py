@@ -11,10 +11,8 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import faiss
 import grpc
@@ -30,6 +28,7 @@ from moco_retrieval.fileio import atomic_write
 
 from . import __version__
 from .auth import AuthInterceptor
+from .backup import BackupError
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .embedded import EmbeddedBackend
@@ -38,7 +37,9 @@ from .faiss_index import resolve_gpus
 from .index import ItemIndex
 from .metrics import MetricsInterceptor, ServerMetrics
 from .service import RetrievalService
+from .serving import Router, Serving
 from .store import StorageError, Store, StoreInUse, StoreLock
+from .switch import AliasFollower, Switcher, initial_export
 
 log = logging.getLogger("retrieval_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -46,26 +47,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 
 class StartupError(Exception):
     """A configuration or data problem that stops the server before it serves (one line to stderr)."""
-
-
-class _Pending(pb_grpc.RetrievalServicer):
-    """Registered before loading (gRPC cannot add services later): UNAVAILABLE until `target` is set."""
-
-    target: RetrievalService | None = None
-
-
-def _forward(name: str) -> Callable:
-    def method(self: _Pending, request: Any, context: grpc.ServicerContext) -> Any:
-        if self.target is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its model and index")
-        return getattr(self.target, name)(request, context)
-
-    method.__name__ = name
-    return method
-
-
-for _name in pb.DESCRIPTOR.services_by_name["Retrieval"].methods_by_name:
-    setattr(_Pending, _name, _forward(_name))
 
 
 def _write_ready_file(path: Path, port: int, metrics_port: int) -> None:
@@ -137,7 +118,6 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
             raise StartupError(str(exc)) from exc
     else:
         backend = embedded_backend(cfg, meta.fingerprint, meta.feature_dim)
-        metrics.watch_store(backend.store.free_bytes, backend.store.size_bytes)
     batcher = DynamicBatcher(
         encoder,
         metrics,
@@ -146,16 +126,22 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         capacity=cfg.max_queue,
         decode_threads=cfg.decode_threads,
     )
+    return RetrievalService(cfg, encoder, batcher, backend, metrics)
+
+
+def publish_model_info(metrics: ServerMetrics, service: RetrievalService) -> None:
+    """retrieval_model_info of the served model and store (one series: a switch replaces it)."""
+    meta = service.encoder.meta
+    metrics.model_info.clear()
     metrics.model_info.labels(
         meta.arch,
         meta.fingerprint,
         str(meta.feature_dim),
-        encoder.device,
-        backend.device,
-        backend.index_type,
+        service.encoder.device,
+        service.backend.device,
+        service.backend.index_type,
         __version__,
     ).set(1)
-    return RetrievalService(cfg, encoder, batcher, backend, metrics)
 
 
 class GrpcServer:
@@ -175,8 +161,11 @@ class GrpcServer:
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._pending = _Pending()
-        pb_grpc.add_RetrievalServicer_to_server(self._pending, self.server)
+        self.cfg, self.metrics = cfg, metrics
+        self.follower: AliasFollower | None = None
+        self.serving = Serving()
+        self.router = Router(self.serving)
+        pb_grpc.add_RetrievalServicer_to_server(self.router, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = _bind(self.server, cfg)
@@ -187,8 +176,25 @@ class GrpcServer:
             self.health.set(name, status)
 
     def attach(self, service: RetrievalService) -> None:
-        self._pending.target = service
+        """Serve `service`; from now on SwitchModel (embedded) or the alias follower (milvus with
+        --follow-models) may replace it (switch.py)."""
+        self.serving.start(service)
+        self.watch(service)
+
+        def load(cfg: ServerConfig) -> RetrievalService:
+            return load_service(cfg, self.metrics)
+
+        self.router.switch = Switcher(self.cfg, self.serving, load, self.watch)
+        if self.cfg.backend == "milvus" and self.cfg.follow_models:
+            self.follower = AliasFollower(self.cfg, self.serving, load, self.watch)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def watch(self, service: RetrievalService) -> None:
+        """Point the model and store metrics at a service that is (or is about to be) served."""
+        publish_model_info(self.metrics, service)
+        self.metrics.watch_counts(lambda: service.backend.item_count, lambda: service.backend.labelled_count)
+        if isinstance(service.backend, EmbeddedBackend):
+            self.metrics.watch_store(service.backend.store.free_bytes, service.backend.store.size_bytes)
 
 
 def serve(cfg: ServerConfig) -> int:
@@ -203,6 +209,14 @@ def serve(cfg: ServerConfig) -> int:
         http_server, metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
     except OSError as exc:
         raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from exc
+    if cfg.backend == "milvus" and cfg.follow_models:
+        from pymilvus import MilvusException  # pymilvus only when asked for
+
+        try:
+            cfg = initial_export(cfg)
+        except (BackupError, MilvusException) as exc:
+            http_server.shutdown()
+            raise StartupError(f"--follow-models: {exc}") from exc
     grpc_server = GrpcServer(cfg, metrics)
     server, port = grpc_server.server, grpc_server.port
     try:
@@ -226,8 +240,10 @@ def serve(cfg: ServerConfig) -> int:
         pass
     log.info("shutting down: draining in-flight calls for up to %.0fs", cfg.grace_s)
     grpc_server.health.enter_graceful_shutdown()
+    if grpc_server.follower is not None:
+        grpc_server.follower.close()
     server.stop(cfg.grace_s).wait()
-    closed = service.close()
+    closed = grpc_server.serving.current.close()
     http_server.shutdown()
     log.info("stopped cleanly (%s)", closed)
     return 0

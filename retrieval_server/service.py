@@ -29,7 +29,7 @@ from .faiss_index import GPU_MAX_K
 from .index import Hits, NoLabels, Vote
 from .metrics import ServerMetrics
 from .neighbors import neighbor, neighbors_wire
-from .store import NewItem, StorageError, UnknownIds
+from .store import NewItem, Row, StorageError, UnknownIds
 from .suggest import suggest
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ Code = grpc.StatusCode
 MAX_ID_BYTES = 512
 DEFAULT_SEARCH_K = 10
 LABEL_CORPUS_CHUNK = 1024
+LIST_LABELS_CHUNK = 1024
 MAX_SUGGESTIONS = 10_000
 SUGGEST_SAMPLE = 50_000
 SUGGEST_UNCERTAIN_FROM = 20  # labelled items per label
@@ -70,11 +71,14 @@ def _abort(context: grpc.ServicerContext, exc: RpcError | StorageError) -> None:
 
 
 def _unary(method: Callable) -> Callable:
+    """A method answering one response, whose last argument is the call's context."""
+
     @functools.wraps(method)
-    def wrapped(self: RetrievalService, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapped(self: RetrievalService, *args: Any) -> Any:
+        context: grpc.ServicerContext = args[-1]
         try:
             _deadline(context)
-            return method(self, request, context)
+            return method(self, *args)
         except (RpcError, StorageError) as exc:
             _abort(context, exc)
 
@@ -98,6 +102,20 @@ def to_vector(x: np.ndarray, packed: bool) -> pb.Vector:
     if packed:
         return pb.Vector(data=np.ascontiguousarray(x, dtype="<f4").tobytes())
     return pb.Vector(values=x.tolist())
+
+
+def stored_item(row: Row, packed: bool = False) -> pb.StoredItem:
+    """A stored item as the API returns it (with its embedding when the row holds one)."""
+    item = pb.StoredItem(
+        id=row.id,
+        label=row.label or "",
+        predicted_label=row.predicted_label or "",
+        predicted_confidence=row.predicted_confidence or 0.0,
+        metadata=row.metadata,
+    )
+    if row.embedding is not None:
+        item.embedding.CopyFrom(to_vector(row.embedding, packed))
+    return item
 
 
 def image_status(exc: ImageDecodeError) -> grpc.StatusCode:
@@ -130,8 +148,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         # Concurrent single-query calls share index calls (coalesce.py), batches of a call do not.
         self._coalesced_search = Coalescer(self._search_index, cfg.max_queries)
         self._coalesced_vote = Coalescer(self._vote_index, cfg.max_queries)
-        self.m.index_items.set_function(lambda: self._count_or_nan("item_count"))
-        self.m.labelled_items.set_function(lambda: self._count_or_nan("labelled_count"))
 
     # -- validation -------------------------------------------------------------------------------
     def _vector(self, v: pb.Vector, what: str = "vector") -> np.ndarray:
@@ -252,14 +268,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return pb.EmbedResponse(embeddings=[to_vector(r, request.packed) for r in results], dim=self.dim)
 
     # -- writes -----------------------------------------------------------------------------------
-    @_streaming
-    def Upsert(
-        self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.UpsertAck]:
-        for sequence, request in enumerate(request_iterator):
-            yield self._upsert_batch(sequence, request, context)
-
-    def _upsert_batch(self, sequence: int, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertAck:
+    @_unary
+    def upsert_batch(self, sequence: int, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertAck:
+        """One message of an Upsert stream (serving.Router streams them, each to the service
+        current when it arrives)."""
         errors: list[pb.ItemError] = []
         vectors: dict[int, np.ndarray] = {}
         image_positions: list[int] = []
@@ -343,15 +355,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.batcher.close()
         return self.backend.close()
 
-    def _count_or_nan(self, count: str) -> float:
-        """A count for the item gauges, read when Prometheus scrapes rather than after every write
-        (on Milvus each is a count query); NaN when the storage cannot say, so the scrape of every
-        other metric still succeeds."""
-        try:
-            return float(getattr(self.backend, count))
-        except StorageError:
-            return math.nan
-
     # -- reads ------------------------------------------------------------------------------------
     @_unary
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
@@ -359,22 +362,14 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         missing = [i for i in request.ids if i not in found]
         if missing and not request.ignore_missing:
             raise RpcError(Code.NOT_FOUND, str(UnknownIds(missing)))
-        items = []
-        for item_id in request.ids:
-            row = found.get(item_id)
-            if row is None:
-                continue
-            item = pb.StoredItem(
-                id=row.id,
-                label=row.label or "",
-                predicted_label=row.predicted_label or "",
-                predicted_confidence=row.predicted_confidence or 0.0,
-                metadata=row.metadata,
-            )
-            if row.embedding is not None:
-                item.embedding.CopyFrom(to_vector(row.embedding, request.packed))
-            items.append(item)
-        return pb.GetResponse(items=items)
+        return pb.GetResponse(items=[stored_item(found[i], request.packed) for i in request.ids if i in found])
+
+    @_streaming
+    def ListLabels(self, request: pb.ListLabelsRequest, context: grpc.ServicerContext) -> Iterator[pb.StoredItem]:
+        for page in self.backend.labelled_items(request.human_only, LIST_LABELS_CHUNK):
+            if not context.is_active():
+                return
+            yield from (stored_item(row) for row in page)
 
     def _neighbors(self, found: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple[list[bytes], list[float]]]:
         """(encoded items, scores) of each query's (scores, rows), from one backend lookup; rows
@@ -496,13 +491,10 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         for chunk in self.backend.unlabelled(LABEL_CORPUS_CHUNK):
             if not context.is_active():
                 return
-            vote = self._vote(chunk.vectors, k, tau, "label_corpus")
-            best = vote.shares.argmax(axis=1)  # first maximum: ties go to the first label in sorted order
-            # float32, as the proposals carry it: a client's threshold taken from a proposal keeps it
-            confidence = vote.shares[np.arange(len(best)), best].astype(np.float32)
+            labels, confidence = self._vote(chunk.vectors, k, tau, "label_corpus").proposals()
             proposals = [
-                (row, item_id, vote.classes[b], c)
-                for row, item_id, b, c in zip(chunk.rows.tolist(), chunk.ids, best.tolist(), confidence.tolist())
+                (row, item_id, lab, c)
+                for row, item_id, lab, c in zip(chunk.rows.tolist(), chunk.ids, labels, confidence.tolist())
                 if c >= request.min_confidence
             ]
             if request.apply and proposals:

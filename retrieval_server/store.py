@@ -425,6 +425,15 @@ class Store:
             self.embeddings("label IS NULL AND id > ?", (last_id or "",), chunk=limit, order="id", limit=limit), None
         )
 
+    def labelled_after(self, last_id: str | None, limit: int, human_only: bool) -> list[Row]:
+        """The next `limit` items with a human label (or, unless human_only, a predicted one), by
+        id (keyset paging, as unlabelled_after)."""
+        which = "label IS NOT NULL" if human_only else "(label IS NOT NULL OR predicted_label IS NOT NULL)"
+        cur = self._reader.execute(
+            f"SELECT {self._COLUMNS} FROM items WHERE {which} AND id > ? ORDER BY id LIMIT ?", (last_id or "", limit)
+        )
+        return [_row(r, False) for r in cur]
+
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """Embeddings (n, D) float32 of stored rows, in the given order."""
         found = {

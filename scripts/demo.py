@@ -174,17 +174,20 @@ def describe_pretrained(path: Path) -> str:
     )
 
 
-def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path:
+def train_and_export(
+    args: argparse.Namespace, data: Dataset, out: Path, steps: tuple[str, str] = ("1/8", "2/8")
+) -> Path:
+    """Train (or continue pretraining) and export; `steps` number the two banners."""
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     images, count = train_list(data.corpus, args.train_limit, out)
     batch_size = min(args.batch_size, 1 << (count.bit_length() - 1))  # a small folder still trains
     if args.from_scratch:
-        banner("1/8 train a MoCo encoder from random weights (moco-train train)")
+        banner(f"{steps[0]} train a MoCo encoder from random weights (moco-train train)")
     else:
         if not args.init.exists():
             raise DemoError(f"{args.init}: no pretrained encoder there (--from-scratch trains without one)")
-        banner("1/8 continue pretraining the committed encoder on these images (moco-train train --init)")
+        banner(f"{steps[0]} continue pretraining the committed encoder on these images (moco-train train --init)")
         print("building on " + describe_pretrained(args.init))
     if batch_size != args.batch_size:
         print(f"{count} training images: batch size {batch_size} instead of {args.batch_size}")
@@ -225,7 +228,7 @@ def train_and_export(args: argparse.Namespace, data: Dataset, out: Path) -> Path
     if not checkpoints:
         raise DemoError(f"training wrote no checkpoint in {run_dir}")
     print(f"trained in {time.monotonic() - started:.0f} s: {checkpoints[-1]}")
-    banner("2/8 export the query encoder (moco-train export)")
+    banner(f"{steps[1]} export the query encoder (moco-train export)")
     encoder = out / "encoder.pt"
     run([tool("moco-train"), "export", checkpoints[-1], encoder])
     return encoder
@@ -360,6 +363,73 @@ def serve_and_use(args: argparse.Namespace, data: Dataset, encoder: Path, out: P
     return summary
 
 
+def run_loop(args: argparse.Namespace, data: Dataset, out: Path) -> dict[str, Any]:
+    """--loop, the users' loop: serve the committed encoder, label a few images per class, continue
+    pretraining on the corpus, migrate the store to the new encoder while it is served, switch the
+    running server to it, and classify the held-out images again with the same labels."""
+    if not (data.labelled and data.queries):
+        raise DemoError("--loop needs a labelled corpus: DIR/train/<class>/ and DIR/test/<class>/")
+    if args.from_scratch:
+        raise DemoError("--loop starts from the committed encoder (--init); leave out --from-scratch")
+    store, new_store = out / "store-v1", out / "store-v2"
+    for stale in (store, new_store, out / "store-v2.migrate"):
+        shutil.rmtree(stale, ignore_errors=True)
+    banner("loop 1/7 serve the committed encoder (moco-train export, retrieval-server serve)")
+    first = out / "encoder-v1.pt"
+    run([tool("moco-train"), "export", args.init, first])
+    server = ServerProcess(first, store, log_dir=out, timeout=READY_TIMEOUT_S)
+    try:
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            raise DemoError(str(exc)) from exc
+        print(f"serving gRPC on {server.address} (pid {server.pid})")
+        client_cmd = [tool("retrieval-client"), "--address", server.address]
+        banner(f"loop 2/7 index the corpus, label {args.shots} images per class, classify the held-out images")
+        run([*client_cmd, "index", data.corpus])
+        labels = few_shot_ids(data.corpus, args.shots)
+        label_few(client_cmd, server.address, labels)
+        before, n, chance = classify_accuracy(client_cmd, data.queries)
+        print(f"\n{args.shots}-shot accuracy with the committed encoder: {100 * before:.1f}% on {n} held-out images\n")
+        second = train_and_export(args, data, out, steps=("loop 3/7", "loop 4/7"))
+        banner("loop 5/7 re-embed the store for the new encoder while it is served (retrieval-server migrate)")
+        migrate = [tool("retrieval-server"), "migrate", "--store", store, "--to", new_store, "--model", second]
+        run([*migrate, "--image-root", data.corpus, "--workers", args.workers])
+        banner("loop 6/7 switch the running server to the new encoder and store (retrieval-client switch-model)")
+        run([*client_cmd, "switch-model", "--model", second, "--store", new_store])
+        banner("loop 7/7 classify the held-out images again: the same labels, none given again")
+        after, _, _ = classify_accuracy(client_cmd, data.queries)
+        run([*client_cmd, "labels", "export", "--out", out / "labels.csv"])
+        with RetrievalClient(server.address) as client:
+            kept = {s.id: s.label for s in client.get(sorted(labels))}
+    finally:
+        code = server.stop()
+    if kept != labels:
+        raise DemoError("the labels did not survive the model change")
+    print(
+        f"\n{args.shots}-shot accuracy on {n} held-out images (chance {100 * chance:.1f}%), the same {len(labels)} "
+        f"labels: {100 * before:.1f}% with the committed encoder, {100 * after:.1f}% after continued pretraining "
+        f"and the migration ({100 * (after - before):+.1f} points)\n"
+    )
+    if code != 0:
+        raise DemoError(f"the server exited with status {code} after SIGTERM (log: {server.log_path})")
+    return {
+        "loop": True,
+        "labelled": True,
+        "shots": args.shots,
+        "labelled_items": len(labels),
+        "queries": n,
+        "chance": chance,
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "labels_kept": len(kept),
+        "encoder_before": str(first),
+        "encoder_after": str(second),
+        "store": str(new_store),
+        "server_exit_code": code,
+    }
+
+
 def wait_for_interrupt() -> None:
     """Until Ctrl-C or SIGTERM (a `kill`, a service manager; a background job ignores SIGINT), so that
     the caller stops the server and the page either way."""
@@ -414,6 +484,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     u.add_argument("--query", type=Path, default=None, help="search image (default: the first held-out image)")
     u.add_argument("--k-search", type=int, default=15, help="neighbours on the contact sheet (default 15)")
     u.add_argument("--keep-serving", action="store_true", help="leave the server up until Ctrl-C at the end")
+    u.add_argument(
+        "--loop",
+        action="store_true",
+        help="the users' loop instead: serve the committed encoder, label, continue pretraining, migrate the "
+        "store to the new encoder, switch the server to it, and compare the few-shot accuracy before and after",
+    )
     return p.parse_args(argv)
 
 
@@ -429,8 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f", {len(class_folders(data.corpus))} classes)" if data.labelled else ")")
             + (f", held-out {data.queries} ({len(image_files(data.queries))} images)" if data.queries else "")
         )
-        encoder = train_and_export(args, data, out)
-        summary = serve_and_use(args, data, encoder, out)
+        if args.loop:
+            summary = run_loop(args, data, out)
+            encoder = out / "encoder.pt"
+        else:
+            encoder = train_and_export(args, data, out)
+            summary = serve_and_use(args, data, encoder, out)
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1

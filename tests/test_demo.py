@@ -88,3 +88,19 @@ def test_a_missing_init_encoder_is_a_one_line_error(demo_data: Path, tmp_path: P
     assert result.stderr.strip().splitlines() == [
         f"demo: error: {tmp_path / 'nothing.pt'}: no pretrained encoder there (--from-scratch trains without one)"
     ]
+
+
+def test_demo_loop_keeps_the_labels_across_the_model_change(demo_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result, summary = run_demo(out, "--loop", "--data", str(demo_data), "--per-class", "8", "--queries-per-class", "8")
+    assert summary["loop"] is True and summary["labelled_items"] == summary["labels_kept"] == 50
+    assert summary["queries"] == 80 and summary["server_exit_code"] == 0
+    before, after = 100 * summary["accuracy_before"], 100 * summary["accuracy_after"]
+    assert f"5-shot accuracy with the committed encoder: {before:.1f}% on 80 held-out images" in result.stdout
+    assert f"{before:.1f}% with the committed encoder, {after:.1f}% after continued pretraining" in result.stdout
+    for step in ("moco-train export", "retrieval-server migrate", "retrieval-client --address", "switch-model"):
+        assert step in result.stdout
+    assert "writes to the source carried by the catch-up passes: 0" in result.stdout
+    assert summary["encoder_after"] != summary["encoder_before"]
+    labels = (out / "labels.csv").read_text().splitlines()
+    assert labels[0] == "id,label,source,predicted_label,confidence" and len(labels) == 1 + 50

@@ -11,6 +11,7 @@ from .client import (
     ServerInfo,
     StoredItem,
     Suggestion,
+    Switched,
     UpsertItem,
     UpsertResult,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ServerInfo",
     "StoredItem",
     "Suggestion",
+    "Switched",
     "UpsertItem",
     "UpsertResult",
 ]

@@ -21,12 +21,14 @@ from .client import (
     Op,
     Proposal,
     RetrievalError,
+    StoredItem,
     UpsertItem,
     UpsertResult,
     _BatchSource,
     _ClientBase,
     _neighbor,
     _proposal,
+    _stored,
     _UpsertSession,
     _with,
 )
@@ -67,6 +69,16 @@ class AsyncRetrievalClient(_ClientBase):
         try:
             async for p in self._stub.LabelCorpus(request, metadata=self._metadata):
                 yield _proposal(p)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    async def list_labels(self, human_only: bool = False) -> AsyncIterator[StoredItem]:
+        """See RetrievalClient.list_labels."""
+        try:
+            async for item in self._stub.ListLabels(
+                pb.ListLabelsRequest(human_only=human_only), metadata=self._metadata
+            ):
+                yield _stored(item)
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 

@@ -29,9 +29,11 @@ from moco_retrieval.knn import knn_classify
 from moco_retrieval.shards import Manifest, ShardError, complete_shards, read_record, read_shard
 
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError, UpsertItem
+from .labels import FORMATS, LabelFileError, format_for, import_labels, label_rows, read_labels, write_labels
 from .sheet import Tile, load_thumbnail, write_sheet
 
 EMBED_CHUNK = 256  # images per Embed call of evaluate
+SWITCH_TIMEOUT = 600.0  # seconds SwitchModel may take at least (loading a model and a store, the catch-up)
 
 PROG = "retrieval-client"
 
@@ -400,6 +402,44 @@ def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels_export(client: RetrievalClient, args: argparse.Namespace) -> int:
+    fmt = format_for(args.out or "", args.format)
+    with _output(args.out) as out:
+        count = write_labels(label_rows(client, human_only=args.human_only), out, fmt)
+    print(f"exported {count} labelled items as {fmt}" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_labels_import(client: RetrievalClient, args: argparse.Namespace) -> int:
+    fmt = format_for(args.file, args.format)
+    try:
+        with open(args.file, newline="", encoding="utf-8") as f:
+            rows = read_labels(f, fmt)
+    except (LabelFileError, UnicodeDecodeError) as exc:
+        raise CommandError(f"{args.file}: {exc}; nothing imported") from None
+    result = import_labels(client, rows)
+    if result.unknown:
+        for item_id in result.unknown:
+            print(f"  unknown id: {item_id}")
+        shown = ", ".join(repr(i) for i in result.unknown[:3]) + (", ..." if len(result.unknown) > 3 else "")
+        raise CommandError(f"{args.file}: {len(result.unknown)} ids are not stored ({shown}); nothing imported")
+    left_out = f"; {result.predicted_rows} predicted rows left out (they are recomputed, not imported)"
+    print(f"imported {result.updated} human labels from {args.file}" + (left_out if result.predicted_rows else ""))
+    return 0
+
+
+def cmd_switch_model(client: RetrievalClient, args: argparse.Namespace) -> int:
+    client.timeout = max(client.timeout, SWITCH_TIMEOUT)
+    done = client.switch_model(args.model, args.store)
+    print(
+        f"switched from model {done.previous_fingerprint} to {done.model_fingerprint} ({done.item_count} items); "
+        f"{done.carried} items written since the migration carried, {len(done.missing)} left out"
+    )
+    for item_id, uri, reason in done.missing:
+        print(f"  left out {item_id} ({uri}): {reason}")
+    return 0
+
+
 @contextlib.contextmanager
 def _output(path: str | None) -> Iterator[TextIO]:
     """stdout, or a file that appears (atomically) only when the command succeeds."""
@@ -621,6 +661,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-neighbors", type=int, default=None, help="nearest items checked per item (server default 10)")
     p.add_argument("--out", help="write the CSV here instead of stdout")
+
+    labels = sub.add_parser(
+        "labels", help="export or import labels as CSV or JSONL", description="export or import labels"
+    )
+    _connection_options(labels, defaults=False)
+    actions = labels.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "export",
+        help="every labelled item: id, label, source (human or predicted), predicted_label, confidence",
+        description="every labelled item: id, label, source (human or predicted), predicted_label, confidence",
+    )
+    _connection_options(p, defaults=False)
+    p.set_defaults(func=cmd_labels_export, parser=p)
+    p.add_argument("--out", help="write here (.csv or .jsonl) instead of stdout, atomically")
+    p.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: from --out's extension, else csv)")
+    p.add_argument("--human-only", action="store_true", help="only items with a human label")
+    p = actions.add_parser(
+        "import",
+        help="set the human labels of a file of labels (all or nothing; predicted rows are left out)",
+        description="set the human labels of a file of labels: all or nothing, unknown ids are reported",
+    )
+    _connection_options(p, defaults=False)
+    p.set_defaults(func=cmd_labels_import, parser=p)
+    p.add_argument("file", metavar="FILE", help="a file written by `labels export` (or with at least id and label)")
+    p.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: from the extension, else csv)")
+
+    p = command(
+        "switch-model",
+        cmd_switch_model,
+        "switch the server to another export and the store `retrieval-server migrate` wrote for it, "
+        "without failing a call (paths on the server's machine; needs the full token)",
+    )
+    p.add_argument("--model", required=True, help="the new export")
+    p.add_argument("--store", required=True, help="the store migrated for it (migrate --to)")
 
     p = command("evaluate", cmd_evaluate, "few-shot labelling benchmark: top-1 accuracy of Classify per shot count")
     p.add_argument("--labelled", required=True, metavar="DIR", help="labelled pool, one folder per class")

@@ -125,6 +125,19 @@ class ServerInfo:
     max_queries: int = 0
 
 
+@dataclass(frozen=True)
+class Switched:
+    """What SwitchModel did: the fingerprints before and after, the items changed since the
+    migration that it carried, those of them whose image is missing (id, uri, reason), and the
+    items the new store holds."""
+
+    previous_fingerprint: str
+    model_fingerprint: str
+    carried: int
+    missing: list[tuple[str, str, str]]
+    item_count: int
+
+
 @dataclass
 class UpsertItem:
     """One item to store: exactly one of `image` (encoded bytes) or `embedding`."""
@@ -243,6 +256,16 @@ def _suggestions(r: pb.SuggestResponse) -> list[Suggestion]:
 
 def _proposal(p: pb.LabelProposal) -> Proposal:
     return Proposal(id=p.id, label=p.label, confidence=float(p.confidence))
+
+
+def _switched(r: pb.SwitchModelResponse) -> Switched:
+    return Switched(
+        previous_fingerprint=r.previous_fingerprint,
+        model_fingerprint=r.model_fingerprint,
+        carried=r.carried,
+        missing=[(m.id, m.uri, m.reason) for m in r.missing],
+        item_count=r.item_count,
+    )
 
 
 def _server_info(r: pb.InfoResponse) -> ServerInfo:
@@ -484,6 +507,13 @@ class _ClientBase:
         request = _with(pb.SuggestRequest(n=n, seed=seed), sample=sample, k=k, tau=tau, uncertain_from=uncertain_from)
         return self._run(self._one("Suggest", request, _suggestions))
 
+    def switch_model(self, model: str | Path, store: str | Path) -> Switched:
+        """Switch the server to another export and the store `retrieval-server migrate` wrote for it
+        (paths on the server's machine); see the proto's SwitchModel. Loading and the catch-up
+        take a while: give the client a timeout that allows it."""
+        request = pb.SwitchModelRequest(model=str(model), store=str(store))
+        return self._run(self._one("SwitchModel", request, _switched))
+
     def _label_corpus_request(
         self, k: int | None, tau: float | None, min_confidence: float, apply: bool
     ) -> pb.LabelCorpusRequest:
@@ -528,6 +558,14 @@ class RetrievalClient(_ClientBase):
         try:
             for p in self._stub.LabelCorpus(request, metadata=self._metadata):
                 yield _proposal(p)
+        except grpc.RpcError as err:
+            raise RetrievalError.from_rpc(err, self.address) from None
+
+    def list_labels(self, human_only: bool = False) -> Iterator[StoredItem]:
+        """Every item with a human label (or, unless human_only, a predicted one), by id, streamed."""
+        try:
+            for item in self._stub.ListLabels(pb.ListLabelsRequest(human_only=human_only), metadata=self._metadata):
+                yield _stored(item)
         except grpc.RpcError as err:
             raise RetrievalError.from_rpc(err, self.address) from None
 

@@ -41,4 +41,6 @@ def test_service_has_the_contract_methods() -> None:
         "Info",
         "Suggest",
         "Duplicates",
+        "ListLabels",
+        "SwitchModel",
     }

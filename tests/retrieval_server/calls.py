@@ -114,4 +114,4 @@ class InProcess:
     def close(self) -> None:
         self.channel.close()
         self.grpc.server.stop(0).wait()
-        self.service.close()
+        self.grpc.serving.current.close()

@@ -450,3 +450,41 @@ class InfoResponse(_message.Message):
     predicted_count: int
     max_queries: int
     def __init__(self, model_fingerprint: _Optional[str] = ..., arch: _Optional[str] = ..., dim: _Optional[int] = ..., input_size: _Optional[int] = ..., index_type: _Optional[str] = ..., index_device: _Optional[str] = ..., index_gpus: _Optional[int] = ..., item_count: _Optional[int] = ..., labelled_count: _Optional[int] = ..., label_counts: _Optional[_Mapping[str, int]] = ..., max_k: _Optional[int] = ..., default_k: _Optional[int] = ..., default_tau: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., model_device: _Optional[str] = ..., max_suggestions: _Optional[int] = ..., predicted_count: _Optional[int] = ..., max_queries: _Optional[int] = ...) -> None: ...
+
+class ListLabelsRequest(_message.Message):
+    __slots__ = ("human_only",)
+    HUMAN_ONLY_FIELD_NUMBER: _ClassVar[int]
+    human_only: bool
+    def __init__(self, human_only: _Optional[bool] = ...) -> None: ...
+
+class SwitchModelRequest(_message.Message):
+    __slots__ = ("model", "store")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    store: str
+    def __init__(self, model: _Optional[str] = ..., store: _Optional[str] = ...) -> None: ...
+
+class MissingImage(_message.Message):
+    __slots__ = ("id", "uri", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    uri: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., uri: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SwitchModelResponse(_message.Message):
+    __slots__ = ("previous_fingerprint", "model_fingerprint", "carried", "missing", "item_count")
+    PREVIOUS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    previous_fingerprint: str
+    model_fingerprint: str
+    carried: int
+    missing: _containers.RepeatedCompositeFieldContainer[MissingImage]
+    item_count: int
+    def __init__(self, previous_fingerprint: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., carried: _Optional[int] = ..., missing: _Optional[_Iterable[_Union[MissingImage, _Mapping]]] = ..., item_count: _Optional[int] = ...) -> None: ...

@@ -99,6 +99,16 @@ class RetrievalStub:
                 request_serializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.SerializeToString,
                 response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.FromString,
                 _registered_method=True)
+        self.ListLabels = channel.unary_stream(
+                '/retrieval.v1.Retrieval/ListLabels',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.ListLabelsRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.StoredItem.FromString,
+                _registered_method=True)
+        self.SwitchModel = channel.unary_unary(
+                '/retrieval.v1.Retrieval/SwitchModel',
+                request_serializer=retrieval_dot_v1_dot_retrieval__pb2.SwitchModelRequest.SerializeToString,
+                response_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SwitchModelResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServicer:
@@ -221,6 +231,34 @@ class RetrievalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLabels(self, request, context):
+        """Every stored item with a human or a predicted label, ordered by id (with --backend milvus: in
+        Milvus's key order), as StoredItem without embedding: what a labels export reads. The stream
+        pages through the store without holding a read transaction between pages, so items written
+        while it runs may or may not appear. Reads only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchModel(self, request, context):
+        """Switches a running server (--backend embedded) to another export and the store that
+        `retrieval-server migrate` re-embedded for it from the store being served, without failing a
+        call: the new encoder and store are loaded beside the served ones; then writes wait (they are
+        not refused) while the items written to the served store since the migration are carried into
+        the new one (re-embedded from their uri under the migration's image roots); then new calls go
+        to the new model and store, calls in flight finish on the old ones, which are closed after the
+        last. Needs the full token (PERMISSION_DENIED for a read-only one). Paths are the server's.
+        INVALID_ARGUMENT: model or store empty, the model not a readable export, the store not a
+        directory; FAILED_PRECONDITION: --backend milvus (move the replicas' alias instead: `migrate
+        --alias`), the model already served, a store not migrated from the served one or holding
+        another model's embeddings, a store in use by another process, or a store changed since the
+        migration whose migration state is gone; ABORTED: another SwitchModel is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +326,16 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.Duplicates,
                     request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.FromString,
                     response_serializer=retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.SerializeToString,
+            ),
+            'ListLabels': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListLabels,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.ListLabelsRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.StoredItem.SerializeToString,
+            ),
+            'SwitchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchModel,
+                    request_deserializer=retrieval_dot_v1_dot_retrieval__pb2.SwitchModelRequest.FromString,
+                    response_serializer=retrieval_dot_v1_dot_retrieval__pb2.SwitchModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -641,6 +689,60 @@ class Retrieval:
             '/retrieval.v1.Retrieval/Duplicates',
             retrieval_dot_v1_dot_retrieval__pb2.DuplicatesRequest.SerializeToString,
             retrieval_dot_v1_dot_retrieval__pb2.DuplicateGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/ListLabels',
+            retrieval_dot_v1_dot_retrieval__pb2.ListLabelsRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.StoredItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retrieval.v1.Retrieval/SwitchModel',
+            retrieval_dot_v1_dot_retrieval__pb2.SwitchModelRequest.SerializeToString,
+            retrieval_dot_v1_dot_retrieval__pb2.SwitchModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
