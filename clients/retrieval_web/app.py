@@ -29,10 +29,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
-from flask import Flask, Response, g, jsonify, redirect, render_template, request, url_for
+from flask import Flask, Response, g, jsonify, redirect, render_template, request, stream_with_context, url_for
 from werkzeug.exceptions import HTTPException
 
 from retrieval_client import RetrievalClient, RetrievalError
+from retrieval_client.labels import FORMATS as LABEL_FORMATS
+from retrieval_client.labels import MEDIA_TYPES as LABEL_MEDIA_TYPES
+from retrieval_client.labels import label_rows, stream_labels
 
 from .keys import label_keys
 from .params import (
@@ -518,6 +521,22 @@ def create_app(
         min_score = float_arg("min_score", 0.95, 0.0, 1.0, low_open=True)
         groups = list(client().duplicates(min_score))
         return render_template("duplicates.html", groups=groups[:MAX_GROUPS], total=len(groups), min_score=min_score)
+
+    @app.get("/labels.<fmt>")
+    @page
+    def export_labels(fmt: str):
+        """Every labelled item as CSV or JSONL (?human_only=1: human labels only), streamed: the file
+        `retrieval-client labels export` writes, which `labels import` reads back."""
+        if fmt not in LABEL_FORMATS:
+            raise InputError(f"labels can be exported as {' or '.join(LABEL_FORMATS)}, not {fmt[:20]!r}", 404)
+        rows = label_rows(client(), human_only=request.args.get("human_only") == "1")
+        first = next(rows, None)  # the first call, here: a refusal is this page's error, not a cut file
+        body = stream_labels(itertools.chain([first], rows) if first is not None else iter(()), fmt)
+        return Response(
+            stream_with_context(body),
+            mimetype=LABEL_MEDIA_TYPES[fmt],
+            headers={"Content-Disposition": f'attachment; filename="labels.{fmt}"'},
+        )
 
     @app.get("/thumb")
     def thumb():

@@ -7,11 +7,11 @@ from __future__ import annotations
 import functools
 import io
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
 from moco_retrieval.images import ImageDecodeError, decode_image, is_image_path
+from moco_retrieval.uris import UriError, uri_path
 
 THUMBNAIL_PX = 160
 
@@ -21,33 +21,20 @@ class ThumbnailRefused(Exception):
 
 
 def resolve(uri: str, roots: list[Path]) -> Path:
-    """The real path of an item's image: a file:// URI (of this host) or a path, inside one of the
-    roots after every symbolic link is followed. A relative path is looked up under each root in
-    turn: the first root that holds it as an image file wins."""
-    if not uri:
-        raise ThumbnailRefused("the item has no uri")
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file") or (parsed.scheme and parsed.netloc not in ("", "localhost")):
-        raise ThumbnailRefused(f"not a local file: {uri!r}")
-    path = Path(unquote(parsed.path) if parsed.scheme else uri)
-    candidates = [path] if path.is_absolute() else [root / path for root in roots]
-    problems = []
-    for candidate in candidates:
-        try:  # a NUL, a name longer than the OS allows, a loop of links: not a file it can read
-            real = candidate.resolve()
-            if not any(real.is_relative_to(root) for root in roots):
-                problems.append(f"outside the image roots: {uri!r}")
-            elif not is_image_path(real):
-                problems.append(f"not an image file: {uri!r}")
-            elif not real.is_file():
-                problems.append(f"no such file: {uri!r}")
-            else:
-                return real
-        except (OSError, ValueError, RuntimeError) as exc:
-            problems.append(f"not a usable path: {uri!r} ({exc})")
-    raise ThumbnailRefused(
-        next((p for p in problems if "outside" not in p), None) or f"outside the image roots: {uri!r}"
-    )
+    """The real path of an item's image, as `retrieval-server migrate` reads it (moco_retrieval.uris:
+    a file:// URI of this host or a path, inside one of the roots after every symbolic link is
+    followed), and only when it is an existing image file."""
+    try:  # a NUL, a name longer than the OS allows, a loop of links: not a file it can read
+        real = uri_path(uri, roots)
+        if not is_image_path(real):
+            raise ThumbnailRefused(f"not an image file: {uri!r}")
+        if not real.is_file():
+            raise ThumbnailRefused(f"no such file: {uri!r}")
+    except UriError as exc:
+        raise ThumbnailRefused(str(exc)) from exc
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ThumbnailRefused(f"not a usable path: {uri!r} ({exc})") from exc
+    return real
 
 
 def _jpeg(source: bytes | Path) -> bytes:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from moco_retrieval.labels import MAX_LABEL_CHARS
 from retrieval_client import RetrievalClient, RetrievalError, UpsertItem
+from retrieval_client.labels import MEDIA_TYPES, label_rows, write_labels
 from retrieval_server.config import ServerConfig
 from retrieval_web.app import SECURE_COOKIE, create_app, local_path
 from retrieval_web.cli import main as cli_main
@@ -853,3 +854,28 @@ def test_labels_ids_and_upload_names_are_escaped_on_the_new_pages(app, world):
 def test_the_review_auto_refresh_flag_is_checked(capsys):
     assert cli_main(["--review-auto-refresh-seconds", "-1"]) == 2
     assert "--review-auto-refresh-seconds must be 0 or more" in capsys.readouterr().err
+
+
+# -- labels export ---------------------------------------------------------------------------------
+def test_the_labels_export_is_the_files_of_retrieval_client_labels_export(app, signin_app, world):
+    client = world["client"]
+    client.set_labels({"i1": "cat", "i2": "dog"})
+    client.set_labels({"i3": "dog"}, predicted=True, confidences={"i3": 0.75})
+    try:
+        browser = app.test_client()
+        for fmt in ("csv", "jsonl"):
+            for human_only in (False, True):
+                out = io.StringIO()
+                write_labels(label_rows(client, human_only=human_only), out, fmt)
+                reply = browser.get(f"/labels.{fmt}" + ("?human_only=1" if human_only else ""))
+                assert reply.status_code == 200 and reply.mimetype == MEDIA_TYPES[fmt].split(";")[0]
+                assert reply.headers["Content-Disposition"] == f'attachment; filename="labels.{fmt}"'
+                assert reply.get_data(as_text=True) == out.getvalue()
+                assert ("i3" in out.getvalue()) != human_only and "i1" in out.getvalue()
+        assert 'href="/labels.csv"' in browser.get("/").get_data(as_text=True)  # offered on the overview
+        missing = browser.get("/labels.xlsx")
+        assert missing.status_code == 404 and "csv or jsonl" in missing.get_data(as_text=True)
+        assert signin_app.test_client().get("/labels.csv").status_code == 302  # not signed in: sign in first
+    finally:
+        client.set_labels({"i1": "", "i2": ""})
+        client.set_labels({"i3": ""}, predicted=True)
