@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks (corpus images, store snapshots, exports)."""
@@ -72,4 +70,6 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save, atomically."""
+    import torch  # here: the clients use this module and need no torch (seconds to import)
+
     return atomic_write(path, lambda f: torch.save(obj, f))

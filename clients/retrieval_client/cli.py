@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from moco_retrieval.fileio import atomic_open, sha256_file
 from moco_retrieval.images import CorpusFile, corpus_files
-from moco_retrieval.knn import knn_classify
 from moco_retrieval.shards import Manifest, ShardError, complete_shards, read_record, read_shard
 
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ItemFailure, RetrievalClient, RetrievalError, UpsertItem
@@ -477,6 +475,10 @@ def cmd_evaluate(client: RetrievalClient, args: argparse.Namespace) -> int:
     (Embed stores nothing) and the InstDisc vote runs here with the shared moco_retrieval.knn, the
     server's Classify defaults for k and tau, and classes in sorted order as the server numbers
     them: the predictions of Classify on a store holding exactly the chosen examples."""
+    import torch  # only here: torch takes seconds to import, which every other command is spared
+
+    from moco_retrieval.knn import knn_classify
+
     labelled = [f for f in walk_images(Path(args.labelled)) if f.folder]
     queries = [f for f in walk_images(Path(args.queries)) if f.folder]
     if not labelled or not queries:
