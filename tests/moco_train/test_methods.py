@@ -1,23 +1,36 @@
 """InstDisc, SimCLR, BYOL, Barlow Twins and SwAV against their papers' formulas, each loss computed a
 second time by hand (NumPy, float64, explicit loops) on a tiny batch; their memory bank, target
-network, queue and prototypes; and --method's options and defaults."""
+network, queue and prototypes; --method's options and defaults; InstDisc's kNN monitor on its
+memory bank; and a BYOL export served by a real server."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from moco_retrieval.api.v1 import retrieval_pb2 as pb
+from moco_retrieval.export import export_model, load_export
+from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accuracy
 from moco_train.barlow import BarlowTwins
 from moco_train.byol import BYOL
+from moco_train.checkpoint import CHECKPOINT_FORMAT, to_export
+from moco_train.cli import main as moco_train
 from moco_train.config import ConfigError, TrainConfig, resolve
+from moco_train.data import DataError
+from moco_train.evaluate import extract_features
 from moco_train.instdisc import InstDisc
 from moco_train.methods import method_spec
 from moco_train.simclr import SimCLR
 from moco_train.swav import SwAV
+from moco_train.trainer import Trainer
+from tests.images import noise_images
+from tests.moco_train.test_distributed import log_records
+from tests.server_harness import ServerProcess, png_bytes
 
 TAU = 0.5
 
@@ -289,3 +302,60 @@ def test_method_defaults_follow_each_paper():
 def test_moco_options_are_refused_with_another_method(extra):
     with pytest.raises(ConfigError, match="MoCo options|--moco-v3"):
         resolve(cfg(method="byol", **extra), small=True)
+
+
+# -- the trainer: InstDisc's kNN monitor, a non-MoCo export served ----------------------------------
+@pytest.fixture(scope="module")
+def labelled_training_images(tmp_path_factory) -> Path:
+    """Two classes of 8 noise images: the training folder (labels unused) and the kNN bank."""
+    root = tmp_path_factory.mktemp("labelled")
+    for seed, name in enumerate(("a", "b"), start=1):
+        noise_images(root / name, 8, seed=seed)
+    return root
+
+
+def tiny_run(data: Path, run_dir: Path, method: str, **options) -> Trainer:
+    tiny = dict(batch_size=4, moco_dim=16, workers=0, progress=False)
+    return Trainer(TrainConfig(data=str(data), run_dir=str(run_dir), method=method, **tiny, **options))
+
+
+def test_instdisc_knn_monitor_votes_with_the_memory_bank(labelled_training_images, tmp_path):
+    """The monitor's bank is the bank's rows of the --knn-bank images, the queries embedded with the
+    128-d head (lemniscate's test.py kNN); a bank folder of other images is refused before training."""
+    root = labelled_training_images
+    monitor = {"knn_bank": str(root), "knn_queries": str(root)}
+    trainer = tiny_run(root, tmp_path / "run", "instdisc", max_steps=4, nce_k=8, **monitor)
+    trainer.fit()
+    assert trainer.knn_rows.rows.tolist() == [trainer.dataset.paths.index(p) for p in trainer.knn_rows.paths]
+    epochs = [r for r in log_records(tmp_path / "run") if r["event"] == "epoch"]
+    assert epochs and 0 <= epochs[-1]["knn_top1"] <= 100
+    # By hand: queries through f with its head against the bank rows, the shared vote.
+    model, meta = export_model(to_export(trainer.state() | {"format": CHECKPOINT_FORMAT}, "t", keep_head=True))
+    assert meta.feature_dim == 16
+    queries = extract_features(model, meta, root)
+    bank = trainer.model.memory[trainer.knn_rows.rows]
+    scores = knn_classify(queries.features, bank, trainer.knn_rows.labels, 2, k=DEFAULT_K, tau=DEFAULT_TAU)
+    assert epochs[-1]["knn_top1"] == pytest.approx(topk_accuracy(scores, queries.labels)["top1"])
+
+    other = tmp_path / "other"
+    noise_images(other / "a", 2, seed=9)
+    with pytest.raises(DataError, match="not training images"):
+        tiny_run(root, tmp_path / "run2", "instdisc", max_steps=1, knn_bank=str(other), knn_queries=str(root)).fit()
+
+
+@pytest.mark.slow
+def test_a_byol_export_is_served(labelled_training_images, tmp_path):
+    """BYOL keeps f_θ under online_encoder.*: the export takes those weights (not the target's), and
+    the embedded server serves them: an image's nearest neighbour is itself."""
+    trainer = tiny_run(labelled_training_images, tmp_path / "run", "byol", max_steps=2, moco_mlp_dim=32)
+    trainer.fit()
+    assert moco_train(["export", str(tmp_path / "run" / "checkpoint_00000002.pt"), str(tmp_path / "enc.pt")]) == 0
+    model, meta = load_export(tmp_path / "enc.pt")
+    online = trainer.model.online_encoder.state_dict()
+    assert meta.feature_dim == 512 and all(torch.equal(v, online[k]) for k, v in model.state_dict().items())
+    with ServerProcess(tmp_path / "enc.pt", tmp_path / "store") as server:
+        stub = server.stub()
+        items = [pb.Item(id=f"img{i}", image=png_bytes(i, size=16)) for i in range(6)]
+        assert all(not ack.errors for ack in stub.Upsert(iter([pb.UpsertRequest(items=items)])))
+        reply = stub.Search(pb.SearchRequest(query=pb.Query(image=png_bytes(3, size=16)), k=3))
+        assert reply.neighbors[0].id == "img3" and reply.neighbors[0].score == pytest.approx(1.0, abs=1e-4)
