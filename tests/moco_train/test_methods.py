@@ -19,6 +19,7 @@ from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accura
 from moco_train.barlow import BarlowTwins
 from moco_train.byol import BYOL
 from moco_train.checkpoint import CHECKPOINT_FORMAT, to_export
+from moco_train.cli import build_parser, train_config
 from moco_train.cli import main as moco_train
 from moco_train.config import ConfigError, TrainConfig, resolve
 from moco_train.data import DataError
@@ -359,3 +360,24 @@ def test_a_byol_export_is_served(labelled_training_images, tmp_path):
         assert all(not ack.errors for ack in stub.Upsert(iter([pb.UpsertRequest(items=items)])))
         reply = stub.Search(pb.SearchRequest(query=pb.Query(image=png_bytes(3, size=16)), k=3))
         assert reply.neighbors[0].id == "img3" and reply.neighbors[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_method_flags_and_their_aliases_parse():
+    args = build_parser().parse_args(
+        ["train", "d", "--run-dir", "r", "--method", "swav", "--dim", "64", "--temperature", "0.2", "--multi-crop", "6"]
+    )
+    cfg = train_config(args)
+    assert (cfg.method, cfg.moco_dim, cfg.moco_t, cfg.multi_crop) == ("swav", 64, 0.2, 6)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "d", "--run-dir", "r", "--method", "dino"])
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "tensor"])
+def test_each_method_gets_its_views_from_either_pipeline(demo_data, tmp_path, pipeline):
+    """InstDisc: one view; SwAV with --multi-crop 2: two 32 px crops and two 14 px ones (96/224 of
+    32), in both data pipelines."""
+    images = demo_data / "train" / "cat"
+    for method, sizes in (("instdisc", [32]), ("swav", [32, 32, 14, 14])):
+        trainer = tiny_run(images, tmp_path / method, method, max_steps=1, multi_crop=2, data_pipeline=pipeline)
+        *views, failed = next(iter(trainer._loader()))
+        assert [v.shape[-1] for v in views] == sizes and all(v.shape[0] == 4 for v in views) and not failed
