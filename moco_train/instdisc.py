@@ -12,10 +12,11 @@ code zhirongw/lemniscate.pytorch trains it (lib/NCEAverage.py, lib/NCECriterion.
 
 Under several processes the bank is replicated, not sharded: every process holds all N rows and
 applies the same update from the gathered (index, feature) pairs of the global batch, so each
-draws its noise rows locally (an m x B lookup per step that sharding would turn into an
-all-to-all), and rank 0's checkpoint holds the whole bank (N x 128 floats: 26 MB for CIFAR-10's
-50,000 images, 655 MB for ImageNet's 1.28M). The noise of the global batch is drawn on every process
-from the same RNG stream and each takes its own rows, so one process and several train alike.
+scores its images against the bank locally (a sharded bank would add an all-gather of the queries
+and an all-to-all of their scores every step), and rank 0's checkpoint holds the whole bank
+(N x 128 floats: 26 MB for CIFAR-10's 50,000 images, 655 MB for ImageNet's 1.28M). The noise of
+the global batch is drawn on every process from the same RNG stream and each takes its own rows,
+so one process and several train alike.
 
 Where this differs from the reference code, deliberately:
   * the bank starts as random unit vectors (the paper's words) where lemniscate draws uniform values
