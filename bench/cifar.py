@@ -1,11 +1,14 @@
-"""CIFAR-10 for the training benchmarks: the shared archive unpacked once, and kNN evaluation of
-encoders on it (InstDisc vote of moco_retrieval.knn, k=200, several temperatures), cached per encoder."""
+"""CIFAR-10 for the training benchmarks: the shared archive unpacked once (or a small subset of it for
+a smoke run), `moco-train train` runs and their speed probes, and kNN evaluation of encoders on it
+(InstDisc vote of moco_retrieval.knn, k=200, several temperatures), cached per encoder."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moco_retrieval.architectures import build_backbone
 from moco_retrieval.export import embed, export_model
 from moco_retrieval.fileio import atomic_write
 from moco_retrieval.images import decode_image
@@ -54,6 +58,14 @@ def class_subset(root: Path, per_class: int, out: Path) -> Path:
         (out / class_dir.name).mkdir(parents=True)
         for f in sorted(class_dir.iterdir())[:per_class]:
             (out / class_dir.name / f.name).symlink_to(f)
+    return out
+
+
+def cifar_subset(cifar: Path, train_per_class: int, test_per_class: int, out: Path) -> Path:
+    """out/{train,test}: the first images of each class of both splits (symlinks), a CIFAR-10 folder
+    for smoke runs of the benchmarks."""
+    class_subset(cifar / "train", train_per_class, out / "train")
+    class_subset(cifar / "test", test_per_class, out / "test")
     return out
 
 
@@ -119,6 +131,13 @@ def checkpoint_scores(path: Path, data: dict, bf16: bool) -> dict:
     return knn_scores(model, data, bf16)
 
 
+def state_scores(path: Path, data: dict, bf16: bool) -> dict:
+    """knn_scores of a saved ResNet-18 (CIFAR stem) backbone state dict, e.g. one a peer library trained."""
+    model = build_backbone("resnet18", cifar_stem=True)
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return knn_scores(model.eval(), data, bf16)
+
+
 def raw_pixel_scores(data: dict) -> dict:
     """kNN on the L2-normalised preprocessed pixels (3,072-d)."""
     flat = {split: nn.functional.normalize(data[split][0].flatten(1), dim=1) for split in ("train", "test")}
@@ -144,6 +163,31 @@ def train_timeline(run_dir: Path) -> dict[int, float]:
             last = r["time"] - session_start
             elapsed[r["step"]] = offset + last
     return elapsed
+
+
+def train_run(data: Path, run_dir: Path, steps: int, flags: list[str]) -> None:
+    """`moco-train train DATA --run-dir RUN_DIR --max-steps STEPS FLAGS...` in a child process."""
+    cmd = [sys.executable, "-m", "moco_train", "train", str(data), "--run-dir", str(run_dir), "--max-steps", str(steps)]
+    print("$ " + " ".join(cmd[3:] + flags), flush=True)
+    subprocess.run(cmd + flags, cwd=REPO, check=True)
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
+
+
+def probe_rate(data: Path, run_dir: Path, cache: Path, batch: int, flags: list[str], steps: int = 12) -> float:
+    """Images/s of a run, from a short probe of `steps` steps (timed from step 5 on, after warm-up of
+    the caches), cached in `cache`."""
+
+    def measure() -> dict:
+        train_run(data, run_dir, steps, [*flags, "--save-every-steps", "0", "--keep", "1"])
+        times = [r["time"] for r in step_records(run_dir)]
+        for checkpoint in run_dir.glob("checkpoint_*.pt"):  # only the log is needed
+            checkpoint.unlink()
+        return {"img_per_s": batch * (len(times) - 5) / (times[-1] - times[4])}
+
+    return cached(cache, measure)["img_per_s"]
 
 
 def cifar_parser(doc: str, work: str) -> argparse.ArgumentParser:

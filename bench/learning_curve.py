@@ -57,6 +57,7 @@ from cifar import (  # noqa: E402
     knn_scores,
     raw_pixel_scores,
     save_figure,
+    state_scores,
     train_timeline,
     write_report,
 )
@@ -207,13 +208,6 @@ def train_lightly(args, out: Path) -> None:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def state_scores(path: Path, data: dict, bf16: bool) -> dict:
-    """knn_scores of a saved lightly backbone state dict (the same ResNet-18 as ours' export)."""
-    model = build_backbone("resnet18", cifar_stem=True)
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    return knn_scores(model.eval(), data, bf16)
-
-
 def evaluate_all(args, work: Path, data: dict, bf16: bool) -> dict:
     """Every saved encoder of both trainers and the baselines (cached per encoder)."""
     evals = work / "eval"

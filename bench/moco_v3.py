@@ -25,7 +25,6 @@ lightly 1.6 has no MoCo v3 modules (no prediction head or v3 loss), so it is not
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,9 @@ from cifar import (  # noqa: E402
     cifar_parser,
     ensure_cifar,
     eval_data,
+    probe_rate,
     save_figure,
+    train_run,
     train_timeline,
     write_report,
 )
@@ -57,56 +58,16 @@ RUNS = {
 }
 
 
-def train(args, name: str, flags: list[str], run_dir: Path, steps: int, extra: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "moco_train",
-        "train",
-        str(args.cifar / "train"),
-        "--run-dir",
-        str(run_dir),
-        "--max-steps",
-        str(steps),
-        *COMMON,
-        *flags,
-        *extra,
-    ]
-    print("$ " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
-
-
-def step_records(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["event"] == "step"]
-
-
-def probe_rate(args, name: str, flags: list[str]) -> float:
-    """Images/s of a run, from a short probe (steps 5-12, after warm-up of the caches)."""
-
-    def measure() -> dict:
-        run_dir = args.work / f"probe-{name}"
-        train(args, name, flags, run_dir, 12, ["--save-every-steps", "0"])
-        times = [r["time"] for r in step_records(run_dir)]
-        return {"img_per_s": BATCH * (len(times) - 5) / (times[-1] - times[4])}
-
-    return cached(args.work / "eval" / f"probe-{name}.json", measure)["img_per_s"]
-
-
 def run(args, name: str, flags: list[str], data: dict, bf16: bool) -> dict:
-    rate = probe_rate(args, name, flags)
+    probe = args.work / f"probe-{name}"
+    rate = probe_rate(args.cifar / "train", probe, args.work / "eval" / f"probe-{name}.json", BATCH, COMMON + flags)
     steps = int(args.budget_minutes * 60 * rate / BATCH) // args.eval_points * args.eval_points
     steps_per_epoch = 50_000 // BATCH
     run_dir = args.work / name
     warmup = ["--warmup-epochs", f"{0.1 * steps / steps_per_epoch:.4f}"] if "--moco-v3" in flags else []
     if not any(p.stem == f"checkpoint_{steps:08d}" for p in list_checkpoints(run_dir)):
-        train(
-            args,
-            name,
-            flags,
-            run_dir,
-            steps,
-            ["--save-every-steps", str(steps // args.eval_points), "--resume", "auto", *warmup],
-        )
+        extra = ["--save-every-steps", str(steps // args.eval_points), "--resume", "auto", *warmup]
+        train_run(args.cifar / "train", run_dir, steps, COMMON + flags + extra)
     timeline = train_timeline(run_dir)
     points = []
     for path in list_checkpoints(run_dir):

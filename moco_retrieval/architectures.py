@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -59,8 +60,12 @@ def head_prefix(arch: str) -> str:
 
 
 def backbone_dim(arch: str) -> int:
-    """Width of the backbone's feature: pooled ResNet features, a ViT's class token."""
-    return VIT_ARCHS[arch].embed_dim if arch in VIT_ARCHS else feature_dim(build_resnet(arch))
+    """Width of the backbone's feature: pooled ResNet features, a ViT's class token. The ResNet is
+    built on the meta device: no weights are allocated and no random numbers drawn."""
+    if arch in VIT_ARCHS:
+        return VIT_ARCHS[arch].embed_dim
+    with torch.device("meta"):
+        return feature_dim(build_resnet(arch))
 
 
 def build_backbone(arch: str, cifar_stem: bool, head: str = "none", head_dim: int = 128) -> nn.Module:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moco_retrieval.architectures import build_resnet, feature_dim
 
 from . import distributed
+from .method import Contrastive
 from .split_bn import SplitBatchNorm2d
 
 BN_MODES = ("split", "shuffle", "sync", "none")
@@ -30,7 +31,7 @@ def build_encoder(arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: i
     return encoder
 
 
-class MoCo(nn.Module):
+class MoCo(Contrastive):
     """f_q, f_k and the queue; forward(im_q, im_k) returns InfoNCE logits with the positive at index 0.
 
     shuffle_keys: shuffle the key batch before f_k and unshuffle after (shuffle-BN); with one
@@ -38,6 +39,8 @@ class MoCo(nn.Module):
     symmetric: also contrast (im_k as query, im_q as key); logits/labels of both directions are
     stacked (2N rows) and 2N keys are enqueued; `loss` sums the two directions' losses.
     """
+
+    query_prefix = "encoder_q."
 
     def __init__(
         self,

@@ -26,18 +26,24 @@ from moco_retrieval.architectures import build_resnet, feature_dim
 from moco_retrieval.vit import VIT_ARCHS, build_vit
 
 from . import distributed
+from .method import Contrastive
 
 
-def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
+def build_mlp(
+    num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True, last_bias: bool = False
+) -> nn.Sequential:
     """MoCo v3's MLP: (Linear without bias, BN, ReLU) per hidden layer, then Linear and (last_bn) a
     BN without affine parameters. Its indices (0, 1, 3, 4, 6, 7) are the official ones. Its BNs are
     plain BatchNorm1d, as the official code's; under DDP the trainer makes every BN of the model
-    global (global_bn.synchronise_batchnorm), as the official code converts it to SyncBatchNorm."""
+    global (global_bn.synchronise_batchnorm), as the official code converts it to SyncBatchNorm.
+    The other methods' heads are the same MLP: SimCLR's (2 layers, last BN), Barlow Twins' projector
+    (3 layers) and BYOL's and SwAV's (2 layers, the last Linear with a bias: `last_bias`; their
+    hidden Linears' biases, which the BN after them cancels, are left out)."""
     layers: list[nn.Module] = []
     for i in range(num_layers):
         dim_in = input_dim if i == 0 else mlp_dim
         dim_out = output_dim if i == num_layers - 1 else mlp_dim
-        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        layers.append(nn.Linear(dim_in, dim_out, bias=last_bias and i == num_layers - 1))
         if i < num_layers - 1:
             layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
         elif last_bn:
@@ -57,12 +63,14 @@ def build_base_encoder(arch: str, dim: int, mlp_dim: int, cifar_stem: bool, stop
     return encoder
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(Contrastive):
     """base_encoder (f_q without the predictor), momentum_encoder (f_k) and predictor, named as in
     the official code. forward(x1, x2) returns both directions' logits stacked (2N, N·world) and
     their labels, like MoCo.forward; `loss` turns them into ctr(q1, k2) + ctr(q2, k1). The momentum
     m is set by the trainer before each step (cosine schedule from --moco-m to 1). The predictor
     ends in a BN for ViTs and without one for ResNets (official MoCo_ViT and MoCo_ResNet)."""
+
+    query_prefix = "base_encoder."
 
     def __init__(
         self,

@@ -19,9 +19,11 @@ from moco_retrieval.preprocessing import Preprocessing
 
 CHECKPOINT_FORMAT = "moco-retrieval.checkpoint"
 CHECKPOINT_VERSION = 1
-# f_q inside the official checkpoints: facebookresearch/moco (v1/v2) and facebookresearch/moco-v3.
+# f_q inside the official checkpoints: facebookresearch/moco (v1/v2) and facebookresearch/moco-v3. The
+# other methods' encoders are ResNets, written in v1/v2's layout.
 OFFICIAL_PREFIX = {"v2": "module.encoder_q.", "v3": "module.base_encoder."}
-# ... and inside ours (the MoCo and MoCoV3 modules' attribute names).
+# ... and inside ours (the MoCo and MoCoV3 modules' attribute names), for checkpoints written before
+# they recorded their method's encoder_prefix.
 QUERY_PREFIX = {"v2": "encoder_q.", "v3": "base_encoder."}
 # Our own metadata inside a --format official file (the official scripts ignore unknown keys).
 OFFICIAL_EXTRA = "moco_retrieval"
@@ -121,8 +123,9 @@ class EncoderWeights:
     state: the encoder's own keys (conv1.weight, layer1.0.bn1.weight, ... or a ViT's blocks.0.attn...,
     and its projection head or classifier: a ResNet's fc.*, a ViT's head.*); arch: None when the
     file does not name it (a plain state dict); preprocessing: None when the file does not record
-    it; method: "v2" (MoCo v1/v2, f_q = encoder_q) or "v3" (f_q = base_encoder); predictor: a v3
-    checkpoint's prediction MLP (its keys 0.weight, 1.weight, ...), None elsewhere."""
+    it; layout: the official checkpoint layout it converts to, "v2" (module.encoder_q.*: MoCo v1/v2 and
+    every other method's ResNet) or "v3" (module.base_encoder.*); predictor: the prediction MLP of
+    a v3 (or BYOL) checkpoint (its keys 0.weight, 1.weight, ...), None elsewhere."""
 
     state: dict[str, torch.Tensor]
     arch: str | None
@@ -130,7 +133,7 @@ class EncoderWeights:
     preprocessing: Preprocessing | None
     train_args: dict[str, Any]
     source: str
-    method: str = "v2"
+    layout: str = "v2"
     predictor: dict[str, torch.Tensor] | None = None
 
 
@@ -145,6 +148,12 @@ def is_resnet_state_dict(blob: Any) -> bool:
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export_layout(train_args: dict[str, Any]) -> str:
+    """The official layout of an export's encoder: recorded as "layout", or (exports written before
+    --method) as "method"."""
+    return train_args.get("layout") or train_args.get("method", "v2")
 
 
 def official_method(blob: Any) -> str | None:
@@ -170,19 +179,19 @@ def encoder_weights(blob: dict[str, Any], source: str) -> EncoderWeights:
             meta.preprocessing,
             meta.train_args,
             meta.source or source,
-            meta.train_args.get("method", "v2"),
+            export_layout(meta.train_args),
         )
     if blob.get("format") == CHECKPOINT_FORMAT:
-        method = "v3" if blob["args"].get("moco_v3") else "v2"
+        layout = "v3" if blob["args"].get("moco_v3") else "v2"
         return EncoderWeights(
-            strip_prefix(blob["model"], QUERY_PREFIX[method]),
+            strip_prefix(blob["model"], blob.get("encoder_prefix", QUERY_PREFIX[layout])),
             blob["arch"],
             blob["cifar_stem"],
             Preprocessing.from_dict(blob["preprocessing"]),
-            {**blob["args"], "method": method},
+            {**blob["args"], "layout": layout},
             f"{source} (step {blob['global_step']})",
-            method,
-            strip_prefix(blob["model"], "predictor.") if method == "v3" else None,
+            layout,
+            strip_prefix(blob["model"], "predictor.") or None,
         )
     method = official_method(blob)
     if method is not None:
@@ -240,7 +249,7 @@ def to_official(blob: dict[str, Any], source: str) -> dict[str, Any]:
     weights = encoder_weights(blob, source)
     if weights.arch is None:
         raise CheckpointError(f"{source}: a plain state dict names no architecture")
-    prefix = OFFICIAL_PREFIX[weights.method]
+    prefix = OFFICIAL_PREFIX[weights.layout]
     return {
         "arch": weights.arch,
         "state_dict": {f"{prefix}{k}": v.detach().cpu().clone() for k, v in weights.state.items()},

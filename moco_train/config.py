@@ -1,12 +1,13 @@
 """Training options and their defaults in one place (flag names follow facebookresearch/moco's main_moco.py
-and moco-v3's), and the method-dependent defaults they resolve to."""
+and moco-v3's; the other methods' options are named after their official code's), and the
+method-dependent defaults they resolve to."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moco_retrieval.architectures import RESNET_ARCHS
+from moco_retrieval.architectures import RESNET_ARCHS, backbone_dim
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU
 from moco_retrieval.options import option
 from moco_retrieval.vit import VIT_ARCHS
@@ -21,6 +22,10 @@ MAX_QUEUE = 65536
 # training results); smoke runs and the demo stay eager.
 COMPILE_MIN_STEPS = 1000
 ARCHS = (*RESNET_ARCHS, *VIT_ARCHS)
+# The objectives (moco_train/methods.py builds each); moco covers v1, v2 and (--moco-v3) v3.
+METHODS = ("moco", "instdisc", "simclr", "byol", "barlow", "swav")
+# Methods whose --lr is a base rate per 256 images, as their official code scales it (MoCo v3 too).
+LR_PER_256 = ("simclr", "byol", "barlow", "swav")
 
 
 class ConfigError(ValueError):
@@ -30,7 +35,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     """Every `moco-train train` option: its default, flags and help (the parser is derived from it).
-    None defaults depend on the method (MoCo v1/v2 or v3) and the data: see resolve()."""
+    None defaults depend on the method (MoCo v1/v2 or v3, InstDisc, ...) and the data: see resolve()."""
 
     data: str = option(
         positional=True, metavar="DATA", help="image folder (any depth) or text file listing image paths"
@@ -69,31 +74,79 @@ class TrainConfig:
     optimizer: str = option(
         "auto", choices=("auto", "sgd", "lars", "adamw"), help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)"
     )
+    method: str = option(
+        "moco",
+        choices=METHODS,
+        help="the objective: moco (MoCo v1/v2, or v3 with --moco-v3), instdisc (memory bank and NCE), "
+        "simclr (NT-Xent over the batch), byol (online/target networks), barlow (Barlow Twins), "
+        "swav (online clustering); the --moco-* options that name the projection's dimension, "
+        "temperature and momentum apply to every method that has one",
+    )
     moco_v3: bool = option(
         False,
         help="MoCo v3: no queue, keys of the whole batch, symmetric loss, predictor MLP, "
         "momentum 0.99 -> 1 (cosine), warm-up then cosine lr",
     )
-    moco_dim: int | None = option(None, help="feature dimension; default 128 (v1/v2), 256 (v3)")
-    moco_mlp_dim: int = option(4096, help="hidden width of v3's projection and prediction MLPs")
+    moco_dim: int | None = option(
+        None,
+        "--moco-dim",
+        "--dim",
+        help="output dimension of the projection head; default 128 (v1/v2, instdisc, simclr, swav), "
+        "256 (v3, byol), 2048 (barlow: the official 8192 scaled down for the CPU)",
+    )
+    moco_mlp_dim: int | None = option(
+        None,
+        help="hidden width of the MLP heads: 4096 (v3's and byol's), 2048 (barlow's projector, swav's); "
+        "simclr's is the backbone's width",
+    )
     moco_k: int | None = option(
         None, help="queue size (v1/v2; default: the largest power of two <= 10%% of the images, at most 65536)"
     )
     moco_m: float | None = option(
-        None, help="key encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start of its cosine schedule)"
+        None,
+        help="key (target) encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start of its cosine "
+        "schedule), 0.996 (byol's τ_base)",
     )
     moco_m_cos: bool | None = option(
-        None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over training (default: on for v3)"
+        None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over training (default: on for v3, byol)"
     )
     moco_t: float | None = option(
         None,
-        help="softmax temperature; default 0.07 (v1), 0.2 (v2; 0.1 for crops <= 64 px), v3: 0.2 (ViT), 1.0 (ResNet)",
+        "--moco-t",
+        "--temperature",
+        help="softmax temperature; default 0.07 (v1), 0.2 (v2; 0.1 for crops <= 64 px), v3: 0.2 (ViT), "
+        "1.0 (ResNet); instdisc 0.07 (0.1 for crops <= 64 px), simclr 0.1 (0.5), swav 0.1",
     )
     mlp: bool = option(False, help="MLP projection head (MoCo v2)")
     aug_plus: bool = option(False, help="MoCo v2 augmentation (stronger colour jitter, grayscale, blur)")
     symmetric: bool = option(False, help="symmetric loss L(q1,k2) + L(q2,k1) (v1/v2; v3 always is)")
     stop_grad_conv1: bool = option(
         True, help="v3 ViTs: keep the random patch projection frozen (the paper's stability fix)"
+    )
+    nce_k: int = option(4096, help="instdisc: noise samples per image drawn from the memory bank (NCE's m)")
+    nce_m: float = option(0.5, help="instdisc: memory bank momentum")
+    nce_prox: float = option(
+        0.0, help="instdisc: weight λ of the proximal term λ·‖v − memory‖² (0: off, as the reference code)"
+    )
+    simclr_head: str = option(
+        "mlp",
+        choices=("mlp", "linear"),
+        help="simclr: SimCLR v1's 2-layer MLP head, or one Linear layer (MoCo v1's and InstDisc's head)",
+    )
+    barlow_lambda: float = option(5e-3, help="barlow: weight of the off-diagonal terms (the paper's λ)")
+    swav_prototypes: int = option(3000, help="swav: number of prototypes")
+    swav_epsilon: float = option(0.05, help="swav: entropic regularisation ε of Sinkhorn-Knopp")
+    sinkhorn_iterations: int = option(3, help="swav: Sinkhorn-Knopp iterations")
+    swav_queue: int = option(
+        3840, help="swav: queue length in embeddings, cut to a multiple of the global batch (0: no queue)"
+    )
+    swav_queue_start: float = option(15, help="swav: epochs before the queue is filled (then used once full)")
+    swav_freeze_prototypes: float = option(
+        1, help="swav: epochs during which the prototypes are not updated (the official 313 or 5005 iterations)"
+    )
+    multi_crop: int = option(0, help="swav: small crops per image besides the two at the input size (official: 6)")
+    multi_crop_size: int | None = option(
+        None, help="swav: the small crops' side (default: the input size x 96/224, the official 224 and 96)"
     )
     bn: str = option(
         "auto",
@@ -187,6 +240,7 @@ class Recipe:
     moco_m_cos: bool
     moco_t: float
     crop_min: float
+    mlp_dim: int = 4096  # hidden width of the MLP heads
 
 
 def resolve(cfg: TrainConfig, small: bool) -> Recipe:
@@ -205,6 +259,8 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
 
     if cfg.crop_min is not None and not 0 < cfg.crop_min <= 1:
         raise ConfigError(f"--crop-min {cfg.crop_min}: a share of the image's area, in (0, 1]")
+    if cfg.method != "moco":
+        return resolve_other(cfg, small)
     if cfg.moco_v3:
         vit = cfg.arch in VIT_ARCHS
         optimizer = ("adamw" if vit else "lars") if cfg.optimizer == "auto" else cfg.optimizer
@@ -219,6 +275,7 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
             moco_m_cos=pick(cfg.moco_m_cos, True),
             moco_t=pick(cfg.moco_t, 0.2 if vit else 1.0),
             crop_min=pick(cfg.crop_min, 0.08 if vit or small else 0.2),
+            mlp_dim=pick(cfg.moco_mlp_dim, 4096),
         )
     v2 = cfg.mlp and cfg.aug_plus
     return Recipe(
@@ -231,7 +288,89 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
         moco_m_cos=pick(cfg.moco_m_cos, False),
         moco_t=pick(cfg.moco_t, (0.1 if small else 0.2) if v2 else 0.07),
         crop_min=pick(cfg.crop_min, 0.08 if small else 0.2),
+        mlp_dim=pick(cfg.moco_mlp_dim, 4096),
     )
+
+
+def paper_defaults(method: str, arch: str, small: bool) -> dict[str, Any]:
+    """What each method's paper or official code trains with (lr: the rate itself for instdisc, a base
+    rate per 256 images for the others; small: crops of 64 px or less).
+      instdisc: lemniscate.pytorch's main.py (ImageNet) and cifar.py (small): SGD 0.03, wd 1e-4
+        (5e-4), τ 0.07 (0.1), 128-d, MoCo v1's crop scale 0.2;
+      simclr: the paper's ImageNet recipe (LARS, base 0.3, wd 1e-6, τ 0.1, 10 warm-up epochs) or its
+        official CIFAR-10 command (base 1.0, wd 1e-4, τ 0.5); 128-d out, hidden = the backbone's width;
+      byol: LARS base 0.2, wd 1.5e-6, 10 warm-up epochs, 4096-256 MLPs, τ_base 0.996 (cosine to 1);
+      barlow: LARS base 0.2, wd 1.5e-6, 10 warm-up epochs, the paper's λ; projector 2048-2048-2048
+        (official: 8192, scaled down for the CPU);
+      swav: its batch-256 recipe: LARS base 0.6, wd 1e-6, no warm-up, 2048-128 head, τ 0.1, crop
+        scale (0.14, 1).
+    Crops of 64 px or less start at 0.08 (SwAV's stay at 0.14: its small crops span (0.05, 0.14))."""
+    crop_min = 0.08 if small else 0.2
+    lars = dict(optimizer="lars", moco_m=0.0, moco_m_cos=False, crop_min=0.08)
+    return {
+        "instdisc": dict(
+            optimizer="sgd",
+            lr=0.03,
+            weight_decay=5e-4 if small else 1e-4,
+            warmup_epochs=0,
+            moco_dim=128,
+            moco_m=0.0,
+            moco_m_cos=False,
+            moco_t=0.1 if small else 0.07,
+            crop_min=crop_min,
+            mlp_dim=0,
+        ),
+        "simclr": dict(
+            lars,
+            lr=1.0 if small else 0.3,
+            weight_decay=1e-4 if small else 1e-6,
+            warmup_epochs=10,
+            moco_dim=128,
+            moco_t=0.5 if small else 0.1,
+            mlp_dim=backbone_dim(arch),
+        ),
+        "byol": dict(
+            lars,
+            lr=0.2,
+            weight_decay=1.5e-6,
+            warmup_epochs=10,
+            moco_dim=256,
+            moco_m=0.996,
+            moco_m_cos=True,
+            moco_t=0.0,
+            mlp_dim=4096,
+        ),
+        "barlow": dict(lars, lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, moco_dim=2048, moco_t=0.0, mlp_dim=2048),
+        "swav": dict(
+            lars, lr=0.6, weight_decay=1e-6, warmup_epochs=0, moco_dim=128, moco_t=0.1, crop_min=0.14, mlp_dim=2048
+        ),
+    }[method]
+
+
+def resolve_other(cfg: TrainConfig, small: bool) -> Recipe:
+    """The Recipe of instdisc, simclr, byol, barlow or swav: paper_defaults, each overridden by its
+    option; --lr is the rate itself for instdisc and a base rate per 256 images for the others."""
+    if cfg.moco_v3 or cfg.symmetric or cfg.mlp:
+        raise ConfigError(f"--moco-v3, --symmetric and --mlp are MoCo options; --method {cfg.method} has its own head")
+    if cfg.arch in VIT_ARCHS:
+        raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --method moco --moco-v3")
+    d = paper_defaults(cfg.method, cfg.arch, small)
+    given = {
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "optimizer": None if cfg.optimizer == "auto" else cfg.optimizer,
+        "warmup_epochs": cfg.warmup_epochs,
+        "moco_dim": cfg.moco_dim,
+        "moco_m": cfg.moco_m,
+        "moco_m_cos": cfg.moco_m_cos,
+        "moco_t": cfg.moco_t,
+        "crop_min": cfg.crop_min,
+        "mlp_dim": cfg.moco_mlp_dim,
+    }
+    values = {name: d[name] if value is None else value for name, value in given.items()}
+    if cfg.method in LR_PER_256:
+        values["lr"] *= cfg.batch_size / 256
+    return Recipe(**values)
 
 
 def auto_queue_size(num_images: int, keys_per_step: int) -> int:

@@ -1,5 +1,6 @@
-"""RUN_DIR/curves.png: loss, contrast accuracy, learning rate and kNN top-1 of a run, drawn from
-its log.jsonl (by the trainer after every epoch, and by `moco-train plot RUN_DIR` on demand)."""
+"""RUN_DIR/curves.png: loss, contrast accuracy (for the methods that have one), learning rate and kNN
+top-1 of a run, drawn from its log.jsonl (by the trainer after every epoch, and by `moco-train plot
+RUN_DIR` on demand)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise RunLogError(f"{run_dir}: log.jsonl has no training steps yet")
     x = [r["step"] for r in steps]
     window = max(1, len(steps) // 50)
-    panels = [("InfoNCE loss", "loss"), ("contrast accuracy %", "acc"), ("learning rate", "lr")]
+    panels = [("loss", "loss"), ("contrast accuracy %", "acc"), ("learning rate", "lr")]
+    panels = [(title, key) for title, key in panels if key in steps[0]]  # BYOL, Barlow Twins, SwAV: no accuracy
     fig, axes = plt.subplots(1, len(panels) + bool(knn), figsize=(4 * (len(panels) + bool(knn)), 3.2), dpi=100)
     for ax, (title, key) in zip(axes, panels):
         values = [r[key] for r in steps]

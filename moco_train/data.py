@@ -1,4 +1,4 @@
-"""Finding images, robust decoding and deterministic two-crop augmentation.
+"""Finding images, robust decoding and deterministic multi-view augmentation.
 
 Every random choice of an epoch is a function of (seed, epoch, index): the sampler's order comes
 from a generator seeded with seed + epoch, and each sample's augmentation from its own seed. The
@@ -119,8 +119,9 @@ def with_seed(seed: int, fn: Callable, *args):
 
 
 class UnlabeledImages(Dataset):
-    """Two augmented crops per image. Items are addressed by (epoch, index) so that augmentation is
-    deterministic; an image that fails to decode is replaced by the next one and reported."""
+    """The transform's views of an image (two crops for MoCo), then the decode failures met. Items
+    are addressed by (epoch, index) so that augmentation is deterministic; an image that fails to
+    decode is replaced by the next one and reported."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable, seed: int) -> None:
         if not paths:
@@ -142,16 +143,14 @@ class UnlabeledImages(Dataset):
             except ImageDecodeError as exc:
                 failed.append((i, str(exc)))
                 continue
-            crops = with_seed(sample_seed(self.seed, epoch, index), self.transform, img)
-            return crops[0], crops[1], failed
+            return *with_seed(sample_seed(self.seed, epoch, index), self.transform, img), failed
         raise DataError("no image in the dataset can be decoded")
 
 
 def collate_pairs(batch):
-    """(im_q, im_k, [(index, reason) of images that failed to decode])."""
-    im_q = torch.stack([b[0] for b in batch])
-    im_k = torch.stack([b[1] for b in batch])
-    return im_q, im_k, [f for b in batch for f in b[2]]
+    """(im_q, im_k, ..., [(index, reason) of images that failed to decode]): each view stacked."""
+    views = [torch.stack(view) for view in zip(*(b[:-1] for b in batch))]
+    return *views, [f for b in batch for f in b[-1]]
 
 
 class EpochSampler(Sampler):
@@ -189,6 +188,11 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(self.epoch, i) for i in self._indices()])
 
+    def batch_indices(self, batch_size: int) -> list[torch.Tensor]:
+        """This process's sample indices, one (batch_size,) tensor per batch, in the order a loader
+        over this sampler yields the batches (InstDisc's memory bank is addressed by them)."""
+        return list(torch.tensor(self._indices(), dtype=torch.long).split(batch_size))
+
     def __len__(self) -> int:
         return len(self._indices())
 
@@ -197,7 +201,7 @@ class LabelledImages(Dataset):
     """An ImageFolder-style labelled set: class = first-level subfolder (sorted by name), images at
     any depth below it. Items are (tensor, label, index); an undecodable image yields None."""
 
-    def __init__(self, root: str | Path, transform: Callable) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: no such folder")

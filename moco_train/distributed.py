@@ -1,5 +1,6 @@
-"""MoCo's collectives: batch shuffle for shuffle-BN, BN statistics and loss averaging (the process-group
-helpers live in moco_retrieval.process_group and are re-exported here).
+"""The trainer's collectives, with and without gradients: MoCo's batch shuffle for shuffle-BN, BN
+statistics and loss averaging, gathers of the global batch (the process-group helpers live in
+moco_retrieval.process_group and are re-exported here).
 
 In one process the key batch is permuted locally (SplitBatchNorm2d then normalises it in groups,
 as separate GPUs would); under torch.distributed the batch is gathered from all processes,
@@ -23,7 +24,9 @@ from moco_retrieval.process_group import (
 )
 
 __all__ = [
+    "all_gather_with_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "average_batchnorm_statistics",
     "barrier",
     "batch_shuffle",
@@ -109,3 +112,39 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     num_procs = x_gather.shape[0] // batch_size_this
     idx_this = idx_unshuffle.view(num_procs, -1)[get_rank()]
     return x_gather[idx_this]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over processes of each process's tensor; the gradient is summed the same way (each
+    process's loss depends on every process's contribution)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over processes, with the gradient flowing back to every process's tensor (identity in
+    one process): global BatchNorm's statistics, Barlow Twins' cross-correlation."""
+    return _AllReduceSum.apply(tensor) if is_distributed() else tensor
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' tensors concatenated along dim 0 (rank 0's first), differentiable: each process
+    receives the gradient of every process's loss with respect to its own rows (identity in one
+    process). SimCLR's negatives are the other processes' embeddings, with their gradients, as the
+    official code's cross-replica concatenation (a sum of zero-padded blocks) gives them."""
+    if not is_distributed():
+        return tensor
+    n, world, rank = tensor.shape[0], get_world_size(), get_rank()
+    padded = tensor.new_zeros((world, *tensor.shape))
+    padded = padded.index_copy(0, torch.tensor([rank], device=tensor.device), tensor.unsqueeze(0))
+    return all_reduce_sum(padded).reshape(world * n, *tensor.shape[1:])

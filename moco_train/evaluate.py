@@ -1,4 +1,5 @@
-"""InstDisc kNN evaluation of an exported encoder on labelled folders (CLI `knn` and the training monitor)."""
+"""InstDisc kNN evaluation of an exported encoder on labelled folders (CLI `knn` and the training monitor),
+and of a memory bank (the monitor of a method that keeps one per training image: InstDisc)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,11 @@ def knn_evaluate(
 ) -> KnnResult:
     """Top-1/top-5 of the InstDisc weighted kNN: queries voted by their k nearest bank images."""
     bank = extract_features(model, meta, bank_dir, batch_size, workers)
-    queries = extract_features(model, meta, queries_dir, batch_size, workers)
+    return knn_against(bank, extract_features(model, meta, queries_dir, batch_size, workers), k, tau, batch_size)
+
+
+def knn_against(bank: Features, queries: Features, k: int, tau: float, batch_size: int = 256) -> KnnResult:
+    """The weighted kNN vote of embedded queries against a bank of the same classes."""
     if bank.classes != queries.classes:
         raise DataError(f"the bank's classes {bank.classes} differ from the queries' classes {queries.classes}")
     scores = knn_classify(
@@ -82,3 +87,37 @@ def knn_evaluate(
     )
     acc = topk_accuracy(scores, queries.labels)
     return KnnResult(acc["top1"], acc["top5"], scores.argmax(dim=1), bank, queries)
+
+
+@dataclass
+class BankRows:
+    """A labelled bank folder whose images are training images: their rows in the training set, so
+    that a memory bank (one feature per training image) gives their features."""
+
+    rows: torch.Tensor  # (N,) int64 dataset indices
+    labels: torch.Tensor  # (N,) int64 class indices
+    paths: list[Path]
+    classes: list[str]
+
+    @classmethod
+    def find(cls, bank_dir: str | Path, training_paths: list[Path]) -> BankRows:
+        """Look the labelled folder's images up among the training images (by resolved path); every
+        one must be there, as the memory bank holds nothing else."""
+        dataset = LabelledImages(bank_dir, transform=None)
+        row = {Path(path).resolve(): i for i, path in enumerate(training_paths)}
+        missing = [path for path, _ in dataset.samples if path.resolve() not in row]
+        if missing:
+            raise DataError(
+                f"{bank_dir}: {len(missing)} of its {len(dataset.samples)} images are not training images "
+                f"(e.g. {missing[0]}); a memory-bank method's kNN monitor votes with the bank's rows, so "
+                "--knn-bank must be a labelled view of the training images"
+            )
+        paths = [path for path, _ in dataset.samples]
+        rows = torch.tensor([row[path.resolve()] for path in paths], dtype=torch.long)
+        labels = torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
+        return cls(rows, labels, paths, dataset.classes)
+
+    def features(self, memory: torch.Tensor) -> Features:
+        """The bank's features: the memory's rows of its images (L2-normalised, on the CPU)."""
+        rows = memory[self.rows.to(memory.device)].float().cpu()
+        return Features(torch.nn.functional.normalize(rows, dim=1), self.labels, self.paths, self.classes)

@@ -1,7 +1,7 @@
 """BatchNorm over the global batch of all processes, on any device and backend.
 
 torch's SyncBatchNorm runs on GPUs only (NCCL); GlobalBatchNorm does the same arithmetic with
-torch.distributed.nn's autograd-aware all_reduce, so it also runs over gloo on CPUs. Its statistics
+an autograd-aware all_reduce (distributed.all_reduce_sum), so it also runs over gloo on CPUs. Its statistics
 are computed and all-reduced in float32 whatever the autocast dtype (bf16 sums of a few thousand
 activations lose most of their digits, and the float32 running buffers cannot take a bf16 update),
 and the output is cast back to the input's dtype, as BatchNorm under autocast returns it.
@@ -10,27 +10,9 @@ and the output is cast back to the input's dtype, as BatchNorm under autocast re
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from . import distributed
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """The sum over processes of each process's tensor; the gradient is summed the same way (each
-    process's loss depends on every process's contribution)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        out = grad.clone()
-        dist.all_reduce(out)
-        return out
 
 
 class _GlobalBatchNorm:
@@ -41,7 +23,7 @@ class _GlobalBatchNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and distributed.is_distributed()):
             return super().forward(x)
-        all_reduce = _AllReduceSum.apply
+        all_reduce = distributed.all_reduce_sum
         dims = [0, *range(2, x.dim())]  # all but the channels: (N,) or (N, H, W)
         shape = [1, -1] + [1] * (x.dim() - 2)  # a per-channel vector broadcast over x
         n = x.numel() // x.shape[1] * distributed.get_world_size()

@@ -49,10 +49,10 @@ class ViewParams:
     solarize: torch.Tensor  # (B,) bool
 
 
-def crop_boxes(u: torch.Tensor, sizes: torch.Tensor, crop_min: float) -> torch.Tensor:
+def crop_boxes(u: torch.Tensor, sizes: torch.Tensor, crop_min: float, crop_max: float = 1.0) -> torch.Tensor:
     """RandomResizedCrop.get_params, vectorised: u (B, DRAWS), sizes (B, 2) width, height -> (B, 4)."""
     width, height = sizes[:, :1], sizes[:, 1:]  # (B, 1)
-    target = width * height * (crop_min + (1 - crop_min) * u[:, AREA])  # (B, ATTEMPTS)
+    target = width * height * (crop_min + (crop_max - crop_min) * u[:, AREA])  # (B, ATTEMPTS)
     lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     aspect = torch.exp(lo + (hi - lo) * u[:, RATIO])
     w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
@@ -82,7 +82,7 @@ def draw(u: torch.Tensor, sizes: torch.Tensor, recipe: ViewRecipe) -> ViewParams
     on = (u[:, JITTER_ON] < recipe.jitter_p)[:, None] & (strengths > 0)  # ColorJitter skips a 0 strength
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, SIGMA]
     return ViewParams(
-        box=crop_boxes(u, sizes, recipe.crop_min),
+        box=crop_boxes(u, sizes, recipe.crop_min, recipe.crop_max),
         flip=u[:, FLIP] < 0.5,
         factors=torch.where(on, factors, identity),
         order=u[:, ORDER].argsort(dim=1),
@@ -175,9 +175,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def augment(
     images: torch.Tensor, sizes: torch.Tensor, params: ViewParams, recipe: ViewRecipe, p: Preprocessing
 ) -> torch.Tensor:
-    """One view of a batch: float images (B, 3, S, S) in [0, 1] -> normalised (B, 3, input, input)."""
+    """One view of a batch: float images (B, 3, S, S) in [0, 1] -> normalised (B, 3, size, size), the
+    view's size or else the input size."""
     device = images.device
-    x = resized_crop(images, params, sizes, p.input_size)
+    x = resized_crop(images, params, sizes, recipe.size or p.input_size)
 
     def gray(x: torch.Tensor) -> torch.Tensor:
         return torch.where(params.gray.to(device).view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)

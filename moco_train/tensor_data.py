@@ -1,5 +1,5 @@
 """The tensor data path (--data-pipeline tensor): the corpus decoded once into one uint8 tensor on
-the training device, and MoCo's two views made a batch at a time there (moco_train.tensor_aug).
+the training device, and the method's views made a batch at a time there (moco_train.tensor_aug).
 
 JPEG decoding and PIL augmentation in DataLoader workers cannot keep up with a GPU training on
 small images; decoding once and augmenting with batched tensor ops on the GPU can. The random
@@ -86,13 +86,14 @@ def decode_corpus(
 
 
 class TensorImages:
-    """The decoded corpus on `device` and the two views' recipes: augment(epoch, indices) makes a
-    batch's (im_q, im_k). `failed` lists the files left out, as (index in paths, reason)."""
+    """The decoded corpus on `device` and the views' recipes: augment(epoch, indices) makes a batch's
+    views (im_q, im_k, ...). `failed` lists the files left out, as (index in paths, reason); `paths`
+    the files kept, in the corpus's order (sample i is paths[i])."""
 
     def __init__(
         self,
         paths: Sequence[Path],
-        views: tuple[ViewRecipe, ViewRecipe],
+        views: Sequence[ViewRecipe],
         p: Preprocessing,
         side: int,
         seed: int,
@@ -103,6 +104,8 @@ class TensorImages:
         if not len(images):
             raise DataError("the dataset is empty (no decodable images found)")
         self.images = images.to(device)  # (N, 3, S, S) uint8
+        left_out = {index for index, _ in self.failed}
+        self.paths = [path for index, path in enumerate(paths) if index not in left_out]
         self.views, self.preprocessing, self.seed = views, p, seed
         self.generator = torch.Generator()
 
@@ -110,16 +113,16 @@ class TensorImages:
         return len(self.images)
 
     def uniforms(self, epoch: int, indices: Sequence[int]) -> torch.Tensor:
-        """(B, 2 * DRAWS) float64 uniforms in [0, 1): row b from sample indices[b]'s own seed."""
-        u = torch.empty(len(indices), 2 * DRAWS, dtype=torch.float64)
+        """(B, views * DRAWS) float64 uniforms in [0, 1): row b from sample indices[b]'s own seed."""
+        u = torch.empty(len(indices), len(self.views) * DRAWS, dtype=torch.float64)
         for row, index in zip(u, indices):
             self.generator.manual_seed(sample_seed(self.seed, epoch, index))
             row.uniform_(generator=self.generator)
         return u
 
     @torch.no_grad()
-    def augment(self, epoch: int, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of the samples `indices` of `epoch`: two (B, 3, input, input) float32 batches."""
+    def augment(self, epoch: int, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """Every view of the samples `indices` of `epoch`: a (B, 3, size, size) float32 batch per view."""
         u = self.uniforms(epoch, indices)
         sizes = self.sizes[list(indices)]
         rows = torch.as_tensor(indices, dtype=torch.long).to(self.images.device)
@@ -131,7 +134,7 @@ class TensorImages:
 
 
 class TensorBatches:
-    """What the training loop iterates, like its DataLoader: (im_q, im_k, failed) per step for the
+    """What the training loop iterates, like its DataLoader: (*views, failed) per step for the
     sampler's keys of this process (failed is always empty: the corpus was decoded up front)."""
 
     def __init__(self, dataset: TensorImages, sampler: EpochSampler, batch_size: int) -> None:
@@ -140,9 +143,8 @@ class TensorBatches:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+    def __iter__(self) -> Iterator[tuple]:
         keys = list(self.sampler)  # (epoch, index), a whole number of batches
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = keys[start : start + self.batch_size]
-            im_q, im_k = self.dataset.augment(batch[0][0], [index for _, index in batch])
-            yield im_q, im_k, []
+            yield *self.dataset.augment(batch[0][0], [index for _, index in batch]), []

@@ -1,4 +1,5 @@
-"""The MoCo training loop: device and precision, schedule, progress/JSON logging, checkpoint cadence, resume."""
+"""The training loop of every method: device and precision, schedule, progress/JSON logging, checkpoint
+cadence, resume, the kNN monitor. What differs between methods is behind method.Method and methods.py."""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ from moco_retrieval.preprocessing import Preprocessing, is_small
 from moco_retrieval.vit import VIT_ARCHS
 
 from . import distributed
-from .builder import BN_MODES, MoCo, build_encoder
-from .builder_v3 import MoCoV3, build_base_encoder
+from .builder import BN_MODES
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -40,15 +40,16 @@ from .checkpoint import (
     set_rng_state,
     to_export,
 )
-from .config import COMPILE_MIN_STEPS, ConfigError, TrainConfig, auto_queue_size, resolve
+from .config import COMPILE_MIN_STEPS, ConfigError, TrainConfig, resolve
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
-from .evaluate import knn_evaluate
+from .evaluate import BankRows, extract_features, knn_against, knn_evaluate
 from .global_bn import has_global_batchnorm, synchronise_batchnorm
+from .methods import BuildContext, method_spec
 from .optim import build_optimizer, cosine_momentum, lr_factor
 from .pretrained import init_encoder
 from .tensor_data import TensorBatches, TensorImages, resolve_pipeline, store_side
-from .transforms import TwoCropsTransform, train_augmentation, v3_augmentations
+from .transforms import PilView, ViewsTransform
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -121,8 +122,11 @@ class Trainer:
         self.main = self.rank == 0
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
-        # v3 has no queue and no key shuffle: every BatchNorm is global under DDP (see _build_model).
-        self.bn, self.local_bn_splits = ("none", 1) if cfg.moco_v3 else resolve_bn(cfg.bn, cfg.bn_splits, self.world)
+        self.spec = method_spec(cfg)
+        # Only MoCo v1/v2 shuffles keys; every other method's BatchNorm is global under DDP (see _build_model).
+        self.bn, self.local_bn_splits = (
+            resolve_bn(cfg.bn, cfg.bn_splits, self.world) if self.spec.shuffle_bn else ("none", 1)
+        )
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch size {cfg.batch_size} is not divisible by {self.world} processes")
         self.local_batch = cfg.batch_size // self.world
@@ -155,8 +159,8 @@ class Trainer:
         geometry = detect_geometry(good)
         input_size = cfg.crop_size or (geometry.size if geometry.small else 224)
         if cfg.arch in VIT_ARCHS:
-            if not cfg.moco_v3:
-                raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3")
+            if self.spec.label != "v3":
+                raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3 (--method moco)")
             vit_size = VIT_ARCHS[cfg.arch].img_size
             if cfg.crop_size not in (None, vit_size):
                 raise ConfigError(f"-a {cfg.arch} takes {vit_size} px crops, not --crop-size {cfg.crop_size}")
@@ -168,11 +172,8 @@ class Trainer:
         )
         self.preprocessing = Preprocessing.for_input_size(input_size)
         self.recipe = resolve(cfg, is_small(input_size))
-        transform = (
-            TwoCropsTransform(*v3_augmentations(self.preprocessing, self.recipe.crop_min))
-            if cfg.moco_v3
-            else TwoCropsTransform(train_augmentation(self.preprocessing, cfg.aug_plus, self.recipe.crop_min))
-        )
+        views = self.spec.views(self.preprocessing, cfg, self.recipe)
+        transform = ViewsTransform([PilView(self.preprocessing, view) for view in views])
         self.data_pipeline = resolve_pipeline(cfg.data_pipeline, self.device, input_size)
         if self.data_pipeline == "tensor":  # the same recipes, as batched tensor ops on the device
             side = store_side(geometry, self.preprocessing)
@@ -192,51 +193,27 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, recipe = self.cfg, self.recipe
-        if cfg.moco_v3:
-            self.moco_k = None
-            encoder = build_base_encoder(
-                cfg.arch, recipe.moco_dim, cfg.moco_mlp_dim, self.cifar_stem, cfg.stop_grad_conv1
-            )
-        else:
-            keys_per_step = cfg.batch_size * (2 if cfg.symmetric else 1)
-            self.moco_k = cfg.moco_k or auto_queue_size(len(self.dataset), keys_per_step)
-            if self.moco_k < keys_per_step:
-                raise ConfigError(f"--moco-k {self.moco_k} is smaller than the {keys_per_step} keys enqueued per step")
-            encoder = build_encoder(
-                cfg.arch,
-                recipe.moco_dim,
-                cfg.mlp,
-                self.cifar_stem,
-                bn_splits=self.local_bn_splits,
-            )
-        if cfg.moco_v3:
-            self.model = MoCoV3(
-                encoder,
-                dim=recipe.moco_dim,
-                mlp_dim=cfg.moco_mlp_dim,
-                T=recipe.moco_t,
-                m=recipe.moco_m,
-                predictor_last_bn=cfg.arch in VIT_ARCHS,
-            )
-        else:
-            self.model = MoCo(
-                encoder,
-                dim=recipe.moco_dim,
-                K=self.moco_k,
-                m=recipe.moco_m,
-                T=recipe.moco_t,
-                symmetric=cfg.symmetric,
-                shuffle_keys=self.bn in ("split", "shuffle"),
-            )
+        context = BuildContext(
+            cifar_stem=self.cifar_stem,
+            num_images=len(self.dataset),
+            global_batch=cfg.batch_size,
+            steps_per_epoch=self.steps_per_epoch,
+            bn_splits=self.local_bn_splits,
+            shuffle_keys=self.bn in ("split", "shuffle"),
+        )
+        self.model = self.spec.build(cfg, recipe, context)
+        self.moco_k = getattr(self.model, "K", None)  # MoCo v1/v2's queue size
         self.init_source = "random"
         if cfg.init:
-            predictor = self.model.predictor if cfg.moco_v3 else None
-            self.init_source = init_encoder(encoder, cfg.init, cfg.arch, self.cifar_stem, predictor)
-            query, key = self.model.encoders()
-            key.load_state_dict(query.state_dict())  # f_k.params = f_q.params
-        if cfg.moco_v3 or self.bn == "sync":
-            # Every BatchNorm over the global batch under DDP, as moco-v3's main_moco.py converts the
-            # model to SyncBatchNorm (v3 needs no shuffle-BN: it has no queue to leak through).
+            query, *copies = self.model.encoders()
+            predictor = getattr(self.model, "predictor", None)
+            self.init_source = init_encoder(query, cfg.init, cfg.arch, self.cifar_stem, predictor)
+            for copy in copies:
+                copy.load_state_dict(query.state_dict())  # f_k.params = f_q.params
+        if not self.spec.shuffle_bn or self.bn == "sync":
+            # Every BatchNorm over the global batch under DDP, as moco-v3's main_moco.py (and SimCLR's,
+            # BYOL's, Barlow Twins' and SwAV's official code) converts the model to SyncBatchNorm
+            # (v3 needs no shuffle-BN: it has no queue to leak through).
             self.model = synchronise_batchnorm(self.model, self.device)
         self.model = self.model.to(self.device)
         if cfg.channels_last:
@@ -248,9 +225,9 @@ class Trainer:
         self.net: nn.Module = self.model
         if distributed.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # The whole MoCo module, as in the official code, so that one DDP forward covers both
-            # query passes (--symmetric, v3). Only f_q (and v3's predictor) has gradients, and every
-            # such parameter is used (find_unused_parameters off). Parameters and buffers are synced
+            # The whole method's module, as in the official code, so that one DDP forward covers both
+            # query passes (--symmetric, v3). Only f_q (and a predictor, prototypes) has gradients,
+            # and every such parameter is used (find_unused_parameters off). Parameters and buffers are synced
             # from rank 0 at construction; no buffer broadcast at each forward: the queue stays
             # identical on all ranks by construction (gathered keys) and would cost K x dim floats
             # per step, and BN running statistics are not used in training (they are averaged
@@ -275,7 +252,7 @@ class Trainer:
                 total_steps=self.total_steps,
                 steps_per_epoch=self.steps_per_epoch,
                 warmup_epochs=recipe.warmup_epochs,
-                cos=cfg.cos or cfg.moco_v3,
+                cos=cfg.cos or self.spec.cosine,
                 schedule=cfg.schedule,
             ),
         )
@@ -297,6 +274,7 @@ class Trainer:
             "arch": self.cfg.arch,
             "cifar_stem": self.cifar_stem,
             "moco_k": self.moco_k,
+            "encoder_prefix": self.model.query_prefix,
             "recipe": asdict(self.recipe),
             "preprocessing": self.preprocessing.to_dict(),
         }
@@ -349,24 +327,28 @@ class Trainer:
                 self.load_failures[index] = reason
                 warnings.warn(f"skipping {reason}", stacklevel=2)
 
-    def train_step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict[str, float]:
+    def train_step(self, *views: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on a batch's views (and its samples' dataset indices, which InstDisc's
+        memory bank is addressed by)."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        im_q = im_q.to(self.device, non_blocking=True, memory_format=fmt)
-        im_k = im_k.to(self.device, non_blocking=True, memory_format=fmt)
+        views = [view.to(self.device, non_blocking=True, memory_format=fmt) for view in views]
         if self.recipe.moco_m_cos:  # from the step count, so a resumed run continues the same schedule
             self.model.m = cosine_momentum(self.global_step, self.total_steps, self.recipe.moco_m)
+        self.model.begin_step(self.global_step)
         with self._autocast():
-            logits, labels = self.net(im_q, im_k)
-            loss = self.model.loss(logits, labels)
+            output = self.net(*self.model.inputs(views, index))
+            loss = self.model.loss(*output)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.model.after_backward(self.global_step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        acc = (logits.argmax(dim=1) == labels).float().mean()
-        loss_acc = distributed.all_reduce_mean(torch.stack([loss.detach().float(), acc]))  # global batch
-        return {"loss": loss_acc[0].item(), "acc": 100.0 * loss_acc[1].item(), "lr": lr}
+        acc = self.model.accuracy(*output)
+        metrics = [loss.detach().float()] + ([] if acc is None else [acc])
+        reduced = distributed.all_reduce_mean(torch.stack(metrics)).tolist()  # over the global batch
+        return {"loss": reduced[0], **({} if acc is None else {"acc": 100.0 * reduced[1]}), "lr": lr}
 
     def _loader(self) -> DataLoader | TensorBatches:
         """One loader for the whole run: workers decode and augment, persist across epochs and read
@@ -394,23 +376,25 @@ class Trainer:
 
     def knn_monitor(self) -> dict[str, float]:
         """kNN top-1/top-5 of the current f_q backbone, through the same export code as `moco-train knn`.
+        A method with a memory bank (InstDisc) votes with it instead, as its paper's monitor does:
+        the --knn-bank images' rows of the bank against the queries embedded by f_q with its head
+        (the bank's space).
 
         It runs after the epoch's checkpoint is written, and building the eval model draws from the
         global RNGs (weight initialisation): every RNG is restored afterwards, so the run continues
         exactly as one resumed from that checkpoint does."""
         saved = rng_state()
+        cfg, memory = self.cfg, self.model.knn_bank()
         try:
-            blob = to_export({"format": CHECKPOINT_FORMAT, **self.state()}, "training")
+            blob = to_export({"format": CHECKPOINT_FORMAT, **self.state()}, "training", keep_head=memory is not None)
             model, meta = export_model(blob, device=self.device)
-            result = knn_evaluate(
-                model,
-                meta,
-                self.cfg.knn_bank,
-                self.cfg.knn_queries,
-                k=self.cfg.knn_k,
-                tau=self.cfg.knn_t,
-                workers=self.cfg.workers,
-            )
+            if memory is None:
+                result = knn_evaluate(
+                    model, meta, cfg.knn_bank, cfg.knn_queries, k=cfg.knn_k, tau=cfg.knn_t, workers=cfg.workers
+                )
+            else:
+                queries = extract_features(model, meta, cfg.knn_queries, workers=cfg.workers)
+                result = knn_against(self.knn_rows.features(memory), queries, cfg.knn_k, cfg.knn_t)
         finally:
             set_rng_state(saved)
         return {"knn_top1": result.top1, "knn_top5": result.top5}
@@ -418,6 +402,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.log = JsonLog(self.run_dir / "log.jsonl", self.main)
+        monitored = self.main and cfg.knn_bank and cfg.knn_queries and self.model.knn_bank() is not None
+        # A memory-bank monitor's bank images are looked up among the training images now, not after an epoch.
+        self.knn_rows = BankRows.find(cfg.knn_bank, self.dataset.paths) if monitored else None
         if cfg.resume:
             self.resume(cfg.resume)
         self.log.write(
@@ -425,7 +412,7 @@ class Trainer:
             images=len(self.dataset),
             skipped=len(self.skipped),
             moco_k=self.moco_k,
-            method="v3" if cfg.moco_v3 else "v1/v2",
+            method=self.spec.label,
             **asdict(self.recipe),
             cifar_stem=self.cifar_stem,
             input_size=self.preprocessing.input_size,
@@ -459,25 +446,23 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
         )
-        sums, n, images, start = {"loss": 0.0, "acc": 0.0}, 0, 0, time.perf_counter()
-        for im_q, im_k, failed in self._loader():
+        sums, n, images, start = {}, 0, 0, time.perf_counter()
+        loader = self._loader()
+        for (*views, failed), index in zip(loader, self.sampler.batch_indices(self.local_batch)):
             self._report_failures(failed)
-            metrics = self.train_step(im_q, im_k)
+            metrics = self.train_step(*views, index=index)
             self.step_in_epoch += 1
             self.global_step += 1
             n += 1
             images += cfg.batch_size
-            sums["loss"] += metrics["loss"]
-            sums["acc"] += metrics["acc"]
+            for key in ("loss", "acc"):
+                if key in metrics:
+                    sums[key] = sums.get(key, 0.0) + metrics[key]
             rate = images / (time.perf_counter() - start)
             self.log.write(event="step", epoch=self.epoch, step=self.global_step, img_per_s=round(rate, 2), **metrics)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}",
-                acc=f"{metrics['acc']:.1f}",
-                lr=f"{metrics['lr']:.4g}",
-                img_s=f"{rate:.1f}",
-            )
+            shown = {key: f"{metrics[key]:.3f}" if key == "loss" else f"{metrics[key]:.1f}" for key in sums}
+            bar.set_postfix(**shown, lr=f"{metrics['lr']:.4g}", img_s=f"{rate:.1f}")
             done = self.global_step >= self.total_steps
             if self.step_in_epoch == self.steps_per_epoch or done:
                 break
@@ -487,8 +472,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         summary: dict[str, Any] = {
             "epoch": self.epoch,
-            "loss": sums["loss"] / max(n, 1),
-            "acc": sums["acc"] / max(n, 1),
+            **{key: total / max(n, 1) for key, total in sums.items()},
             "img_per_s": images / elapsed,
             "seconds": elapsed,
             "load_failures": len(self.load_failures),

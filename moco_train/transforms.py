@@ -1,14 +1,17 @@
-"""MoCo's training augmentations (the evaluation preprocessing is moco_retrieval.preprocessing).
+"""The methods' training augmentations (the evaluation preprocessing is moco_retrieval.preprocessing).
 
-Each recipe is described once, as a ViewRecipe per view; pil_view turns one into the PIL Compose
+Each recipe is described once, as a ViewRecipe per view; PilView turns one into the PIL Compose
 that DataLoader workers run, moco_train.tensor_aug into batched tensor operations (the data path
 that keeps up with a GPU). Both follow the recipe's order: crop, colour jitter and grayscale (v1:
-grayscale first), blur, solarize, flip, then normalisation.
+grayscale first), blur, solarize, flip, then normalisation. Flipping last instead of right after
+the crop (as SimCLR, SwAV and Barlow Twins write it) draws from the same distribution: a flip
+commutes with every colour operation.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,13 +29,15 @@ SOLARIZE_THRESHOLD = 128  # BYOL
 class ViewRecipe:
     """One view's augmentation: what both the PIL and the tensor pipeline are built from."""
 
-    crop_min: float  # RandomResizedCrop scale (crop_min, 1), ratio CROP_RATIO
+    crop_min: float  # RandomResizedCrop scale (crop_min, crop_max), ratio CROP_RATIO
     jitter: tuple[float, float, float, float]  # ColorJitter brightness, contrast, saturation, hue
     jitter_p: float  # RandomApply's p (1: always)
     grayscale_p: float = 0.2
     grayscale_first: bool = False  # v1: grayscale, then jitter
     blur_p: float = 0.0  # Gaussian blur, sigma in BLUR_SIGMA
     solarize_p: float = 0.0
+    crop_max: float = 1.0
+    size: int | None = None  # output side in pixels; None: the input size (SwAV's small crops are smaller)
 
 
 class GaussianBlur:
@@ -66,7 +71,9 @@ class PilView(T.Compose):
         gray = [T.RandomGrayscale(p=recipe.grayscale_p)]
         super().__init__(
             [
-                T.RandomResizedCrop(p.input_size, scale=(recipe.crop_min, 1.0), ratio=CROP_RATIO),
+                T.RandomResizedCrop(
+                    recipe.size or p.input_size, scale=(recipe.crop_min, recipe.crop_max), ratio=CROP_RATIO
+                ),
                 *(gray + jitter if recipe.grayscale_first else jitter + gray),
                 *maybe(GaussianBlur(BLUR_SIGMA), recipe.blur_p),
                 *maybe(Solarize(), recipe.solarize_p),
@@ -118,17 +125,55 @@ def v3_augmentations(p: Preprocessing, crop_min: float = 0.08) -> tuple[PilView,
     return PilView(p, first), PilView(p, second)
 
 
-class TwoCropsTransform:
-    """Two independent augmentations of one image: the query and its positive key (MoCo v3: one
-    view from each of two augmentations)."""
+def color_distortion(p: Preprocessing, crop_min: float, strength: float) -> ViewRecipe:
+    """SimCLR's crop and colour distortion (also SwAV's large crops): crop scale (crop_min, 1), colour
+    jitter (0.8s, 0.8s, 0.8s, 0.2s) with p 0.8, grayscale 0.2, and Gaussian blur with p 0.5 except
+    on small crops (SimCLR's CIFAR-10 command turns blur off)."""
+    s = strength
+    return ViewRecipe(
+        crop_min, (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, blur_p=0.0 if is_small(p.input_size) else 0.5
+    )
 
-    def __init__(self, base: PilView, second: PilView | None = None) -> None:
-        self.base = base
-        self.second = second or base
 
-    def recipes(self) -> tuple[ViewRecipe, ViewRecipe]:
-        """The two views' recipes (what the tensor pipeline runs)."""
-        return self.base.recipe, self.second.recipe
+def simclr_view(p: Preprocessing, crop_min: float) -> ViewRecipe:
+    """SimCLR's view (both views alike): colour strength 1.0, or 0.5 on small crops, as its official
+    CIFAR-10 command (--color_jitter_strength=0.5 --use_blur=False); that makes it MoCo v2's
+    small-image view exactly."""
+    return color_distortion(p, crop_min, 0.5 if is_small(p.input_size) else 1.0)
+
+
+def swav_views(p: Preprocessing, crop_min: float, small_crops: int, small_size: int) -> list[ViewRecipe]:
+    """SwAV's multi-crop: two crops of scale (crop_min, 1) at the input size and `small_crops` of
+    scale (0.05, crop_min) at small_size px (the official 2x224 + 6x96, scales (0.14, 1) and
+    (0.05, 0.14)); colour distortion of strength 1 on every crop (blur off on small images)."""
+    large = color_distortion(p, crop_min, 1.0)
+    small = replace(large, crop_min=0.05, crop_max=crop_min, size=small_size)
+    return [large, large] + [small] * small_crops
+
+
+class ViewsTransform:
+    """Independent augmentations of one image, one per view: MoCo's query and its positive key, one
+    view from each of BYOL's two augmentations, SwAV's crops, or InstDisc's single view."""
+
+    def __init__(self, views: Sequence[PilView]) -> None:
+        self.views = list(views)
+
+    @property
+    def base(self) -> PilView:
+        """The first view's pipeline (MoCo's query)."""
+        return self.views[0]
+
+    def recipes(self) -> tuple[ViewRecipe, ...]:
+        """The views' recipes (what the tensor pipeline runs)."""
+        return tuple(view.recipe for view in self.views)
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        return [self.base(img), self.second(img)]
+        return [view(img) for view in self.views]
+
+
+class TwoCropsTransform(ViewsTransform):
+    """Two views: the query and its positive key by one augmentation, or (MoCo v3) one view from
+    each of two augmentations."""
+
+    def __init__(self, base: PilView, second: PilView | None = None) -> None:
+        super().__init__([base, second or base])

@@ -181,6 +181,63 @@ def test_moco_v3_resumes_exactly(images, tmp_path, arch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+OTHER_METHODS = {
+    # The bank (and Z); the queue (started at step 2, full and used from step 4: it spans the resume
+    # at step 3), frozen prototypes and two small crops; the target network and its momentum schedule.
+    "instdisc": {"nce_k": 64},
+    "swav": {
+        "swav_prototypes": 16,
+        "swav_queue": 16,
+        "swav_queue_start": 0.5,
+        "swav_freeze_prototypes": 0.25,
+        "multi_crop": 2,
+    },
+    "byol": {"moco_mlp_dim": 32, "warmup_epochs": 1},
+}
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_other_methods_resume_exactly_mid_epoch(images, tmp_path, method):
+    """A run resumed from its step-3 checkpoint (mid-epoch 0 of 2) ends bit-identical to the run that
+    was not interrupted: weights, the method's state (InstDisc's memory bank and Z, SwAV's queue,
+    BYOL's target network, whose momentum follows the step count) and the optimizer's."""
+
+    def run(run_dir: Path, resume: str | None = None) -> Trainer:
+        cfg = TrainConfig(
+            data=str(images),
+            run_dir=str(run_dir),
+            method=method,
+            epochs=2,
+            batch_size=8,
+            moco_dim=16,
+            crop_size=16,
+            workers=0,
+            save_every_steps=3,
+            keep=10,
+            resume=resume,
+            progress=False,
+            **OTHER_METHODS[method],
+        )
+        trainer = Trainer(cfg)
+        trainer.fit()
+        return trainer
+
+    straight = run(tmp_path / "straight")
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint_00000003.pt", tmp_path / "resumed")
+    resumed = run(tmp_path / "resumed", resume="auto")
+    assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
+    state = dict(straight.model.state_dict())
+    assert {"instdisc": "memory", "swav": "queue", "byol": "target_encoder.fc.3.weight"}[method] in state
+    assert_identical(dict(resumed.model.state_dict()), state)
+    for a, b in zip(
+        resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    if method == "swav":
+        assert straight.model.queue.abs().sum(dim=2).gt(0).all()  # full, so the resumed run used it too
+
+
 def test_rotation_keeps_the_newest(images, tmp_path):
     cfg = config(images, tmp_path, epochs=1)
     cfg.save_every_steps, cfg.keep = 1, 2
