@@ -67,10 +67,12 @@ class ServerConfig(StoreOptions):
     default_tau: float = option(DEFAULT_TAU, help="Classify temperature when the request has none")
     max_k: int = option(GPU_MAX_K, help="largest k a request may ask for")
     max_queries: int = option(1024, help="most queries of one SearchBatch or ClassifyBatch call")
-    coalesce: bool = option(
-        True,
-        help="run concurrent single-query Search and Classify calls as one index batch (a lone call "
-        "is not delayed; see retrieval_server/coalesce.py)",
+    coalesce: str = option(
+        "classify",
+        choices=("none", "classify", "all"),
+        help="which concurrent single-query calls run as one index batch: Classify's votes only (the "
+        "default: the vote gains, a flat Search did not on a CPU; see README Results), Search too "
+        "(all), or none. A lone call is never delayed (retrieval_server/coalesce.py)",
     )
     max_message_mb: int = option(64, help="largest gRPC message, both ways")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, help="images above this are refused undecoded")

@@ -392,7 +392,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         vectors, excludes = self._queries(queries, context, batch)
         key = (k, frozenset(labels), min_score, tuple(sorted(metadata.items())))
         start = time.perf_counter()
-        if len(vectors) == 1 and self.cfg.coalesce:
+        if len(vectors) == 1 and self.cfg.coalesce == "all":
             hits = [self._coalesced_search(key, vectors[0], int(excludes[0]))]
         else:
             hits = self._search_index(key, vectors, excludes)
@@ -434,7 +434,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _vote(self, queries: np.ndarray, k: int, tau: float, op: str, excludes: np.ndarray | None = None) -> Vote:
         start = time.perf_counter()
         try:
-            if len(queries) == 1 and self.cfg.coalesce:
+            if len(queries) == 1 and self.cfg.coalesce != "none":
                 vote = self._coalesced_vote((k, tau), queries[0], -1 if excludes is None else int(excludes[0]))
             else:
                 vote = self.backend.vote(queries, k, tau, excludes)

@@ -41,7 +41,12 @@ def corpus(request, tmp_path_factory):
     only read)."""
     root = tmp_path_factory.mktemp(request.param)
     cfg = ServerConfig(
-        model=make_export(root), store=root / "store", port=0, metrics_port=0, **backend_options(request.param, root)
+        model=make_export(root),
+        store=root / "store",
+        port=0,
+        metrics_port=0,
+        coalesce="all",  # Search's coalescer too (the default coalesces Classify only)
+        **backend_options(request.param, root),
     )
     server = InProcess(cfg)
     images = load_corpus(server.stub)
