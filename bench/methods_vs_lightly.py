@@ -28,7 +28,9 @@ One run per side: read a difference of a point or two as noise.
 
 Runs, lightly's backbones and the evaluations are kept in --work; a later start with --resume
 continues (ours from its last checkpoint; an interrupted lightly run starts again) and skips what
-is done. JSON and plot are rewritten after every method.
+is done. JSON and plot are rewritten after every method. The results already in --out of the methods a
+run does not train are kept (when data, budget, batch and lightly match), so `--methods byol` completes
+a comparison on another machine.
 
     BVENV=$(scripts/ensure_bench_venv.sh)
     nohup $BVENV/bin/python bench/methods_vs_lightly.py > ~/.cache/moco-retrieval/methods_vs_lightly.log 2>&1 &
@@ -248,6 +250,19 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def kept_methods(out: Path, setup: dict, methods: list[str]) -> dict:
+    """The results in `out` of the methods this run does not train, when `out` was written with the
+    same data, budget, batch and lightly: a later run of the missing methods (on another machine, say,
+    where --work is gone) completes the comparison instead of dropping what is already measured."""
+    if not out.is_file():
+        return {}
+    previous = json.loads(out.read_text())
+    same = ("data", "budget", "batch", "knn_tau", "lightly")
+    if any(previous.get("setup", {}).get(key) != setup[key] for key in same):
+        return {}
+    return {m: r for m, r in previous.get("methods", {}).items() if m not in methods}
+
+
 def main() -> None:
     parser = cifar_parser(__doc__, "methods_vs_lightly")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -295,7 +310,6 @@ def main() -> None:
             "budget": f"{args.steps} steps" if args.steps else "1 epoch",
             "batch": args.batch,
             "warmup": f"{WARMUP_SHARE:.0%} of the steps, then half-cosine",
-            "recipes": {m: asdict(recipe(m, args.batch)) for m in args.methods},
             "knn_k": KNN_K,
             "knn_tau": args.knn_tau,
             "knn_taus": KNN_TAUS,
@@ -306,6 +320,9 @@ def main() -> None:
         "baselines": {"random_init": cached(args.work / "eval" / "random_init.json", knn_scores, init, data, bf16)},
         "methods": {},
     }
+    kept = kept_methods(args.out, report["setup"], args.methods)
+    report["methods"].update(kept)
+    report["setup"]["recipes"] = {m: asdict(recipe(m, args.batch)) for m in [*kept, *args.methods]}
     for method in args.methods:
         ours, peer = run_ours(args, method, data, bf16), run_lightly(args, method, data, bf16)
         tau = f"tau_{args.knn_tau}"
