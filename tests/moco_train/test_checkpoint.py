@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,21 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"differ after resume: {different[:5]}"
+
+
+def straight_and_resumed(run: Callable[..., Trainer], tmp_path: Path, checkpoint: str) -> tuple[Trainer, Trainer]:
+    """`run` of 8 steps straight through, then again from the straight run's `checkpoint` alone."""
+    straight = run(tmp_path / "straight")
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / checkpoint, tmp_path / "resumed")
+    resumed = run(tmp_path / "resumed", resume="auto")
+    assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
+    return straight, resumed
+
+
+def assert_same_optimizer_state(a: Trainer, b: Trainer) -> None:
+    for x, y in zip(a.optimizer.state_dict()["state"].values(), b.optimizer.state_dict()["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +184,10 @@ def test_moco_v3_resumes_exactly(images, tmp_path, arch):
         trainer.fit()
         return trainer
 
-    straight = v3(tmp_path / "straight")
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "straight" / "checkpoint_00000004.pt", tmp_path / "resumed")  # after epoch 1 of 2
-    resumed = v3(tmp_path / "resumed", resume="auto")
-    assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
+    straight, resumed = straight_and_resumed(v3, tmp_path, "checkpoint_00000004.pt")  # after epoch 1 of 2
     assert resumed.recipe.optimizer == ("lars" if arch == "resnet18" else "adamw")
     assert_identical(dict(resumed.model.state_dict()), dict(straight.model.state_dict()))
-    for a, b in zip(
-        resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()
-    ):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_optimizer_state(resumed, straight)
 
 
 OTHER_METHODS = {
@@ -222,18 +231,11 @@ def test_other_methods_resume_exactly_mid_epoch(images, tmp_path, method):
         trainer.fit()
         return trainer
 
-    straight = run(tmp_path / "straight")
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "straight" / "checkpoint_00000003.pt", tmp_path / "resumed")
-    resumed = run(tmp_path / "resumed", resume="auto")
-    assert resumed.global_step == 8 and "resume" in (tmp_path / "resumed" / "log.jsonl").read_text()
+    straight, resumed = straight_and_resumed(run, tmp_path, "checkpoint_00000003.pt")
     state = dict(straight.model.state_dict())
     assert {"instdisc": "memory", "swav": "queue", "byol": "target_encoder.fc.3.weight"}[method] in state
     assert_identical(dict(resumed.model.state_dict()), state)
-    for a, b in zip(
-        resumed.optimizer.state_dict()["state"].values(), straight.optimizer.state_dict()["state"].values()
-    ):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_optimizer_state(resumed, straight)
     if method == "swav":
         assert straight.model.queue.abs().sum(dim=2).gt(0).all()  # full, so the resumed run used it too
 
