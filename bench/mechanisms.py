@@ -44,6 +44,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from itertools import chain, zip_longest
 from pathlib import Path
 
 import torch
@@ -101,9 +102,11 @@ class Point:
 
 
 def points(args) -> list[Point]:
-    """End-to-end at each of its batches (K = 2B - 2), then memory bank and MoCo at each K."""
-    ends = [Point("end-to-end", 2 * b - 2, b) for b in args.e2e_batches]
-    return ends + [Point(m, k, args.batch) for m in ("memory bank", "MoCo") for k in args.ks]
+    """Memory bank then MoCo at each K (smallest first), each pair followed by one end-to-end batch
+    (K = 2B - 2, largest batch first): a run stopped part-way already compares the three."""
+    pairs = [[Point("memory bank", k, args.batch), Point("MoCo", k, args.batch)] for k in args.ks]
+    ends = [[Point("end-to-end", 2 * b - 2, b)] for b in sorted(args.e2e_batches, reverse=True)]
+    return [point for group in zip_longest(pairs, ends, fillvalue=[]) for point in chain(*group)]
 
 
 def run_point(args, point: Point, data: dict, bf16: bool) -> dict:
