@@ -150,18 +150,21 @@ def raw_pixel_scores(data: dict) -> dict:
 
 
 def train_timeline(run_dir: Path) -> dict[int, float]:
-    """Training seconds at each step of a moco-train run's log.jsonl: per session (start or resume),
-    from its start record to the step, summed over sessions, so time stopped between sessions does
-    not count."""
-    elapsed, session_start, offset, last = {}, None, 0.0, 0.0
+    """Training seconds at each step of a moco-train run's log.jsonl, summed over its sessions (start
+    or resume), so time stopped between sessions does not count. A session that resumes at step n
+    adds its time to the previous sessions' time at step n - 1: the steps an interrupted session ran
+    after its last checkpoint are redone, and their first, lost run does not count either."""
+    elapsed: dict[int, float] = {}
+    session_start, offset = None, None
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["event"] == "start":
-            offset, session_start = offset + last, r["time"]
-            last = 0.0
+            session_start, offset = r["time"], None
         elif r["event"] == "step" and session_start is not None:
-            last = r["time"] - session_start
-            elapsed[r["step"]] = offset + last
+            if offset is None:  # this session's first step
+                offset = elapsed.get(r["step"] - 1, 0.0)
+                elapsed = {step: t for step, t in elapsed.items() if step < r["step"]}
+            elapsed[r["step"]] = offset + r["time"] - session_start
     return elapsed
 
 
