@@ -23,9 +23,10 @@ the kNN top-1 (k=200, the shared moco_retrieval.knn) of the pooled backbone feat
 test images against all 50,000 training images (bench/cifar.py). The claim under test (MoCo v1's
 Figure 3, ImageNet, ResNet-50, linear classification; their figure, not ours): MoCo >= memory
 bank at every K, and end-to-end good where the batch allows but unable to scale K. A caveat of
-CPU-sized budgets: a bank row is refreshed only when its image comes round, so in the first epoch
-most noise rows are still random vectors (easy negatives); 20 minutes is about 1.5 epochs for the
-memory bank here, where the paper's runs were 200 epochs long. The memory-bank points measure the
+CPU-sized budgets: a bank row is refreshed only when its image comes round, so through the first
+epoch each image's positive, its own row, is still the random initial vector, and after e epochs
+that vector still weighs 0.5^e in the row (before normalisation); 20 minutes is about 2.3 epochs for
+the memory bank here, where the paper's runs were 200 epochs long. The memory-bank points measure the
 mechanism at this budget, which handicaps it more than it does the other two.
 
 JSON and plot are rewritten after every point. Runs, probes and evaluations are kept in --work; a
