@@ -215,6 +215,20 @@ def write_report(report: dict, out: Path, plot: Callable[[dict, Path], None]) ->
     plot(report, out.with_suffix(".png"))
 
 
+def log_ticks(values: list[int], within: float = 1.05) -> tuple[list[int], list[str]]:
+    """Ticks and labels for a log axis with a tick per value, except that values within a factor
+    `within` of the one before share its tick, labelled with both: on a log axis their labels overlap."""
+    ticks: list[int] = []
+    labels: list[str] = []
+    for value in sorted(set(values)):
+        if ticks and value < ticks[-1] * within:
+            labels[-1] += f"/{value}"
+        else:
+            ticks.append(value)
+            labels.append(str(value))
+    return ticks, labels
+
+
 def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure as PNG, atomically, and free it."""
     import matplotlib.pyplot as plt

@@ -65,6 +65,7 @@ from cifar import (  # noqa: E402
     ensure_cifar,
     eval_data,
     knn_scores,
+    log_ticks,
     probe_rate,
     save_figure,
     train_run,
@@ -163,15 +164,14 @@ def plot(report: dict, path: Path) -> None:
     if "random_init" in report["baselines"]:
         ax.axhline(report["baselines"]["random_init"][tau]["top1"], color="gray", linestyle=":", label="random init")
     ax.set_xscale("log", base=2)
-    ticks = sorted({p["negatives"] for p in report["points"]})
-    ax.set_xticks(ticks, [str(k) for k in ticks])
+    ax.set_xticks(*log_ticks([p["negatives"] for p in report["points"]]))  # 2B - 2 beside a power of two
     ax.minorticks_off()
     ax.set_xlabel("negatives K (end-to-end: 2 x batch - 2; memory bank: noise samples; MoCo: queue)")
     ax.set_ylabel(f"kNN top-1 % (k={KNN_K}, τ={report['setup']['knn_tau']})")
     setup = report["setup"]
     ax.set_title(f"Three mechanisms on {setup['data']}, ResNet-18, {setup['budget']} each", fontsize=10, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     save_figure(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""bench/cifar.py's reading of a run's training time from the trainer's log.jsonl."""
+"""bench/cifar.py: reading a run's training time from the trainer's log.jsonl, and the plots' log-axis ticks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from tests import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from cifar import train_timeline  # noqa: E402 - bench/ is scripts, not a package
+from cifar import log_ticks, train_timeline  # noqa: E402 - bench/ is scripts, not a package
 
 
 def write_log(run_dir: Path, sessions: list[tuple[float, list[tuple[int, float]]]]) -> None:
@@ -32,3 +32,13 @@ def test_a_resumed_session_adds_to_the_time_of_the_step_it_resumes_after(tmp_pat
 def test_a_session_restarted_without_a_checkpoint_counts_alone(tmp_path: Path) -> None:
     write_log(tmp_path, [(0.0, [(1, 10.0), (2, 20.0)]), (500.0, [(1, 512.0), (2, 524.0)])])
     assert train_timeline(tmp_path) == {1: 12.0, 2: 24.0}
+
+
+def test_a_value_within_five_percent_of_the_one_before_shares_its_tick() -> None:
+    ticks, labels = log_ticks([256, 62, 254, 1024, 510, 254, 16384])  # end-to-end's 2B - 2 beside MoCo's K
+    assert ticks == [62, 254, 510, 1024, 16384]
+    assert labels == ["62", "254/256", "510", "1024", "16384"]
+
+
+def test_values_an_octave_apart_keep_their_own_ticks() -> None:
+    assert log_ticks([32, 64, 128]) == ([32, 64, 128], ["32", "64", "128"])
