@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from .vit import VIT_ARCHS, build_vit
@@ -16,6 +17,37 @@ RESNET_ARCHS = tuple(
     for name in torchvision.models.list_models(module=torchvision.models)
     if name.startswith(("resnet", "resnext", "wide_resnet"))
 )
+
+
+class CentreTapConv2d(nn.Conv2d):
+    """A strided 'same'-padded convolution that computes a 1 x 1 input as what it is: the output is
+    1 x 1 and only the kernel's centre tap meets data (every other tap reads padding), so it is the
+    1 x 1 convolution by that tap, exactly, in value and gradient.
+
+    Why: oneDNN's bf16 weight-gradient kernel for a 3 x 3, stride-2, padding-1 convolution of a 1 x 1
+    input (torch 2.14 on CPUs with AVX512-BF16) reads memory it never wrote, so the gradient of the
+    outer taps is whatever the heap held: usually near zero, sometimes 1e30 or NaN (every trial once
+    the heap holds NaNs; tests/moco_retrieval/test_architectures.py). ResNets reach that case when a
+    crop is 4 px or less before layer4 (CIFAR stem: crops of 4 px or less; standard stem: 16 px or
+    less, e.g. SwAV's small crops of 32 px images), and a SwAV step in bf16 then wrote NaN weights."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.shape[-2:] == (1, 1):
+            kh, kw = self.kernel_size
+            return F.conv2d(x, weight[:, :, kh // 2 : kh // 2 + 1, kw // 2 : kw // 2 + 1], bias, groups=self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+def centre_tap_convs(model: nn.Module) -> nn.Module:
+    """Make every strided, odd-kernel (larger than 1), 'same'-padded convolution of `model` a
+    CentreTapConv2d (in place: the same parameters under the same names)."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d and max(module.stride) > 1 and module.padding_mode == "zeros":
+            kh, kw = module.kernel_size
+            odd = kh % 2 and kw % 2 and max(kh, kw) > 1
+            if odd and module.padding == (kh // 2, kw // 2) and module.dilation == (1, 1):
+                module.__class__ = CentreTapConv2d
+    return model
 
 
 def build_resnet(
@@ -30,6 +62,7 @@ def build_resnet(
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for images of 64 px or less.
     norm_layer: the BatchNorm to use (training passes split or synchronised BatchNorm).
     zero_init_residual: the last BN of each residual block starts at zero (MoCo v3's ResNets).
+    Its strided convolutions are CentreTapConv2d (a 1 x 1 input computed exactly on every backend).
     """
     if arch not in RESNET_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(RESNET_ARCHS)}")
@@ -39,7 +72,7 @@ def build_resnet(
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
-    return model
+    return centre_tap_convs(model)
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ from moco_retrieval.process_group import (
 
 __all__ = [
     "all_gather_with_grad",
+    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
     "average_batchnorm_statistics",
@@ -49,6 +50,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out)
     return out / get_world_size()
+
+
+@torch.no_grad()
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over processes (SwAV's Sinkhorn in the log domain)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
 
 
 @torch.no_grad()

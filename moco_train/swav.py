@@ -29,6 +29,8 @@ biases and BN parameters from the adaptation and weight decay (apex's LARC does 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,20 +41,35 @@ from .method import Method
 ASSIGNED_CROPS = (0, 1)  # crops_for_assign: the two crops at the input size
 
 
+def logsumexp_all(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """log Σ exp(x) over every process's x (along `dim`, or over everything), stabilised by the
+    largest term: max over the processes, then the sum of exp(x - max)."""
+    peak = distributed.all_reduce_max(x.amax() if dim is None else x.amax(dim=dim, keepdim=True))
+    return (
+        peak
+        + distributed.all_reduce_sum(
+            (x - peak).exp().sum() if dim is None else (x - peak).exp().sum(dim=dim, keepdim=True)
+        ).log()
+    )
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
     """Codes Q (B x K) whose columns (prototypes) share the global batch equally and whose rows
-    (samples) each sum to 1, from scores (B x K) of this process's samples; sums over every process."""
-    q = torch.exp(scores / epsilon).T  # K x B
-    batch = q.shape[1] * distributed.get_world_size()
-    prototypes = q.shape[0]
-    q /= distributed.all_reduce_sum(q.sum())
+    (samples) each sum to 1, from scores (B x K) of this process's samples; sums over every process.
+
+    The official iteration, in the log domain: log Q = S/ε, and each division by a sum is the
+    subtraction of a logsumexp. The same numbers where exp(S/ε) is representable; where it is not
+    (ε < 1/88 in float32 for unit-norm scores, or a prototype whose every exp underflows, which the
+    official code divides 0 by 0 for), still finite."""
+    log_q = (scores.float() / epsilon).T  # K x B
+    batch = log_q.shape[1] * distributed.get_world_size()
+    log_prototypes, log_batch = math.log(log_q.shape[0]), math.log(batch)
+    log_q = log_q - logsumexp_all(log_q)
     for _ in range(iterations):
-        q /= distributed.all_reduce_sum(q.sum(dim=1, keepdim=True))  # each prototype's total: 1/K
-        q /= prototypes
-        q /= q.sum(dim=0, keepdim=True)  # each sample's total: 1/B
-        q /= batch
-    return (q * batch).T  # each sample's codes sum to 1
+        log_q = log_q - logsumexp_all(log_q, dim=1) - log_prototypes  # each prototype's total: 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - log_batch  # each sample's total: 1/B
+    return (log_q + log_batch).exp().T  # each sample's codes sum to 1
 
 
 class SwAV(Method):

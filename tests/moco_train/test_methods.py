@@ -27,7 +27,7 @@ from moco_train.evaluate import extract_features
 from moco_train.instdisc import InstDisc
 from moco_train.methods import method_spec
 from moco_train.simclr import SimCLR
-from moco_train.swav import SwAV
+from moco_train.swav import SwAV, sinkhorn
 from moco_train.trainer import Trainer
 from tests.images import noise_images
 from tests.moco_train.test_distributed import log_records
@@ -217,6 +217,20 @@ def test_swav_codes_and_swapped_prediction_with_multi_crop():
     np.testing.assert_allclose(np64(codes).sum(1), 1.0, rtol=1e-6)  # each sample's codes: a distribution
     expected = swav_loss_by_hand(by_hand_scores, by_hand_codes, crops=4, tau=0.1)
     assert model.loss(scores, codes).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("eps", (0.05, 0.01))
+def test_swav_sinkhorn_in_float32_equals_float64_where_exp_overflows(eps):
+    """Unit-norm scores: exp(S/ε) reaches e^100 at ε 0.01, past float32's e^88 (the direct official
+    iteration returns NaN there); the log-domain iteration gives float64's codes at every ε."""
+    g = torch.Generator().manual_seed(0)
+    z = nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    prototypes = nn.functional.normalize(torch.randn(30, 16, generator=g), dim=1)
+    z[:10] = prototypes[:10]  # samples on their prototype: a score of 1
+    scores = z @ prototypes.T  # in [-1, 1]
+    codes = sinkhorn(scores, eps, 3)
+    assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
+    np.testing.assert_allclose(np64(codes), sinkhorn_by_hand(np64(scores), eps, 3), rtol=1e-4, atol=1e-6)
 
 
 def test_swav_queue_fills_newest_first_and_feeds_sinkhorn_once_full():
