@@ -467,7 +467,7 @@ def recipe_data_rate(data: str, pipeline: str, sizes: Sizes, work: Path) -> dict
     start, pairs = None, 0
     for epoch in range(2):
         trainer.epoch = epoch
-        for im_q, _im_k, _failed in trainer._loader():  # the loader train() iterates, as it builds it
+        for im_q, *_ in trainer._loader():  # the loader train() iterates, as it builds it
             if start is None:  # timed from the first batch: worker start-up and decoding excluded
                 start = time.perf_counter()
                 continue

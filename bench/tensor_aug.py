@@ -58,7 +58,7 @@ def recipes(p: Preprocessing) -> dict[str, TwoCropsTransform]:
 def timed_epoch(batches) -> float:
     """images/s over the batches after the first (the first pays for start-up)."""
     start, count = None, 0
-    for im_q, _, _ in batches:
+    for im_q, *_ in batches:
         if start is None:
             start = time.perf_counter()
             continue

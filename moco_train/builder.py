@@ -18,13 +18,17 @@ from .split_bn import SplitBatchNorm2d
 BN_MODES = ("split", "shuffle", "sync", "none")
 
 
-def build_encoder(arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1) -> nn.Module:
+def build_encoder(
+    arch: str, dim: int, mlp: bool, cifar_stem: bool, bn_splits: int = 1, zero_init_residual: bool = False
+) -> nn.Module:
     """A ResNet whose fc is the projection head: Linear(dim), or MoCo v2's MLP (fc.0, ReLU, fc.2).
 
     bn_splits > 1: SplitBatchNorm2d everywhere (single-device shuffle-BN emulation). --bn sync's
     global BatchNorm is applied by the trainer under DDP (global_bn.synchronise_batchnorm)."""
     norm_layer = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else None
-    encoder = build_resnet(arch, num_classes=dim, cifar_stem=cifar_stem, norm_layer=norm_layer)
+    encoder = build_resnet(
+        arch, num_classes=dim, cifar_stem=cifar_stem, norm_layer=norm_layer, zero_init_residual=zero_init_residual
+    )
     if mlp:
         dim_mlp = feature_dim(encoder)
         encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), encoder.fc)

@@ -19,11 +19,20 @@ from moco_retrieval.onnx import to_onnx
 from moco_retrieval.options import add_options, from_args
 
 from .checkpoint import CheckpointError, load_file, to_export, to_official
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, TrainingDiverged
 from .curves import RunLogError
 from .data import DataError
 
-USER_ERRORS = (DataError, ConfigError, DeviceError, CheckpointError, ExportError, RunLogError, OSError)
+USER_ERRORS = (
+    DataError,
+    ConfigError,
+    DeviceError,
+    CheckpointError,
+    ExportError,
+    RunLogError,
+    TrainingDiverged,
+    OSError,
+)
 
 
 def _train_parser(sub) -> None:

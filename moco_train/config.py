@@ -26,10 +26,22 @@ ARCHS = (*RESNET_ARCHS, *VIT_ARCHS)
 METHODS = ("moco", "instdisc", "simclr", "byol", "barlow", "swav")
 # Methods whose --lr is a base rate per 256 images, as their official code scales it (MoCo v3 too).
 LR_PER_256 = ("simclr", "byol", "barlow", "swav")
+# A recipe's warm-up (unless --warmup-epochs is given) takes at most this share of the run. The
+# official recipes' largest share is MoCo v3 ViT's 40 of 300 epochs (13%), so at the papers'
+# schedules it changes nothing; on a 1-10 epoch budget the rate still peaks and the cosine runs.
+WARMUP_SHARE = 0.15
+# BYOL's presets by schedule length (google-deepmind/byol, byol/configs/byol.py: _LR_PRESETS,
+# _WD_PRESETS, _EMA_PRESETS): a run takes the preset of the shortest listed length >= its own.
+BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
 
 
 class ConfigError(ValueError):
     """Options that do not fit together or this machine (a user error: reported in one line)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A step's loss or gradients were not finite: the run stops before that step's update, so no
+    checkpoint holds its weights (reported in one line, as the user errors are)."""
 
 
 @dataclass
@@ -69,7 +81,9 @@ class TrainConfig:
     schedule: list[int] = option([120, 160], help="epochs at which the lr drops x0.1 (without --cos)")
     cos: bool = option(False, help="half-cosine lr schedule (after --warmup-epochs)")
     warmup_epochs: float | None = option(
-        None, help="linear lr warm-up; default 0 (v1/v2), v3: 10 (ResNets) and 40 (ViTs), the official recipes'"
+        None,
+        help="linear lr warm-up, taken as given; default: the recipe's (0 for v1/v2, instdisc and swav; 10 for "
+        "v3 ResNets, simclr, byol and barlow; 40 for v3 ViTs) capped at 15%% of the run",
     )
     optimizer: str = option(
         "auto", choices=("auto", "sgd", "lars", "adamw"), help="auto: SGD (v1/v2), LARS (v3 ResNets), AdamW (v3 ViTs)"
@@ -241,10 +255,19 @@ class Recipe:
     moco_t: float
     crop_min: float
     mlp_dim: int = 4096  # hidden width of the MLP heads
+    bias_lr_scale: float = 1.0  # biases' and normalisation parameters' rate, relative to lr (Barlow Twins')
+    zero_init_residual: bool = False  # each residual block's last BN starts at zero (SimCLR, BYOL, Barlow Twins)
 
 
-def resolve(cfg: TrainConfig, small: bool) -> Recipe:
-    """Fill in the defaults that depend on the method and the data (`small`: crops <= 64 px).
+def capped_warmup(recipe_epochs: float, run_epochs: float) -> float:
+    """The recipe's warm-up, at most WARMUP_SHARE of the run."""
+    return min(recipe_epochs, WARMUP_SHARE * run_epochs)
+
+
+def resolve(cfg: TrainConfig, small: bool, epochs: float | None = None) -> Recipe:
+    """Fill in the defaults that depend on the method, the data (`small`: crops <= 64 px) and the
+    run's length (`epochs`, default --epochs): the recipe's warm-up is capped at WARMUP_SHARE of the
+    run unless --warmup-epochs is given, and BYOL takes its preset for the run's length.
 
     v1/v2 follow facebookresearch/moco (lr 0.03, wd 1e-4, m 0.999, τ 0.07 or v2's 0.2, crop scale
     from 0.2). For v2 on small crops τ is 0.1, the official CIFAR-10 demo's value, which also
@@ -257,10 +280,11 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
     def pick(value, default):
         return default if value is None else value
 
+    epochs = cfg.epochs if epochs is None else epochs
     if cfg.crop_min is not None and not 0 < cfg.crop_min <= 1:
         raise ConfigError(f"--crop-min {cfg.crop_min}: a share of the image's area, in (0, 1]")
     if cfg.method != "moco":
-        return resolve_other(cfg, small)
+        return resolve_other(cfg, small, epochs)
     if cfg.moco_v3:
         vit = cfg.arch in VIT_ARCHS
         optimizer = ("adamw" if vit else "lars") if cfg.optimizer == "auto" else cfg.optimizer
@@ -269,7 +293,7 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
             lr=base_lr * cfg.batch_size / 256,
             weight_decay=pick(cfg.weight_decay, 0.1 if optimizer == "adamw" else 1e-6),
             optimizer=optimizer,
-            warmup_epochs=pick(cfg.warmup_epochs, 40 if vit else 10),
+            warmup_epochs=pick(cfg.warmup_epochs, capped_warmup(40 if vit else 10, epochs)),
             moco_dim=pick(cfg.moco_dim, 256),
             moco_m=pick(cfg.moco_m, 0.99),
             moco_m_cos=pick(cfg.moco_m_cos, True),
@@ -292,21 +316,28 @@ def resolve(cfg: TrainConfig, small: bool) -> Recipe:
     )
 
 
-def paper_defaults(method: str, arch: str, small: bool) -> dict[str, Any]:
-    """What each method's paper or official code trains with (lr: the rate itself for instdisc, a base
-    rate per 256 images for the others; small: crops of 64 px or less).
+def paper_defaults(method: str, arch: str, small: bool, epochs: float, multi_crop: int = 0) -> dict[str, Any]:
+    """What each method's paper or official code trains with for a run of `epochs` (lr: the rate
+    itself for instdisc, a base rate per 256 images for the others; small: crops of 64 px or less;
+    warmup_epochs: the recipe's, which resolve caps at WARMUP_SHARE of the run).
       instdisc: lemniscate.pytorch's main.py (ImageNet) and cifar.py (small): SGD 0.03, wd 1e-4
         (5e-4), τ 0.07 (0.1), 128-d, MoCo v1's crop scale 0.2;
       simclr: the paper's ImageNet recipe (LARS, base 0.3, wd 1e-6, τ 0.1, 10 warm-up epochs) or its
-        official CIFAR-10 command (base 1.0, wd 1e-4, τ 0.5); 128-d out, hidden = the backbone's width;
-      byol: LARS base 0.2, wd 1.5e-6, 10 warm-up epochs, 4096-256 MLPs, τ_base 0.996 (cosine to 1);
-      barlow: LARS base 0.2, wd 1.5e-6, 10 warm-up epochs, the paper's λ; projector 2048-2048-2048
-        (official: 8192, scaled down for the CPU);
-      swav: its batch-256 recipe: LARS base 0.6, wd 1e-6, no warm-up, 2048-128 head, τ 0.1, crop
-        scale (0.14, 1).
-    Crops of 64 px or less start at 0.08 (SwAV's stay at 0.14: its small crops span (0.05, 0.14))."""
+        official CIFAR-10 command (base 1.0, wd 1e-4, τ 0.5); 128-d out, hidden = the backbone's
+        width; zero-initialised residual BNs (google-research/simclr resnet.py, init_zero);
+      byol: LARS, 10 warm-up epochs, 4096-256 MLPs, τ_base cosine to 1; base lr, wd and τ_base from
+        deepmind's presets by length (BYOL_PRESETS: 0.45, 1e-6, 0.97 up to 40 epochs ... 0.2, 1.5e-6,
+        0.996 at 1000); zero-initialised residual BNs (byol/utils/networks.py);
+      barlow: LARS base 0.2 for weights and 0.0048 for biases and BN parameters (main.py's
+        --learning-rate-weights and --learning-rate-biases), wd 1.5e-6, 10 warm-up epochs, the paper's
+        λ; projector 2048-2048-2048 (official: 8192, scaled down for the CPU); zero-initialised
+        residual BNs (main.py: resnet50(zero_init_residual=True));
+      swav: its batch-256 recipe: LARS base 0.6, wd 1e-6, no warm-up, 2048-128 head, τ 0.1; crop scale
+        (0.14, 1) with multi-crop, (0.08, 1) with two crops (the official 2x224 scripts' --min_scale_crops).
+    Crops of 64 px or less start at 0.08 (SwAV's multi-crop at 0.14: its small crops span (0.05, 0.14))."""
     crop_min = 0.08 if small else 0.2
     lars = dict(optimizer="lars", moco_m=0.0, moco_m_cos=False, crop_min=0.08)
+    byol_lr, byol_wd, byol_tau = BYOL_PRESETS[min((n for n in BYOL_PRESETS if n >= epochs), default=max(BYOL_PRESETS))]
     return {
         "instdisc": dict(
             optimizer="sgd",
@@ -328,33 +359,53 @@ def paper_defaults(method: str, arch: str, small: bool) -> dict[str, Any]:
             moco_dim=128,
             moco_t=0.5 if small else 0.1,
             mlp_dim=backbone_dim(arch),
+            zero_init_residual=True,
         ),
         "byol": dict(
+            lars,
+            lr=byol_lr,
+            weight_decay=byol_wd,
+            warmup_epochs=10,
+            moco_dim=256,
+            moco_m=byol_tau,
+            moco_m_cos=True,
+            moco_t=0.0,
+            mlp_dim=4096,
+            zero_init_residual=True,
+        ),
+        "barlow": dict(
             lars,
             lr=0.2,
             weight_decay=1.5e-6,
             warmup_epochs=10,
-            moco_dim=256,
-            moco_m=0.996,
-            moco_m_cos=True,
+            moco_dim=2048,
             moco_t=0.0,
-            mlp_dim=4096,
+            mlp_dim=2048,
+            bias_lr_scale=0.0048 / 0.2,
+            zero_init_residual=True,
         ),
-        "barlow": dict(lars, lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, moco_dim=2048, moco_t=0.0, mlp_dim=2048),
         "swav": dict(
-            lars, lr=0.6, weight_decay=1e-6, warmup_epochs=0, moco_dim=128, moco_t=0.1, crop_min=0.14, mlp_dim=2048
+            lars,
+            lr=0.6,
+            weight_decay=1e-6,
+            warmup_epochs=0,
+            moco_dim=128,
+            moco_t=0.1,
+            crop_min=0.14 if multi_crop else 0.08,
+            mlp_dim=2048,
         ),
     }[method]
 
 
-def resolve_other(cfg: TrainConfig, small: bool) -> Recipe:
+def resolve_other(cfg: TrainConfig, small: bool, epochs: float) -> Recipe:
     """The Recipe of instdisc, simclr, byol, barlow or swav: paper_defaults, each overridden by its
     option; --lr is the rate itself for instdisc and a base rate per 256 images for the others."""
     if cfg.moco_v3 or cfg.symmetric or cfg.mlp:
         raise ConfigError(f"--moco-v3, --symmetric and --mlp are MoCo options; --method {cfg.method} has its own head")
     if cfg.arch in VIT_ARCHS:
         raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --method moco --moco-v3")
-    d = paper_defaults(cfg.method, cfg.arch, small)
+    d = paper_defaults(cfg.method, cfg.arch, small, epochs, cfg.multi_crop)
+    d["warmup_epochs"] = capped_warmup(d["warmup_epochs"], epochs)
     given = {
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
@@ -367,7 +418,7 @@ def resolve_other(cfg: TrainConfig, small: bool) -> Recipe:
         "crop_min": cfg.crop_min,
         "mlp_dim": cfg.moco_mlp_dim,
     }
-    values = {name: d[name] if value is None else value for name, value in given.items()}
+    values = {**d, **{name: value for name, value in given.items() if value is not None}}
     if cfg.method in LR_PER_256:
         values["lr"] *= cfg.batch_size / 256
     return Recipe(**values)

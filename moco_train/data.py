@@ -119,9 +119,10 @@ def with_seed(seed: int, fn: Callable, *args):
 
 
 class UnlabeledImages(Dataset):
-    """The transform's views of an image (two crops for MoCo), then the decode failures met. Items
-    are addressed by (epoch, index) so that augmentation is deterministic; an image that fails to
-    decode is replaced by the next one and reported."""
+    """The transform's views of an image (two crops for MoCo), the index of the image they are views
+    of, then the decode failures met. Items are addressed by (epoch, index) so that augmentation is
+    deterministic; an image that fails to decode is replaced by the next one and reported, and the
+    item names the image it holds (InstDisc writes its feature into that image's bank row)."""
 
     def __init__(self, paths: Sequence[Path], transform: Callable, seed: int) -> None:
         if not paths:
@@ -143,14 +144,15 @@ class UnlabeledImages(Dataset):
             except ImageDecodeError as exc:
                 failed.append((i, str(exc)))
                 continue
-            return *with_seed(sample_seed(self.seed, epoch, index), self.transform, img), failed
+            return *with_seed(sample_seed(self.seed, epoch, index), self.transform, img), i, failed
         raise DataError("no image in the dataset can be decoded")
 
 
 def collate_pairs(batch):
-    """(im_q, im_k, ..., [(index, reason) of images that failed to decode]): each view stacked."""
-    views = [torch.stack(view) for view in zip(*(b[:-1] for b in batch))]
-    return *views, [f for b in batch for f in b[-1]]
+    """(im_q, im_k, ..., the images' indices, [(index, reason) of images that failed to decode]):
+    each view stacked."""
+    views = [torch.stack(view) for view in zip(*(b[:-2] for b in batch))]
+    return *views, torch.tensor([b[-2] for b in batch], dtype=torch.long), [f for b in batch for f in b[-1]]
 
 
 class EpochSampler(Sampler):
@@ -187,11 +189,6 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter([(self.epoch, i) for i in self._indices()])
-
-    def batch_indices(self, batch_size: int) -> list[torch.Tensor]:
-        """This process's sample indices, one (batch_size,) tensor per batch, in the order a loader
-        over this sampler yields the batches (InstDisc's memory bank is addressed by them)."""
-        return list(torch.tensor(self._indices(), dtype=torch.long).split(batch_size))
 
     def __len__(self) -> int:
         return len(self._indices())

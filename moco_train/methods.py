@@ -48,9 +48,11 @@ class MethodSpec:
     cosine: bool  # always warm-up then half-cosine (else --cos chooses against --schedule)
 
 
-def resnet_with_head(arch: str, cifar_stem: bool, head: Callable[[int], nn.Module]) -> nn.Module:
+def resnet_with_head(
+    arch: str, cifar_stem: bool, head: Callable[[int], nn.Module], zero_init_residual: bool = False
+) -> nn.Module:
     """A ResNet (random weights) whose fc is head(backbone width): the method's exported encoder."""
-    encoder = build_resnet(arch, cifar_stem=cifar_stem)
+    encoder = build_resnet(arch, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)
     encoder.fc = head(feature_dim(encoder))
     return encoder
 
@@ -93,10 +95,19 @@ def build_instdisc(cfg: TrainConfig, recipe: Recipe, ctx: BuildContext) -> InstD
 
 def build_simclr(cfg: TrainConfig, recipe: Recipe, ctx: BuildContext) -> SimCLR:
     if cfg.simclr_head == "linear":
-        encoder = build_encoder(cfg.arch, recipe.moco_dim, mlp=False, cifar_stem=ctx.cifar_stem)
+        encoder = build_encoder(
+            cfg.arch,
+            recipe.moco_dim,
+            mlp=False,
+            cifar_stem=ctx.cifar_stem,
+            zero_init_residual=recipe.zero_init_residual,
+        )
     else:
         encoder = resnet_with_head(
-            cfg.arch, ctx.cifar_stem, lambda width: build_mlp(2, width, recipe.mlp_dim, recipe.moco_dim)
+            cfg.arch,
+            ctx.cifar_stem,
+            lambda width: build_mlp(2, width, recipe.mlp_dim, recipe.moco_dim),
+            recipe.zero_init_residual,
         )
     return SimCLR(encoder, T=recipe.moco_t)
 
@@ -105,13 +116,16 @@ def build_byol(cfg: TrainConfig, recipe: Recipe, ctx: BuildContext) -> BYOL:
     def projector(width: int):
         return build_mlp(2, width, recipe.mlp_dim, recipe.moco_dim, last_bn=False, last_bias=True)
 
-    encoder = resnet_with_head(cfg.arch, ctx.cifar_stem, projector)
+    encoder = resnet_with_head(cfg.arch, ctx.cifar_stem, projector, recipe.zero_init_residual)
     return BYOL(encoder, dim=recipe.moco_dim, mlp_dim=recipe.mlp_dim, m=recipe.moco_m)
 
 
 def build_barlow(cfg: TrainConfig, recipe: Recipe, ctx: BuildContext) -> BarlowTwins:
     encoder = resnet_with_head(
-        cfg.arch, ctx.cifar_stem, lambda width: build_mlp(3, width, recipe.mlp_dim, recipe.moco_dim, last_bn=False)
+        cfg.arch,
+        ctx.cifar_stem,
+        lambda width: build_mlp(3, width, recipe.mlp_dim, recipe.moco_dim, last_bn=False),
+        recipe.zero_init_residual,
     )
     return BarlowTwins(encoder, recipe.moco_dim, lambd=cfg.barlow_lambda)
 

@@ -52,8 +52,16 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    name: str, params: list[nn.Parameter], lr: float, weight_decay: float, momentum: float
+    name: str, params: list[nn.Parameter], lr: float, weight_decay: float, momentum: float, bias_lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:
+    """The optimizer over one group, or (bias_lr_scale != 1, Barlow Twins' official LARS) two: the
+    weights at lr, then the biases and normalisation parameters (the 1-D tensors) at lr x bias_lr_scale.
+    The lr schedule multiplies each group's own rate."""
+    if bias_lr_scale != 1.0:
+        params = [
+            {"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "lr": lr * bias_lr_scale},
+        ]
     if name == "sgd":
         return torch.optim.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":

@@ -9,8 +9,46 @@ import torch
 import torch.nn as nn
 
 from moco_retrieval.architectures import head_prefix
+from moco_retrieval.preprocessing import is_small
 
-from .checkpoint import CheckpointError, encoder_weights, load_file
+from .checkpoint import CheckpointError, EncoderWeights, encoder_weights, load_file
+
+STEMS = {True: "the CIFAR stem (3x3 conv, no max-pool)", False: "the standard stem (7x7 conv, max-pool)"}
+CIFAR_SIZE = 32  # the input size of a CIFAR-stem file that records none (a plain state dict)
+
+
+def read_init(path: str | Path) -> EncoderWeights:
+    """What --init FILE holds (a one-line CheckpointError where it holds no encoder)."""
+    return encoder_weights(load_file(path), str(path))
+
+
+def fit_to_init(
+    weights: EncoderWeights, path: str | Path, crop_size: int | None, cifar_stem: str, data_size: int
+) -> tuple[int | None, str, str | None]:
+    """(--crop-size, --cifar-stem, a notice or None) for a run that starts from `weights` on images
+    whose own training size is `data_size`: where the stem is left to auto and auto would not give
+    the file's, the one flag that fixes it is set. A CIFAR-stem file on large images trains at its
+    own input size (32 px for the committed encoder), where auto gives the CIFAR stem; a standard-
+    stem file on small images trains with --cifar-stem off; with --crop-size given, the stem is the
+    file's. An explicit --cifar-stem is kept, and a mismatch is then init_encoder's one-line error."""
+    if cifar_stem != "auto":
+        return crop_size, cifar_stem, None
+    auto = is_small(crop_size or data_size)
+    if auto == weights.cifar_stem:
+        return crop_size, cifar_stem, None
+    if weights.cifar_stem and crop_size is None:
+        size = weights.preprocessing.input_size if weights.preprocessing else CIFAR_SIZE
+        size = size if is_small(size) else CIFAR_SIZE
+        return (
+            size,
+            cifar_stem,
+            (
+                f"--init {path} has {STEMS[True]} and was trained at {size} px: training at --crop-size {size} "
+                "(--crop-size and --cifar-stem choose otherwise)"
+            ),
+        )
+    stem = "on" if weights.cifar_stem else "off"
+    return crop_size, stem, f"--init {path} has {STEMS[weights.cifar_stem]}: training with --cifar-stem {stem}"
 
 
 def fits(module: nn.Module, state: dict[str, torch.Tensor] | None, prefix: str = "") -> bool:
@@ -22,7 +60,12 @@ def fits(module: nn.Module, state: dict[str, torch.Tensor] | None, prefix: str =
 
 
 def init_encoder(
-    encoder: nn.Module, path: str | Path, arch: str, cifar_stem: bool, predictor: nn.Module | None = None
+    encoder: nn.Module,
+    weights: EncoderWeights,
+    path: str | Path,
+    arch: str,
+    cifar_stem: bool,
+    predictor: nn.Module | None = None,
 ) -> str:
     """Load the starting weights of f_q (`encoder`; the trainer copies them into f_k) and, for MoCo
     v3, of its `predictor`, from any file that `checkpoint.encoder_weights` reads. The backbone must
@@ -30,14 +73,12 @@ def init_encoder(
     taken when every one of its shapes fits (a MoCo file of the same --mlp/--moco-dim) and
     re-initialised otherwise (an ImageNet classifier, another head); so is v3's predictor (an
     official moco-v3 checkpoint's, ViT or ResNet, or ours). Returns what was loaded, for the log."""
-    weights = encoder_weights(load_file(path), str(path))
     if weights.arch is not None and weights.arch != arch:
         raise CheckpointError(f"{path}: holds a {weights.arch}, but this run trains a {arch} (use -a {weights.arch})")
     if weights.cifar_stem != cifar_stem:
-        stem = {True: "the CIFAR stem (3x3 conv, no max-pool)", False: "the standard stem (7x7 conv, max-pool)"}
         raise CheckpointError(
-            f"{path}: was trained with {stem[weights.cifar_stem]}, but this run uses "
-            f"{stem[cifar_stem]}; set --cifar-stem or --crop-size to match"
+            f"{path}: was trained with {STEMS[weights.cifar_stem]}, but this run uses "
+            f"{STEMS[cifar_stem]}; set --cifar-stem or --crop-size to match"
         )
     own = encoder.state_dict()
     prefix = head_prefix(arch)

@@ -134,8 +134,8 @@ class TensorImages:
 
 
 class TensorBatches:
-    """What the training loop iterates, like its DataLoader: (*views, failed) per step for the
-    sampler's keys of this process (failed is always empty: the corpus was decoded up front)."""
+    """What the training loop iterates, like its DataLoader: (*views, indices, failed) per step for
+    the sampler's keys of this process (failed is always empty: the corpus was decoded up front)."""
 
     def __init__(self, dataset: TensorImages, sampler: EpochSampler, batch_size: int) -> None:
         self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
@@ -147,4 +147,5 @@ class TensorBatches:
         keys = list(self.sampler)  # (epoch, index), a whole number of batches
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = keys[start : start + self.batch_size]
-            yield *self.dataset.augment(batch[0][0], [index for _, index in batch]), []
+            indices = [index for _, index in batch]
+            yield *self.dataset.augment(batch[0][0], indices), torch.tensor(indices, dtype=torch.long), []

@@ -40,16 +40,25 @@ from .checkpoint import (
     set_rng_state,
     to_export,
 )
-from .config import COMPILE_MIN_STEPS, ConfigError, TrainConfig, resolve
+from .config import COMPILE_MIN_STEPS, WARMUP_SHARE, ConfigError, TrainConfig, TrainingDiverged, resolve
 from .curves import plot_run
 from .data import DataError, EpochSampler, UnlabeledImages, collate_pairs, detect_geometry, find_images, validate
 from .evaluate import BankRows, extract_features, knn_against, knn_evaluate
 from .global_bn import has_global_batchnorm, synchronise_batchnorm
 from .methods import BuildContext, method_spec
 from .optim import build_optimizer, cosine_momentum, lr_factor
-from .pretrained import init_encoder
+from .pretrained import fit_to_init, init_encoder, read_init
 from .tensor_data import TensorBatches, TensorImages, resolve_pipeline, store_side
 from .transforms import PilView, ViewsTransform
+
+# Under fp16, GradScaler skips a step whose gradients overflowed and halves its scale (its design:
+# the scale was too high). A scale below this (fairseq's --min-loss-scale) is no longer overflow
+# at a high scale but a loss or gradient that is not finite at all: about 29 such steps in a row.
+FP16_MIN_SCALE = 1e-4
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -137,6 +146,7 @@ class Trainer:
             )
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = JsonLog(self.run_dir / "log.jsonl", enabled=False)  # fit opens it
 
         # The same seed on every rank: identical initial weights and queue without a broadcast, and
         # identical RNG streams (only rank 0's key permutation is used), so rank 0's RNG state in a
@@ -157,7 +167,14 @@ class Trainer:
         if not good:
             raise DataError(f"{cfg.data}: none of the {len(paths)} image files can be read")
         geometry = detect_geometry(good)
-        input_size = cfg.crop_size or (geometry.size if geometry.small else 224)
+        data_size = geometry.size if geometry.small else 224
+        crop_size, cifar_stem = cfg.crop_size, cfg.cifar_stem
+        self.init_weights = read_init(cfg.init) if cfg.init else None
+        if self.init_weights is not None and cfg.arch not in VIT_ARCHS:  # train where the file's stem fits
+            crop_size, cifar_stem, notice = fit_to_init(self.init_weights, cfg.init, crop_size, cifar_stem, data_size)
+            if notice and self.main:
+                warnings.warn(notice, stacklevel=2)
+        input_size = crop_size or data_size
         if cfg.arch in VIT_ARCHS:
             if self.spec.label != "v3":
                 raise ConfigError(f"-a {cfg.arch}: Vision Transformers train with --moco-v3 (--method moco)")
@@ -168,10 +185,12 @@ class Trainer:
         # The stem follows the crop the network sees, not the files: large photos trained at
         # --crop-size 64 need the CIFAR stem too, or the last feature map is 2x2.
         self.cifar_stem = cfg.arch not in VIT_ARCHS and (
-            is_small(input_size) if cfg.cifar_stem == "auto" else cfg.cifar_stem == "on"
+            is_small(input_size) if cifar_stem == "auto" else cifar_stem == "on"
         )
         self.preprocessing = Preprocessing.for_input_size(input_size)
-        self.recipe = resolve(cfg, is_small(input_size))
+        # The run's length in epochs of the usable images (what the warm-up cap and BYOL's presets follow).
+        run_epochs = cfg.max_steps / max(1, len(good) // cfg.batch_size) if cfg.max_steps else cfg.epochs
+        self.recipe = resolve(cfg, is_small(input_size), run_epochs)
         views = self.spec.views(self.preprocessing, cfg, self.recipe)
         transform = ViewsTransform([PilView(self.preprocessing, view) for view in views])
         self.data_pipeline = resolve_pipeline(cfg.data_pipeline, self.device, input_size)
@@ -207,7 +226,7 @@ class Trainer:
         if cfg.init:
             query, *copies = self.model.encoders()
             predictor = getattr(self.model, "predictor", None)
-            self.init_source = init_encoder(query, cfg.init, cfg.arch, self.cifar_stem, predictor)
+            self.init_source = init_encoder(query, self.init_weights, cfg.init, cfg.arch, self.cifar_stem, predictor)
             for copy in copies:
                 copy.load_state_dict(query.state_dict())  # f_k.params = f_q.params
         if not self.spec.shuffle_bn or self.bn == "sync":
@@ -244,7 +263,9 @@ class Trainer:
                 static_graph=has_global_batchnorm(self.model),
             )
         params = [p for p in self.model.parameters() if p.requires_grad]  # not f_k, nor a frozen patch projection
-        self.optimizer = build_optimizer(recipe.optimizer, params, recipe.lr, recipe.weight_decay, cfg.momentum)
+        self.optimizer = build_optimizer(
+            recipe.optimizer, params, recipe.lr, recipe.weight_decay, cfg.momentum, recipe.bias_lr_scale
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             partial(
@@ -258,6 +279,22 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.recipe.warmup_epochs * self.steps_per_epoch)
+
+    def schedule_line(self) -> str:
+        """The rate a run peaks at and how it gets there, in one line (printed at the start)."""
+        r, cfg = self.recipe, self.cfg
+        warmup = (
+            f"a {r.warmup_epochs:g}-epoch warm-up ({self.warmup_steps} of {self.total_steps} steps"
+            + (f"; the recipe's, at most {WARMUP_SHARE:.0%} of the run)" if cfg.warmup_epochs is None else ")")
+            if r.warmup_epochs
+            else "no warm-up"
+        )
+        decay = "a half-cosine to 0" if cfg.cos or self.spec.cosine else f"x0.1 at epochs {cfg.schedule}"
+        return f"schedule: {r.optimizer} at a peak lr of {r.lr:.4g} after {warmup}, then {decay}"
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -341,14 +378,41 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.model.after_backward(self.global_step)
-        self.scaler.step(self.optimizer)
+        acc = self.model.accuracy(*output)
+        metrics = [loss.detach().float(), self._finite(loss)] + ([] if acc is None else [acc])
+        reduced = distributed.all_reduce_mean(torch.stack(metrics)).tolist()  # over the global batch
+        if reduced[1] < 1:  # the same verdict on every rank: the flag is reduced with the loss
+            self._diverged(f"the loss ({reduced[0]:g}) or its gradients are not finite")
+        self.scaler.step(self.optimizer)  # fp16: skipped where the scaled gradients overflowed
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < FP16_MIN_SCALE:
+            self._diverged(f"GradScaler's scale fell below {FP16_MIN_SCALE:g}: its steps keep overflowing")
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        acc = self.model.accuracy(*output)
-        metrics = [loss.detach().float()] + ([] if acc is None else [acc])
-        reduced = distributed.all_reduce_mean(torch.stack(metrics)).tolist()  # over the global batch
-        return {"loss": reduced[0], **({} if acc is None else {"acc": 100.0 * reduced[1]}), "lr": lr}
+        return {"loss": reduced[0], **({} if acc is None else {"acc": 100.0 * reduced[2]}), "lr": lr}
+
+    def _finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """1.0 where the loss and every gradient are finite, else 0.0 (a tensor: no sync here). Under
+        fp16 GradScaler judges the scaled gradients itself (it skips an overflow), so only the loss
+        counts: a non-finite loss means the forward itself overflowed, and it has already written its
+        keys into a queue or bank and its statistics into the BatchNorms, which no skip undoes."""
+        finite = torch.isfinite(loss.detach())
+        if self.scaler.is_enabled():
+            return finite.float()
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else loss.new_zeros(())
+        return (finite & torch.isfinite(total)).float()
+
+    def _diverged(self, what: str) -> None:
+        """Stop at this step: its update is not applied and nothing after the last checkpoint is saved."""
+        step, precision = self.global_step + 1, precision_name(self.amp_dtype)
+        method = f"moco {self.spec.label}" if self.cfg.method == "moco" else self.cfg.method
+        self.log.write(event="diverged", step=step, reason=what)
+        raise TrainingDiverged(
+            f"step {step}: {what} ({method} in {precision}); stopped before updating the weights, so the "
+            f"checkpoints in {self.run_dir} are from earlier steps (try a lower --lr"
+            + (")" if self.amp_dtype is None else ", or --amp off)")
+        )
 
     def _loader(self) -> DataLoader | TensorBatches:
         """One loader for the whole run: workers decode and augment, persist across epochs and read
@@ -426,7 +490,11 @@ class Trainer:
             data_pipeline=self.data_pipeline,
             steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps,
+            peak_lr=self.recipe.lr,
+            warmup_steps=self.warmup_steps,
         )
+        if self.main and cfg.progress:
+            print(self.schedule_line(), file=sys.stderr)
         summary: dict[str, Any] = {}
         self.model.train()
         while self.global_step < self.total_steps:
@@ -448,7 +516,7 @@ class Trainer:
         )
         sums, n, images, start = {}, 0, 0, time.perf_counter()
         loader = self._loader()
-        for (*views, failed), index in zip(loader, self.sampler.batch_indices(self.local_batch)):
+        for *views, index, failed in loader:
             self._report_failures(failed)
             metrics = self.train_step(*views, index=index)
             self.step_in_epoch += 1

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -80,6 +81,40 @@ def test_demo_on_a_folder_without_labels(demo_data: Path, tmp_path: Path) -> Non
     assert "running without labels" in result.stdout
     assert_contact_sheet(Path(summary["contact_sheet"]))
     assert summary["server_exit_code"] == 0
+
+
+def photo_folder(root: Path) -> Path:
+    """A labelled folder of generated photos (200 x 150 JPEGs, 3 classes of 12 training and 4 held-out
+    images): each class a colour and a stripe direction, with noise."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (50, 60, 200)}
+    for c, (name, colour) in enumerate(colours.items()):
+        for split, count in (("train", 12), ("test", 4)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                y, x = np.mgrid[0:150, 0:200]
+                stripes = (np.sin((x if c != 1 else y) / (6 + c * 3)) > 0)[..., None]
+                pixels = np.where(stripes, colour, (235, 235, 235)) + rng.normal(0, 25, (150, 200, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def test_demo_on_a_folder_of_photos_builds_on_the_committed_encoder_at_its_size(tmp_path: Path) -> None:
+    """The README's `--data DIR` on photo-sized images: the committed encoder is a 32 px CIFAR-stem
+    ResNet-18, so the run trains (and the export serves) at 32 px, and says so in one line."""
+    photos = photo_folder(tmp_path / "photos")
+    out = tmp_path / "out"
+    result, summary = run_demo(out, "--data", str(photos))
+    notices = [line for line in result.stderr.splitlines() if "--init" in line]
+    assert notices == [
+        f"warning: --init {PRETRAINED} has the CIFAR stem (3x3 conv, no max-pool) and was trained at 32 px: "
+        "training at --crop-size 32 (--crop-size and --cifar-stem choose otherwise)"
+    ]
+    assert summary["labelled"] is True and summary["built_on"] == str(PRETRAINED)
+    assert summary["queries"] == 12 and summary["labelled_items"] == 15 and summary["server_exit_code"] == 0
+    assert summary["accuracy"] > summary["chance"], summary
+    start = json.loads((out / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert (start["input_size"], start["cifar_stem"]) == (32, True)
 
 
 def test_a_missing_init_encoder_is_a_one_line_error(demo_data: Path, tmp_path: Path) -> None:

@@ -208,10 +208,13 @@ def test_init_from_an_official_v3_checkpoint_takes_backbone_head_and_predictor(i
 def test_official_recipe_defaults_and_the_v3_learning_rate_rule():
     """v3's --lr is moco-v3's base rate (x batch/256); v1/v2's is the rate itself, as in moco's code.
     Warm-up and crop-min follow the official recipe of each architecture; small crops keep 0.08."""
-    v3_vit = resolve(TrainConfig(data="d", run_dir="r", moco_v3=True, arch="vit_small", batch_size=1024), small=False)
+    official_vit = TrainConfig(data="d", run_dir="r", moco_v3=True, arch="vit_small", batch_size=1024, epochs=300)
+    v3_vit = resolve(official_vit, small=False)
     assert (v3_vit.optimizer, v3_vit.warmup_epochs, v3_vit.crop_min) == ("adamw", 40, 0.08)
     assert v3_vit.lr == pytest.approx(1.5e-4 * 1024 / 256)
-    official_r50 = TrainConfig(data="d", run_dir="r", moco_v3=True, arch="resnet50", batch_size=4096, lr=0.6)
+    official_r50 = TrainConfig(
+        data="d", run_dir="r", moco_v3=True, arch="resnet50", batch_size=4096, lr=0.6, epochs=100
+    )
     v3_resnet = resolve(official_r50, small=False)
     assert (v3_resnet.optimizer, v3_resnet.warmup_epochs, v3_resnet.crop_min) == ("lars", 10, 0.2)
     assert v3_resnet.lr == pytest.approx(9.6)  # CONFIG.md's 100-epoch ResNet-50: 0.6 x 4096/256

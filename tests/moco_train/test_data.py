@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from moco_retrieval.preprocessing import Preprocessing, eval_transform
+from moco_train.config import TrainConfig
 from moco_train.data import (
     DataError,
     EpochSampler,
@@ -24,6 +25,7 @@ from moco_train.data import (
     find_images,
     validate,
 )
+from moco_train.trainer import Trainer
 from moco_train.transforms import TwoCropsTransform, train_augmentation
 
 
@@ -88,13 +90,36 @@ def test_undecodable_image_is_replaced_and_reported(odd_folder):
         good, _ = validate(find_images(odd_folder))
     p = Preprocessing.for_input_size(16)
     dataset = UnlabeledImages(good, TwoCropsTransform(train_augmentation(p, aug_plus=True)), seed=0)
-    failures = []
+    failures, held = [], []
     for i in range(len(dataset)):
-        im_q, im_k, failed = dataset[(0, i)]
+        im_q, im_k, index, failed = dataset[(0, i)]
         assert im_q.shape == im_k.shape == (3, 16, 16)
         failures += failed
+        held.append(index)
     assert [good[i].name for i, _ in failures] == ["truncated.jpg"]
     assert "truncated.jpg" in failures[0][1]
+    truncated = failures[0][0]  # its item holds the next image, and says so
+    assert held == [i + 1 if i == truncated else i for i in range(len(dataset))]
+
+
+def test_instdisc_writes_a_substituted_image_into_its_own_bank_row(odd_folder, tmp_path):
+    """One InstDisc step over the whole folder: every image's bank row is moved towards its feature,
+    but the undecodable one's, whose item held the next image: that feature goes to the next
+    image's row, not into the row of an image the network never saw (as it did before)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        good, _ = validate(find_images(odd_folder))
+        run = Trainer(
+            TrainConfig(
+                data=str(odd_folder), run_dir=str(tmp_path / "run"), method="instdisc", nce_k=4, batch_size=len(good),
+                max_steps=1, workers=0, progress=False, amp="off", moco_dim=8,
+            )
+        )  # fmt: skip
+        before = run.model.memory.clone()
+        run.fit()
+    truncated = next(i for i, path in enumerate(run.dataset.paths) if path.name == "truncated.jpg")
+    moved = [not torch.equal(before[i], run.model.memory[i]) for i in range(len(good))]
+    assert moved == [i != truncated for i in range(len(good))]
 
 
 def test_small_images_are_detected(odd_folder, tmp_path):

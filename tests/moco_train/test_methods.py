@@ -283,7 +283,7 @@ def test_method_defaults_follow_each_paper():
         0.5,
         512,
     )
-    byol = resolve(cfg(method="byol", batch_size=4096), small=False)
+    byol = resolve(cfg(method="byol", batch_size=4096, epochs=1000), small=False)  # the paper's schedule
     assert (byol.lr, byol.weight_decay, byol.moco_m, byol.moco_m_cos, byol.moco_dim, byol.mlp_dim) == (
         pytest.approx(3.2),
         1.5e-6,
@@ -302,8 +302,8 @@ def test_method_defaults_follow_each_paper():
         128,
         0.2,
     )
-    swav = resolve(cfg(method="swav", lr=4.8, moco_t=0.2, batch_size=256), small=True)
-    assert (swav.lr, swav.moco_t, swav.crop_min) == (4.8, 0.2, 0.14)  # flags win
+    swav = resolve(cfg(method="swav", lr=4.8, moco_t=0.2, batch_size=256, multi_crop=6), small=True)
+    assert (swav.lr, swav.moco_t, swav.crop_min) == (4.8, 0.2, 0.14)  # flags win; multi-crop's large crops
     assert [method_spec(cfg(method=m)).cosine for m in ("instdisc", "simclr", "byol", "barlow", "swav")] == [
         False,
         True,
@@ -393,5 +393,5 @@ def test_each_method_gets_its_views_from_either_pipeline(demo_data, tmp_path, pi
     images = demo_data / "train" / "cat"
     for method, sizes in (("instdisc", [32]), ("swav", [32, 32, 14, 14])):
         trainer = tiny_run(images, tmp_path / method, method, max_steps=1, multi_crop=2, data_pipeline=pipeline)
-        *views, failed = next(iter(trainer._loader()))
+        *views, _, failed = next(iter(trainer._loader()))
         assert [v.shape[-1] for v in views] == sizes and all(v.shape[0] == 4 for v in views) and not failed

@@ -134,3 +134,41 @@ def test_the_start_record_names_the_init(images, source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["init"].endswith("backbone and projection head")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """8 photo-sized images (160 x 120): auto would train them at 224 px with the standard stem."""
+    return noise_images(tmp_path_factory.mktemp("photos"), 8, size=(160, 120))
+
+
+def test_a_cifar_stem_init_on_photos_trains_at_its_own_size(photos, source, tmp_path):
+    path, expected = source  # a CIFAR-stem encoder trained at 16 px
+    with pytest.warns(UserWarning) as record:
+        t = trainer(photos, tmp_path / "run", mlp=True, init=str(path))
+    assert [str(w.message) for w in record if "--init" in str(w.message)] == [
+        f"--init {path} has the CIFAR stem (3x3 conv, no max-pool) and was trained at 16 px: training at "
+        "--crop-size 16 (--crop-size and --cifar-stem choose otherwise)"
+    ]
+    assert t.cifar_stem and t.preprocessing.input_size == 16
+    assert_starts_from(t, expected, with_head=True)
+
+
+def test_with_a_crop_size_given_the_stem_follows_the_init(photos, source, tmp_path):
+    path, _ = source
+    with pytest.warns(UserWarning, match="has the CIFAR stem .*: training with --cifar-stem on$"):
+        t = trainer(photos, tmp_path / "run", mlp=True, init=str(path), crop_size=96)
+    assert t.cifar_stem and t.preprocessing.input_size == 96
+
+
+def test_a_standard_stem_init_on_small_images_trains_without_the_cifar_stem(images, tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    with pytest.warns(UserWarning, match="has the standard stem .*: training with --cifar-stem off$"):
+        t = trainer(images, tmp_path / "run", init=str(tmp_path / "resnet18.pth"))
+    assert not t.cifar_stem and t.preprocessing.input_size == 16
+
+
+def test_explicit_flags_that_match_need_no_notice(photos, source, tmp_path, recwarn):
+    path, _ = source
+    t = trainer(photos, tmp_path / "run", mlp=True, init=str(path), crop_size=32, cifar_stem="on")
+    assert t.cifar_stem and not [w for w in recwarn if "--init" in str(w.message)]

@@ -156,7 +156,7 @@ def test_each_sample_is_augmented_independently_of_its_batch_and_rank(demo_image
     def stream(rank: int, world: int) -> list[torch.Tensor]:
         sampler = EpochSampler(len(dataset), 8, seed=5, rank=rank, world_size=world)
         sampler.set_epoch(1)
-        return [q for q, _, _ in TensorBatches(dataset, sampler, 8 // world)]
+        return [q for q, _, _, _ in TensorBatches(dataset, sampler, 8 // world)]
 
     one, halves = stream(0, 1), list(zip(stream(0, 2), stream(1, 2)))
     assert len(one) == len(halves) == 3

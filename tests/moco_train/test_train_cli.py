@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moco_retrieval.devices import cpu_supports_fp16_autocast
 from moco_train.config import COMPILE_MIN_STEPS
 from moco_train.curves import plot_run, read_log
 from moco_train.trainer import resolve_compile
@@ -168,6 +169,35 @@ def test_user_errors_are_one_line(tmp_path, trained):
         moco_train("export", tmp_path / "junk.pt", tmp_path / "out.pt", check=False), "not a readable checkpoint"
     )
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", *(["fp16"] if cpu_supports_fp16_autocast() else [])])
+def test_a_diverging_run_stops_before_its_first_non_finite_update(trained, tmp_path, amp):
+    """--lr 1e30: the first applied step makes the weights huge but finite, the next forward
+    overflows. The run stops there with one line, before that step's update, and every checkpoint
+    before it is finite. In float32 and bf16 that is step 2; under fp16 GradScaler first skips the
+    steps whose gradients overflow its initial scale (not applied), and a skipped step would not have
+    undone the NaN keys the overflowing forward put in the queue: the loss stops it."""
+    tmp, _, _ = trained
+    run_dir = tmp_path / "run"
+    proc = moco_train(
+        "train", tmp / "images.txt", "--run-dir", run_dir, "--crop-size", 8, "-b", 16, "--moco-k", 32, "-j", 0,
+        "--lr", 1e30, "--max-steps", 40, "--save-every-steps", 1, "--keep", 0, "--amp", amp, "--no-progress",
+        check=False,
+    )  # fmt: skip
+    error = proc.stderr.strip().splitlines()[-1]
+    precision = {"off": "float32", "bf16": "bf16", "fp16": "fp16"}[amp]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert error.startswith("moco-train train: error: step ") and f"(moco v1/v2 in {precision})" in error
+    assert "the loss (nan) or its gradients are not finite" in error and "stopped before updating the weights" in error
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    [stop] = [r["step"] for r in records if r["event"] == "diverged"]
+    assert f"error: step {stop}: " in error and (stop == 2 or amp == "fp16")
+    saved = sorted(run_dir.glob("checkpoint_*.pt"))
+    assert [p.name for p in saved] == [f"checkpoint_{step:08d}.pt" for step in range(1, stop)]
+    for path in saved:
+        state = torch.load(path, weights_only=False)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), path
 
 
 def test_compiled_encoders_train_like_eager_ones(trained):

@@ -85,7 +85,7 @@ def test_method_defaults_resolve_from_the_recipe():
         crop_min=0.08,
     )
     # v3 (facebookresearch/moco-v3): AdamW for ViTs, LARS for ResNets, lr scaled by batch / 256.
-    vit = resolve(cfg(moco_v3=True, arch="vit_small", batch_size=512), small=False)
+    vit = resolve(cfg(moco_v3=True, arch="vit_small", batch_size=512, epochs=300), small=False)
     assert vit == Recipe(
         lr=3e-4,
         weight_decay=0.1,
