@@ -22,6 +22,7 @@ from .checkpoint import CheckpointError, load_file, to_export, to_official
 from .config import ConfigError, TrainConfig, TrainingDiverged
 from .curves import RunLogError
 from .data import DataError
+from .lincls import SgdOptions
 
 USER_ERRORS = (
     DataError,
@@ -60,6 +61,30 @@ def _knn_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--predictions", default=None, help="write path,true_class,predicted_class per query (CSV)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _lincls_parser(sub) -> None:
+    p = sub.add_parser(
+        "lincls",
+        help="linear classification on the frozen features of a checkpoint or export (main_lincls.py's "
+        "protocol; --fast: cached features and a logistic regression, for the CPU)",
+    )
+    p.add_argument("--train", required=True, help="labelled folder <class>/<images> the classifier is trained on")
+    p.add_argument("--val", required=True, help="labelled folder of the same classes it is measured on")
+    p.add_argument("--checkpoint", required=True, help="training checkpoint, export, or official MoCo checkpoint")
+    p.add_argument("--out", required=True, help="folder for lincls.json (and the feature cache or the checkpoint)")
+    p.add_argument("--fast", action="store_true", help="cached features + logistic regression (minutes on a CPU)")
+    p.add_argument("--C", type=float, default=None, help="--fast: inverse regularisation (default: searched)")
+    defaults = SgdOptions()
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="default %(default)s (batch 256)")
+    p.add_argument("--schedule", type=int, nargs="*", default=list(defaults.schedule), help="default 60 80")
+    p.add_argument("--wd", type=float, default=defaults.weight_decay, help="default %(default)s")
+    p.add_argument("-b", "--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no line per epoch")
 
 
 def _export_parser(sub) -> None:
@@ -119,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _knn_parser(sub)
+    _lincls_parser(sub)
     _export_parser(sub)
     _embed_parser(sub)
     _plot_parser(sub)
@@ -181,6 +207,30 @@ def cmd_knn(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_lincls(args: argparse.Namespace) -> None:
+    from .lincls import fast_lincls, sgd_lincls
+
+    model, meta = export_model(
+        to_export(load_file(args.checkpoint), args.checkpoint), args.checkpoint, resolve_device(args.device)
+    )
+    if args.fast:
+        report = fast_lincls(model, meta, args.checkpoint, args.train, args.val, Path(args.out), args.C, args.seed)
+        how = f"logistic regression, C {report['C']:g}"
+    else:
+        options = SgdOptions(
+            args.epochs, args.lr, weight_decay=args.wd, schedule=tuple(args.schedule), batch_size=args.batch_size,
+            seed=args.seed,
+        )  # fmt: skip
+        report = sgd_lincls(
+            model, meta, args.checkpoint, args.train, args.val, Path(args.out), options, args.workers, args.progress
+        )
+        how = f"SGD, {options.epochs} epochs"
+    print(
+        f"linear ({how}): top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  "
+        f"(train {report['train_images']}, val {report['val_images']}); {Path(args.out) / 'lincls.json'}"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "official":
         official = to_official(load_file(args.checkpoint), args.checkpoint)
@@ -236,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         status = {
             "train": cmd_train,
             "knn": cmd_knn,
+            "lincls": cmd_lincls,
             "export": cmd_export,
             "embed": cmd_embed,
             "plot": cmd_plot,

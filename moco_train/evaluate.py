@@ -20,16 +20,22 @@ from .data import DataError, LabelledImages, collate_labelled
 
 @dataclass
 class Features:
-    features: torch.Tensor  # (N, D) float32, L2-normalised, on the CPU
+    features: torch.Tensor  # (N, D) float32, L2-normalised (unless asked otherwise), on the CPU
     labels: torch.Tensor  # (N,) int64 class indices
     paths: list[Path]
     classes: list[str]
 
 
 def extract_features(
-    model: nn.Module, meta: ExportMeta, root: str | Path, batch_size: int = 256, workers: int = 0
+    model: nn.Module,
+    meta: ExportMeta,
+    root: str | Path,
+    batch_size: int = 256,
+    workers: int = 0,
+    normalize: bool = True,
 ) -> Features:
-    """Embed every decodable image of a labelled folder with the export's own preprocessing."""
+    """Embed every decodable image of a labelled folder with the export's own preprocessing
+    (L2-normalised, as served; normalize=False: the raw pooled features a linear probe reads)."""
     dataset = LabelledImages(root, eval_transform(meta.preprocessing))
     loader = DataLoader(
         dataset,
@@ -45,7 +51,11 @@ def extract_features(
             warnings.warn(f"skipping {dataset.samples[i][0]}: {reason}", stacklevel=2)
         if images is None:
             continue
-        feats.append(embed(model, images).cpu())
+        if normalize:
+            feats.append(embed(model, images).cpu())
+        else:
+            with torch.no_grad():
+                feats.append(model(images.to(next(model.parameters()).device)).float().cpu())
         labels.append(targets)
         indices.append(idx)
     if not feats:
