@@ -136,6 +136,24 @@ def choose_c(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, dict[str, 
     return best, scores
 
 
+def logistic_probe(
+    train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, C: float | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """The fast mode on feature matrices: standardised on `train`, C searched unless given, then the
+    regression on all of `train`; its class probabilities for `val` ("probs", a tensor) and the fit's facts."""
+    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-8
+    x, x_val = (train - mean) / std, (val - mean) / std
+    result: dict[str, Any] = {"C_given": C is not None}
+    if C is None and np.bincount(train_labels).min() >= SEARCH_MIN_PER_CLASS:
+        C, result["C_search"] = choose_c(x, train_labels, seed)
+    elif C is None:
+        C, result["C_search"] = 1.0, f"skipped: a class has fewer than {SEARCH_MIN_PER_CLASS} training images"
+    classifier = fit_logistic(x, train_labels, C, seed)
+    result.update(C=C, train_top1=100.0 * classifier.score(x, train_labels))
+    result["probs"] = torch.from_numpy(classifier.predict_proba(x_val))
+    return result
+
+
 def fast_lincls(
     model: nn.Module, meta: ExportMeta, checkpoint: str, train_dir: str, val_dir: str, out: Path,
     C: float | None = None, seed: int = 0, workers: int = 0,
@@ -145,23 +163,13 @@ def fast_lincls(
     val = cached_features(model, meta, val_dir, out / "val_features.pt", workers)
     if train.classes != val.classes:
         raise DataError(f"{train_dir} and {val_dir} have different classes ({train.classes} vs {val.classes})")
-    x, y = train.features.double().numpy(), train.labels.numpy()
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-8
-    x, x_val = (x - mean) / std, (val.features.double().numpy() - mean) / std
-    search: dict[str, Any] = {"C_given": C is not None}
-    if C is None and np.bincount(y, minlength=len(train.classes)).min() >= SEARCH_MIN_PER_CLASS:
-        C, search["C_search"] = choose_c(x, y, seed)
-    elif C is None:
-        C, search["C_search"] = 1.0, f"skipped: a class has fewer than {SEARCH_MIN_PER_CLASS} training images"
-    classifier = fit_logistic(x, y, C, seed)
-    probs = torch.from_numpy(classifier.predict_proba(x_val))
+    fit = logistic_probe(train.features.double().numpy(), train.labels.numpy(), val.features.double().numpy(), C, seed)
+    probs = fit.pop("probs")
     report = {
         "mode": "fast",
         **report_base(meta, checkpoint, train, val),
         **topk_accuracy(probs, val.labels),
-        "C": C,
-        **search,
-        "train_top1": 100.0 * classifier.score(x, y),
+        **fit,
         "predictions": [val.classes[i] for i in probs.argmax(dim=1).tolist()],
         "val_paths": [str(p) for p in val.paths],
     }
