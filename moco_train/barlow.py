@@ -18,9 +18,9 @@ Where this differs from the official code, deliberately: the sum over processes 
 autograd-aware all-reduce (distributed.all_reduce_sum) where the official code's
 torch.distributed.all_reduce passes no gradient to the other processes' shares, which makes each
 step's gradient 1/world of the global batch's; here it is that gradient, as in one process. λ is
-the paper's 5e-3 (the code's default is 0.0051). LARS is one rate for all parameters (the
-official code gives biases and BN parameters a 40x lower one), and the cosine ends at 0, not at a
-thousandth of the rate.
+the paper's 5e-3 (the code's default is 0.0051). As in the official code, biases and BN parameters
+train at 0.0048/0.2 of the weights' rate (config.paper_defaults: bias_lr_scale); the cosine ends at 0,
+not at a thousandth of the rate.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ network's projection of another view. As the paper's Algorithm 1 and its referen
         p1, p2 = q(g(f_θ(v1))), q(g(f_θ(v2)))     # n x 256
         z1, z2 = g(f_ξ(v1)), g(f_ξ(v2))           # n x 256, no gradient
         loss = mean(‖p̄1 − z̄2‖² + ‖p̄2 − z̄1‖²)   # x̄ = x/‖x‖: 2 − 2cos per pair, symmetric
-        update θ;  ξ ← τξ + (1 − τ)θ,  τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2   (τ_base 0.996)
+        update θ;  ξ ← τξ + (1 − τ)θ,  τ = 1 − (1 − τ_base)(cos(πk/K) + 1)/2
+        (τ_base by the run's length, deepmind's presets: 0.97 up to 40 epochs ... 0.996 at 1000)
 
 The projector and predictor are MLPs of one hidden layer (4096, BN, ReLU) to 256, the last Linear with
 a bias. The trainer sets τ (`m`) before each step from the global step (optim.cosine_momentum, the

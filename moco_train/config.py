@@ -119,7 +119,7 @@ class TrainConfig:
     moco_m: float | None = option(
         None,
         help="key (target) encoder momentum; default 0.999 (v1/v2), 0.99 (v3: the start of its cosine "
-        "schedule), 0.996 (byol's τ_base)",
+        "schedule), byol's τ_base by the run's length (0.97 up to 40 epochs, 0.99 up to 300, 0.996 beyond)",
     )
     moco_m_cos: bool | None = option(
         None, "--moco-m-cos", help="raise the momentum to 1 on a half-cosine over training (default: on for v3, byol)"
