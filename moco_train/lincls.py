@@ -119,19 +119,23 @@ def cached_features(model: nn.Module, meta: ExportMeta, folder: str, cache: Path
     return features
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, seed: int):
+def logistic_regression(C: float, seed: int, warm_start: bool = False):
     from sklearn.linear_model import LogisticRegression  # a second of import, for this mode only
 
-    return LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(x, y)
+    return LogisticRegression(C=C, max_iter=1000, random_state=seed, warm_start=warm_start)
 
 
 def choose_c(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, dict[str, float]]:
     """The C of C_GRID with the best accuracy on a stratified SEARCH_SHARE of the training images
-    (the smallest C among ties), fitted on the rest; its accuracies by C (in %)."""
+    (the smallest C among ties), fitted on the rest; its accuracies by C (in %). The grid is walked
+    as a regularisation path, each fit starting from the last one's solution (the problem is convex:
+    the same optimum, in a fraction of the L-BFGS iterations)."""
     from sklearn.model_selection import train_test_split
 
     fit_x, held_x, fit_y, held_y = train_test_split(x, y, test_size=SEARCH_SHARE, stratify=y, random_state=seed)
-    scores = {f"{c:g}": 100.0 * fit_logistic(fit_x, fit_y, c, seed).score(held_x, held_y) for c in C_GRID}
+    model, scores = logistic_regression(C_GRID[0], seed, warm_start=True), {}
+    for c in sorted(C_GRID):
+        scores[f"{c:g}"] = 100.0 * model.set_params(C=c).fit(fit_x, fit_y).score(held_x, held_y)
     best = max(C_GRID, key=lambda c: (scores[f"{c:g}"], -c))
     return best, scores
 
@@ -148,7 +152,7 @@ def logistic_probe(
         C, result["C_search"] = choose_c(x, train_labels, seed)
     elif C is None:
         C, result["C_search"] = 1.0, f"skipped: a class has fewer than {SEARCH_MIN_PER_CLASS} training images"
-    classifier = fit_logistic(x, train_labels, C, seed)
+    classifier = logistic_regression(C, seed).fit(x, train_labels)
     result.update(C=C, train_top1=100.0 * classifier.score(x, train_labels))
     result["probs"] = torch.from_numpy(classifier.predict_proba(x_val))
     return result
