@@ -95,6 +95,18 @@ def provenance(checkpoint: Path, curve: dict, out: Path) -> dict:
     }
 
 
+def linear_record(report: dict) -> dict:
+    """The provenance's linear figure, from a `moco-train lincls --fast` report."""
+    return {
+        "top1": round(report["top1"], 2),
+        "top5": round(report["top5"], 2),
+        "protocol": "moco-train lincls --fast: logistic regression on the standardised pooled 512-d features, "
+        f"C {report['C']:g} chosen on a stratified fifth of the training images",
+        "train": report["train_images"],
+        "val": report["val_images"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -102,6 +114,10 @@ def main() -> None:
     )
     parser.add_argument("--curve", type=Path, default=REPO / "bench" / "results" / "learning_curve.json")
     parser.add_argument("--out", type=Path, default=REPO / "pretrained" / "moco_v2_resnet18_cifar10.pt")
+    parser.add_argument(
+        "--lincls", type=Path, default=REPO / "bench" / "results" / "pretrained_lincls.json",
+        help="the encoder's `moco-train lincls --fast` report (its linear figure goes into the provenance)",
+    )  # fmt: skip
     args = parser.parse_args()
     checkpoint = list_checkpoints(args.run_dir)[-1]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +129,8 @@ def main() -> None:
     record = provenance(checkpoint, curve, args.out)
     if "ours_final_fp32" in curve["baselines"]:  # the same encoder's features in float32
         record["knn"]["fp32"] = curve["baselines"]["ours_final_fp32"][f"tau_{curve['setup']['knn_tau']}"]
+    if args.lincls.exists():
+        record["linear"] = linear_record(json.loads(args.lincls.read_text()))
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{args.out}: {record['bytes'] / 2**20:.1f} MB, sha256 {record['sha256']}, kNN {record['knn']['top1']}%")
 
