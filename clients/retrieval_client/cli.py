@@ -403,7 +403,7 @@ def cmd_label_corpus(client: RetrievalClient, args: argparse.Namespace) -> int:
 def cmd_labels_export(client: RetrievalClient, args: argparse.Namespace) -> int:
     fmt = format_for(args.out or "", args.format)
     with _output(args.out) as out:
-        count = write_labels(label_rows(client, human_only=args.human_only), out, fmt)
+        count = write_labels(label_rows(client, human_only=args.human_only), out, fmt, args.raw)
     print(f"exported {count} labelled items as {fmt}" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
@@ -412,7 +412,7 @@ def cmd_labels_import(client: RetrievalClient, args: argparse.Namespace) -> int:
     fmt = format_for(args.file, args.format)
     try:
         with open(args.file, newline="", encoding="utf-8") as f:
-            rows = read_labels(f, fmt)
+            rows = read_labels(f, fmt, args.raw)
     except (LabelFileError, UnicodeDecodeError) as exc:
         raise CommandError(f"{args.file}: {exc}; nothing imported") from None
     result = import_labels(client, rows)
@@ -679,6 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write here (.csv or .jsonl) instead of stdout, atomically")
     p.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: from --out's extension, else csv)")
     p.add_argument("--human-only", action="store_true", help="only items with a human label")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="CSV cells verbatim: by default a cell starting with =, +, -, @, tab or CR (which a spreadsheet "
+        "runs as a formula) or with ' is written with a leading ' (OWASP's rule; import undoes it)",
+    )
     p = actions.add_parser(
         "import",
         help="set the human labels of a file of labels (all or nothing; predicted rows are left out)",
@@ -688,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_labels_import, parser=p)
     p.add_argument("file", metavar="FILE", help="a file written by `labels export` (or with at least id and label)")
     p.add_argument("--format", choices=FORMATS, help="csv or jsonl (default: from the extension, else csv)")
+    p.add_argument("--raw", action="store_true", help="a CSV written with `labels export --raw`: cells verbatim")
 
     p = command(
         "switch-model",

@@ -9,7 +9,10 @@ these functions; none of them needs more than a RetrievalClient and a text file 
 
 Columns (COLUMNS): id; label and source: the human label ("human"), or else the predicted one
 ("predicted"); predicted_label and confidence: the item's predicted label and its confidence, empty
-(null) when it has none. Import sets the human labels of the rows whose source is "human", in one
+(null) when it has none. CSV cells that a spreadsheet would run as a formula (starting with =, +, -,
+@, tab or CR: OWASP's CSV-injection rule) are written with a leading ', as is a cell that starts
+with ' itself, so that import restores every cell exactly; `raw` writes and reads them verbatim.
+JSONL is always verbatim. Import sets the human labels of the rows whose source is "human", in one
 SetLabels call: a bad row or an unknown id changes nothing, and they are reported. Predicted rows
 are left out: they are a model's guesses, which LabelCorpus and `retrieval-server migrate` recompute.
 """
@@ -31,6 +34,19 @@ FORMATS = ("csv", "jsonl")
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/jsonl; charset=utf-8"}
 COLUMNS = ("id", "label", "source", "predicted_label", "confidence")
 SOURCES = ("human", "predicted")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: what a spreadsheet reads as a formula
+QUOTE = "'"  # the prefix that makes a spreadsheet show a cell as text
+
+
+def neutralised(cell: str) -> str:
+    """The cell as a spreadsheet shows text: a leading quote where it starts like a formula, or
+    with the quote (so restored() undoes it exactly)."""
+    return QUOTE + cell if cell.startswith((*FORMULA_STARTS, QUOTE)) else cell
+
+
+def restored(cell: str) -> str:
+    """neutralised's inverse."""
+    return cell[1:] if cell.startswith(QUOTE) and cell[1:].startswith((*FORMULA_STARTS, QUOTE)) else cell
 
 
 class LabelFileError(ValueError):
@@ -66,8 +82,9 @@ def format_for(path: str, given: str | None = None) -> str:
     return "jsonl" if path.lower().endswith((".jsonl", ".ndjson")) else "csv"
 
 
-def stream_labels(rows: Iterable[LabelRow], fmt: str) -> Iterator[str]:
-    """The file's text, line by line (CSV: the header first), for a streamed response."""
+def stream_labels(rows: Iterable[LabelRow], fmt: str, raw: bool = False) -> Iterator[str]:
+    """The file's text, line by line (CSV: the header first, cells neutralised unless raw), for a
+    streamed response."""
     if fmt == "jsonl":
         for row in rows:
             yield json.dumps(asdict(row), ensure_ascii=False) + "\n"
@@ -75,9 +92,10 @@ def stream_labels(rows: Iterable[LabelRow], fmt: str) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
+    cell = (lambda text: text) if raw else neutralised
     for row in rows:
         confidence = "" if row.confidence is None else f"{row.confidence:.6f}"
-        writer.writerow([row.id, row.label, row.source, row.predicted_label, confidence])
+        writer.writerow([cell(row.id), cell(row.label), row.source, cell(row.predicted_label), confidence])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
@@ -85,7 +103,7 @@ def stream_labels(rows: Iterable[LabelRow], fmt: str) -> Iterator[str]:
         yield buffer.getvalue()
 
 
-def write_labels(rows: Iterable[LabelRow], out: TextIO, fmt: str) -> int:
+def write_labels(rows: Iterable[LabelRow], out: TextIO, fmt: str, raw: bool = False) -> int:
     """Write the rows to a text file object; how many rows."""
     count = 0
 
@@ -95,7 +113,7 @@ def write_labels(rows: Iterable[LabelRow], out: TextIO, fmt: str) -> int:
             count += 1
             yield row
 
-    for text in stream_labels(counted(), fmt):
+    for text in stream_labels(counted(), fmt, raw):
         out.write(text)
     return count
 
@@ -117,9 +135,10 @@ def _row(record: dict, where: str) -> LabelRow:
     return LabelRow(item_id, label, source, record.get("predicted_label") or "", confidence)
 
 
-def read_labels(source: TextIO, fmt: str) -> list[LabelRow]:
+def read_labels(source: TextIO, fmt: str, raw: bool = False) -> list[LabelRow]:
     """Every row of a file of labels, checked (LabelFileError at the first bad one: line, problem);
-    an id given twice is an error too. Only id and label are required (source defaults to human)."""
+    an id given twice is an error too. Only id and label are required (source defaults to human).
+    CSV cells are restored from their neutralised form unless raw."""
     if fmt == "jsonl":
         records = []
         for number, line in enumerate(source, start=1):
@@ -136,7 +155,11 @@ def read_labels(source: TextIO, fmt: str) -> list[LabelRow]:
         reader = csv.DictReader(source)
         if not reader.fieldnames or not {"id", "label"} <= set(reader.fieldnames):
             raise LabelFileError(f"the CSV header must name at least id and label, got {reader.fieldnames}")
-        records = [(f"line {reader.line_num}", record) for record in reader]
+        cell = (lambda text: text) if raw else restored
+        records = [
+            (f"line {reader.line_num}", {k: cell(v) if isinstance(v, str) else v for k, v in record.items()})
+            for record in reader
+        ]
     rows, seen = [], set()
     for where, record in records:
         row = _row(record, where)

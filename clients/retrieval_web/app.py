@@ -525,17 +525,19 @@ def create_app(
     @app.get("/labels.<fmt>")
     @page
     def export_labels(fmt: str):
-        """Every labelled item as CSV or JSONL (?human_only=1: human labels only), streamed: the file
-        `retrieval-client labels export` writes, which `labels import` reads back."""
+        """Every labelled item as CSV or JSONL (?human_only=1: human labels only; ?raw=1: CSV cells
+        verbatim), streamed: the file `retrieval-client labels export` writes, which `labels import`
+        reads back."""
         if fmt not in LABEL_FORMATS:
             raise InputError(f"labels can be exported as {' or '.join(LABEL_FORMATS)}, not {fmt[:20]!r}", 404)
         rows = label_rows(client(), human_only=request.args.get("human_only") == "1")
         first = next(rows, None)  # the first call, here: a refusal is this page's error, not a cut file
-        body = stream_labels(itertools.chain([first], rows) if first is not None else iter(()), fmt)
+        raw = request.args.get("raw") == "1"  # CSV cells verbatim (by default formulas are neutralised)
+        body = stream_labels(itertools.chain([first], rows) if first is not None else iter(()), fmt, raw)
         return Response(
             stream_with_context(body),
-            mimetype=LABEL_MEDIA_TYPES[fmt],
-            headers={"Content-Disposition": f'attachment; filename="labels.{fmt}"'},
+            content_type=LABEL_MEDIA_TYPES[fmt],  # the charset once (mimetype= would add another)
+            headers={"Content-Disposition": f'attachment; filename="labels.{fmt}"', "Cache-Control": "no-store"},
         )
 
     @app.get("/thumb")

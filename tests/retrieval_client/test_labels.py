@@ -124,6 +124,45 @@ def test_import_sets_the_human_labels_all_or_nothing(server, empty, tmp_path):
     assert labels() == {i: (HUMAN.get(i, ""), "") for i in IDS}
 
 
+FORMULAS = {  # OWASP's CSV-injection payloads, and labels that start with the quote itself
+    "img/00": '=HYPERLINK("http://evil.example/","click")',
+    "img/01": "@SUM(1+1)*cmd|' /C calc'!A0",
+    "img/02": "+1",
+    "img/03": "-2 cats",
+    "img/04": "'quoted",
+    "img/05": "''=x",
+    "img/06": "plain",
+}
+
+
+def test_csv_exports_neutralise_formula_cells_and_import_restores_them(empty, tmp_path):
+    """A spreadsheet runs a cell starting with =, +, -, @, tab or CR: the export writes each with a
+    leading quote (and a cell starting with the quote gets one more), `labels import` reads every
+    label back exactly, and --raw writes and reads them verbatim."""
+    env = {"RETRIEVAL_ADDRESS": empty.address}
+    with RetrievalClient(empty.address) as client:
+        client.set_labels(FORMULAS)
+    for raw in (False, True):
+        out = tmp_path / f"labels{'-raw' if raw else ''}.csv"
+        result = run_cli("labels", "export", "--out", str(out), *(["--raw"] if raw else []), env=env)
+        assert result.returncode == 0, result.stderr
+        with open(out, newline="", encoding="utf-8") as f:
+            cells = {row["id"]: row["label"] for row in csv.DictReader(f)}
+        if raw:
+            assert cells == FORMULAS
+        else:
+            assert cells == {i: ("'" + label if label[0] in "=+-@'" else label) for i, label in FORMULAS.items()}
+            assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells.values())
+        with RetrievalClient(empty.address) as client:
+            client.set_labels(dict.fromkeys(FORMULAS, ""))  # cleared, then imported back
+        imported = run_cli("labels", "import", str(out), *(["--raw"] if raw else []), env=env)
+        assert imported.returncode == 0, imported.stderr
+        with RetrievalClient(empty.address) as client:
+            assert {s.id: s.label for s in client.get(list(FORMULAS))} == FORMULAS
+    jsonl = run_cli("labels", "export", "--format", "jsonl", env=env)  # JSONL is always verbatim
+    assert {json.loads(line)["id"]: json.loads(line)["label"] for line in jsonl.stdout.splitlines()} == FORMULAS
+
+
 def test_read_labels_accepts_what_export_writes_and_refuses_the_rest():
     rows = read_labels(io.StringIO("id,label\na,cat\nb,dog\n"), "csv")  # the least a file needs
     assert [(r.id, r.label, r.source) for r in rows] == [("a", "cat", "human"), ("b", "dog", "human")]

@@ -7,6 +7,7 @@ the content security policy) is in test_browser.py."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import re
@@ -857,6 +858,24 @@ def test_the_review_auto_refresh_flag_is_checked(capsys):
 
 
 # -- labels export ---------------------------------------------------------------------------------
+def test_the_labels_csv_is_safe_to_open_in_a_spreadsheet(app, world):
+    """Formula cells neutralised (?raw=1: verbatim), one charset, and not cached."""
+    client = world["client"]
+    client.set_labels({"i1": '=HYPERLINK("http://evil.example/","click")', "i2": "@SUM(1+1)"})
+    try:
+        browser = app.test_client()
+        reply = browser.get("/labels.csv")
+        assert reply.headers["Content-Type"] == "text/csv; charset=utf-8"
+        assert reply.headers["Cache-Control"] == "no-store"
+        rows = {row["id"]: row["label"] for row in csv.DictReader(io.StringIO(reply.get_data(as_text=True)))}
+        assert rows == {"i1": '\'=HYPERLINK("http://evil.example/","click")', "i2": "'@SUM(1+1)"}
+        raw = browser.get("/labels.csv?raw=1").get_data(as_text=True)
+        assert {row["id"]: row["label"] for row in csv.DictReader(io.StringIO(raw))}["i2"] == "@SUM(1+1)"
+        assert browser.get("/labels.jsonl").headers["Content-Type"] == "application/jsonl; charset=utf-8"
+    finally:
+        client.set_labels({"i1": "", "i2": ""})
+
+
 def test_the_labels_export_is_the_files_of_retrieval_client_labels_export(app, signin_app, world):
     client = world["client"]
     client.set_labels({"i1": "cat", "i2": "dog"})
