@@ -97,6 +97,7 @@ HTTP_STATUS = {  # the service's refusals as HTTP statuses; anything else is the
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 DEFAULT_PORTS = {"http": "80", "https": "443"}
+UNREACHABLE = "the retrieval service is unreachable or not serving; try again in a moment"
 
 
 def local_path(target: str | None) -> str | None:
@@ -265,6 +266,9 @@ def create_app(
 
     def service_error(exc: RetrievalError):
         status = HTTP_STATUS.get(exc.code, 400)
+        if exc.code == grpc.StatusCode.UNAVAILABLE:  # the backend's address and socket error go to the log only
+            app.logger.warning("the retrieval service is unavailable: %s", exc)
+            return error_reply(status, exc.code.name, UNREACHABLE, "The service is unreachable")
         return error_reply(status, exc.code.name, str(exc), "The service said no")
 
     def page(view: Callable) -> Callable:

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import socket
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -855,6 +856,24 @@ def test_labels_ids_and_upload_names_are_escaped_on_the_new_pages(app, world):
 def test_the_review_auto_refresh_flag_is_checked(capsys):
     assert cli_main(["--review-auto-refresh-seconds", "-1"]) == 2
     assert "--review-auto-refresh-seconds must be 0 or more" in capsys.readouterr().err
+
+
+def test_an_unreachable_service_is_a_502_that_names_no_address(caplog):
+    """The page's 502 says the service is unreachable; its address and the socket error go to the log."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    app = create_app(address, token=TOKEN)
+    app.testing = True
+    try:
+        for path in ("/", "/api/counts"):
+            reply = app.test_client().get(path)
+            body = reply.get_data(as_text=True)
+            assert reply.status_code == 502 and "unreachable" in body, body
+            assert address not in body and address.split(":")[1] not in body and "refused" not in body.lower()
+        assert any(address in record.getMessage() for record in caplog.records)
+    finally:
+        app.extensions["retrieval_clients"].close()
 
 
 # -- labels export ---------------------------------------------------------------------------------
