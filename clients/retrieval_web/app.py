@@ -146,6 +146,8 @@ def create_app(
     page answers to (the Host header; None: any), against DNS rebinding; review_auto_refresh_s: see
     review.Proposals."""
     app = Flask(__name__)
+    # No redirect that merges "//" in a path: werkzeug builds its Location from the Host header.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = 32 * 2**20  # uploads for search
     roots = [Path(r).resolve() for r in image_roots]
     hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}

@@ -858,6 +858,14 @@ def test_the_review_auto_refresh_flag_is_checked(capsys):
     assert "--review-auto-refresh-seconds must be 0 or more" in capsys.readouterr().err
 
 
+def test_no_redirect_is_built_from_the_host_header(app):
+    """With no --allowed-host the page answers to any Host: a doubled slash was redirected there."""
+    for path in ("/static//app.js", "//static/app.js", "/static/.//app.js"):
+        reply = app.test_client().get(path, headers={"Host": "evil.example"})
+        assert not 300 <= reply.status_code < 400 and "Location" not in reply.headers, (path, reply.headers)
+    assert app.test_client().get("/static/app.js", headers={"Host": "evil.example"}).status_code == 200
+
+
 def test_an_unreachable_service_is_a_502_that_names_no_address(caplog):
     """The page's 502 says the service is unreachable; its address and the socket error go to the log."""
     with socket.socket() as probe:  # a port nothing listens on
