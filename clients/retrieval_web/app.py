@@ -677,8 +677,12 @@ def create_app(
     @app.post("/api/review/recompute")
     @api
     def recompute():
-        """{}: compute the proposals again (in the background; poll /api/review/progress)."""
+        """{}: compute the proposals again (in the background; poll /api/review/progress). The snapshot
+        is every user's: a read-only session may read it but not replace it (which would turn others'
+        pending "accept all" into 409s)."""
         json_body()
+        if not can_write():
+            raise InputError("recomputing the proposals needs a token that may write", 403, "PERMISSION_DENIED")
         info = client().info()
         if not info.labelled_count:
             raise InputError("no human labels yet: there is nothing to propose", 409, "FAILED_PRECONDITION")

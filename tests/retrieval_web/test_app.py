@@ -809,6 +809,32 @@ def test_the_shared_proposals_need_a_session_the_service_accepts(signin_app, wor
         client.set_labels({"i0": ""})
 
 
+def test_a_read_only_session_cannot_replace_the_shared_proposals(world):
+    """Recompute replaces the snapshot every user reviews: it needs a write session, and a read-only
+    one is offered no button (a page told never to recompute on its own, as in front of a large store)."""
+    client = world["client"]
+    client.set_labels({"i0": "red"})
+    signin_app = make(world, token=None, review_auto_refresh_s=0)
+    try:
+        reader = signin_app.test_client()
+        sign_in(reader, READ_ONLY)
+        review_page(reader)  # the snapshot, computed
+        client.set_labels({"i1": "red"})  # now stale
+        html = reader.get("/review").get_data(as_text=True)
+        assert 'id="stale"' in html and 'id="recompute"' not in html
+        reply = post_json(reader, "/api/review/recompute", {}, page_csrf(reader, "/review"))
+        assert (reply.status_code, reply.json["error"]) == (403, "PERMISSION_DENIED")
+        assert "needs a token that may write" in reply.json["message"]
+        writer = signin_app.test_client()
+        sign_in(writer)
+        assert 'id="recompute"' in writer.get("/review").get_data(as_text=True)
+        assert post_json(writer, "/api/review/recompute", {}, page_csrf(writer, "/review")).status_code == 200
+        review_page(writer)  # the job done before the labels are cleared
+    finally:
+        client.set_labels({"i0": "", "i1": ""})
+        signin_app.extensions["retrieval_clients"].close()
+
+
 # -- duplicates: groups and "keep one" ----------------------------------------------------------------
 def test_duplicate_groups_are_boxed_and_the_rest_can_be_deleted(app, world, signin_app):
     client = world["client"]
