@@ -25,9 +25,11 @@ from moco_retrieval.api.v1 import retrieval_pb2_grpc as pb_grpc
 from moco_retrieval.devices import DeviceError
 from moco_retrieval.export import ExportError
 from moco_retrieval.fileio import atomic_write
+from moco_retrieval.labels import label_problem
 
 from . import __version__
 from .auth import AuthInterceptor
+from .backend import Backend
 from .backup import BackupError
 from .batcher import DynamicBatcher
 from .config import ServerConfig
@@ -126,7 +128,24 @@ def load_service(cfg: ServerConfig, metrics: ServerMetrics) -> RetrievalService:
         capacity=cfg.max_queue,
         decode_threads=cfg.decode_threads,
     )
+    report_stored_labels(backend)
     return RetrievalService(cfg, encoder, batcher, backend, metrics)
+
+
+def report_stored_labels(backend: Backend) -> None:
+    """Warn about stored human labels that the label rule refuses (written under a laxer rule
+    before): they are kept and served, never dropped; SetLabels refuses them from now on."""
+    _, counts, _ = backend.counts()
+    broken = {label: (count, label_problem(label)) for label, count in counts.items() if label_problem(label)}
+    if broken:
+        shown = "; ".join(f"{label!r} on {n} items: {problem}" for label, (n, problem) in list(broken.items())[:5])
+        log.warning(
+            "%d stored labels break the label rule (%s%s): they are kept and served, but SetLabels refuses "
+            "them; relabel those items (`retrieval-client labels export` lists them)",
+            len(broken),
+            shown,
+            "; ..." if len(broken) > 5 else "",
+        )
 
 
 def publish_model_info(metrics: ServerMetrics, service: RetrievalService) -> None:

@@ -20,10 +20,22 @@ def test_the_one_label_rule():
         ("a\x85b", "control"),
         ("a\u2029b", "paragraph separator"),
         ("\ud800", "lone surrogate"),
+        ("cat\u202eeno", "bidi control or zero-width character) (U+202E at position 3)"),  # shows as "catone"
+        ("ca\u200bt", "U+200B"),
+        ("\u2066cat\u2069", "U+2066"),
+        ("gato\u200d", "U+200D"),  # a joiner joining nothing
+        ("cat\u00addog", "U+00AD"),  # soft hyphen
+        ("new\u00a0york", "a space other than U+0020"),
+        ("cat\u3000x", "U+3000"),
+        ("x\ue000", "private-use"),
+        ("x\U000e0001", "U+E0001"),  # a language tag (Cf)
+        ("x\u0378", "unassigned"),
     ]:
         assert words in label_problem(bad), bad
         with pytest.raises(LabelError):
             check_label(bad)
     with pytest.raises(LabelError, match="blank"):
         clean_label("   ", allow_empty=True)
-    assert label_problem("🐈 gato\u200d") is None and label_problem("x" * MAX_LABEL_CHARS) is None
+    assert label_problem("🐈 gato") is None and label_problem("x" * MAX_LABEL_CHARS) is None
+    assert label_problem("family 👨\u200d👩\u200d👧") is None  # a joiner inside an emoji sequence
+    assert label_problem("chat noir, Ünïcödé, 猫, кот") is None

@@ -228,3 +228,25 @@ def test_not_serving_until_loaded(tmp_path: Path) -> None:
         blocker.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+def test_stored_labels_the_rule_now_refuses_are_named_at_startup_and_kept(tmp_path: Path) -> None:
+    """A label written under the laxer rule before (here straight into the store: U+202E shows
+    "catone" for "cat" + "eno") is kept and served, named in one warning at start-up, and refused
+    from then on."""
+    model, store = make_export(tmp_path), tmp_path / "store"
+    with ServerProcess(model, store) as server:
+        next(server.stub().Upsert(iter([pb.UpsertRequest(items=_batch(0))])))
+    spoof = "cat\u202eeno"
+    written = Store(store)
+    written.set_labels([("s0000-00", spoof, 1.0), ("s0000-01", spoof, 1.0)], predicted=False)
+    written.close()
+    with ServerProcess(model, store) as server:
+        stub = server.stub()
+        assert [i.label for i in stub.Get(pb.GetRequest(ids=["s0000-00", "s0000-01"])).items] == [spoof, spoof]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SetLabels(pb.SetLabelsRequest(assignments=[pb.LabelAssignment(id="s0000-02", label=spoof)]))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "U+202E" in refused.value.details()
+        warnings = [line for line in server.log().splitlines() if "break the label rule" in line]
+    assert len(warnings) == 1 and "1 stored labels break the label rule ('cat\\u202eeno' on 2 items:" in warnings[0]
+    assert "kept and served" in warnings[0]
