@@ -145,10 +145,12 @@ def plot(report: dict, path: Path) -> None:
         for offset, side, colour in ((-0.2, "before", "#999999"), (0.2, "after", "#1f77b4")):
             xs = [i + offset for i, m in enumerate(methods) if side in report["methods"][m]]
             ys = [report["methods"][m][side][key] for m in methods if side in report["methods"][m]]
-            bars = ax.bar(xs, ys, width=0.4, color=colour, label=f"{side} the fitted recipes")
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+            if xs:  # a run stopped part-way may have one side only
+                bars = ax.bar(xs, ys, width=0.4, color=colour, label=f"{side} the fitted recipes")
+                ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(report["random_init"][key], color="#d62728", ls="--", lw=1, label="random init")
         ax.set_xticks(range(len(methods)), ["moco v2" if m == "moco" else m for m in methods])
+        ax.set_xlim(-0.6, max(len(methods), 3) - 0.4)
         ax.set_title(title)
         ax.set_ylabel("CIFAR-10 test accuracy (%)")
     axes[0].legend(loc="lower left", fontsize=8)
