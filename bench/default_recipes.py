@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from moco_retrieval.architectures import build_backbone
 from moco_retrieval.devices import cpu_has_native_bf16
-from moco_retrieval.export import export_model
+from moco_retrieval.export import export_model, pooled
 from moco_retrieval.knn import knn_classify, topk_accuracy
 from moco_train.checkpoint import list_checkpoints, load_checkpoint, to_export
 from moco_train.lincls import logistic_probe
@@ -94,7 +94,7 @@ def train(code: Path, data: Path, run_dir: Path, method: str, smoke: bool) -> No
 @torch.inference_mode()
 def raw_features(model: nn.Module, images: torch.Tensor, bf16: bool, batch: int = 500) -> torch.Tensor:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return torch.cat([model(images[i : i + batch]).float() for i in range(0, len(images), batch)])
+        return torch.cat([pooled(model, images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def scores(model: nn.Module, data: dict, bf16: bool) -> dict:

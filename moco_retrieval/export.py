@@ -160,7 +160,14 @@ def export_model(blob: Any, name: str = "export", device: str | torch.device = "
 
 
 @torch.no_grad()
+def pooled(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's float32 output for a preprocessed batch (a backbone's pooled features), computed on
+    the model's device: what a linear probe reads."""
+    device = next(model.parameters()).device
+    return model(images.to(device, non_blocking=True)).float()
+
+
+@torch.no_grad()
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised float32 features of a preprocessed batch, computed on the model's device."""
-    device = next(model.parameters()).device
-    return nn.functional.normalize(model(images.to(device, non_blocking=True)).float(), dim=1)
+    return nn.functional.normalize(pooled(model, images), dim=1)

@@ -19,10 +19,9 @@ from moco_retrieval.onnx import to_onnx
 from moco_retrieval.options import add_options, from_args
 
 from .checkpoint import CheckpointError, load_file, to_export, to_official
-from .config import ConfigError, TrainConfig, TrainingDiverged
+from .config import ConfigError, SgdOptions, TrainConfig, TrainingDiverged
 from .curves import RunLogError
 from .data import DataError
-from .lincls import SgdOptions
 
 USER_ERRORS = (
     DataError,

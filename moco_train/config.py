@@ -259,6 +259,19 @@ class Recipe:
     zero_init_residual: bool = False  # each residual block's last BN starts at zero (SimCLR, BYOL, Barlow Twins)
 
 
+@dataclass(frozen=True)
+class SgdOptions:
+    """`moco-train lincls`'s SGD protocol: facebookresearch/moco's main_lincls.py defaults."""
+
+    epochs: int = 100
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: tuple[int, ...] = (60, 80)
+    batch_size: int = 256
+    seed: int = 0
+
+
 def capped_warmup(recipe_epochs: float, run_epochs: float) -> float:
     """The recipe's warm-up, at most WARMUP_SHARE of the run."""
     return min(recipe_epochs, WARMUP_SHARE * run_epochs)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from moco_retrieval.export import ExportMeta, embed
+from moco_retrieval.export import ExportMeta, embed, pooled
 from moco_retrieval.knn import DEFAULT_K, DEFAULT_TAU, knn_classify, topk_accuracy
 from moco_retrieval.preprocessing import eval_transform
 
@@ -51,11 +51,7 @@ def extract_features(
             warnings.warn(f"skipping {dataset.samples[i][0]}: {reason}", stacklevel=2)
         if images is None:
             continue
-        if normalize:
-            feats.append(embed(model, images).cpu())
-        else:
-            with torch.no_grad():
-                feats.append(model(images.to(next(model.parameters()).device)).float().cpu())
+        feats.append((embed if normalize else pooled)(model, images).cpu())
         labels.append(targets)
         indices.append(idx)
     if not feats:

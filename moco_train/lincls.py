@@ -23,7 +23,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +34,17 @@ from torchvision import transforms as T
 
 from moco_retrieval.export import ExportMeta
 from moco_retrieval.fileio import atomic_torch_save, atomic_write
-from moco_retrieval.images import ImageDecodeError, decode_image
+from moco_retrieval.images import ImageDecodeError, decode_image, image_files
 from moco_retrieval.knn import topk_accuracy
 from moco_retrieval.preprocessing import Preprocessing
 
+from .config import SgdOptions
 from .data import DataError, EpochSampler, LabelledImages, collate_labelled, sample_seed, with_seed
 from .evaluate import Features, extract_features
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the fast mode's search, on standardised features
 SEARCH_SHARE = 0.2  # of the training images, held out to choose C
 SEARCH_MIN_PER_CLASS = 5  # fewer training images in a class: no search, C = 1
-
-
-@dataclass(frozen=True)
-class SgdOptions:
-    """main_lincls.py's defaults."""
-
-    epochs: int = 100
-    lr: float = 30.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: tuple[int, ...] = (60, 80)
-    batch_size: int = 256
-    seed: int = 0
 
 
 def train_augmentation(p: Preprocessing) -> T.Compose:
@@ -108,14 +95,15 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
 
 # -- fast: cached features + logistic regression -------------------------------------------------
 def cached_features(model: nn.Module, meta: ExportMeta, folder: str, cache: Path, workers: int) -> Features:
-    """The folder's raw pooled features, from the cache when it holds this encoder's for the same files."""
+    """The folder's raw pooled features, from the cache when it holds this encoder's for the same
+    files (the folder's listing, compared without opening an image)."""
+    key = {"fingerprint": meta.fingerprint, "files": [str(p) for p in image_files(folder)]}
     if cache.is_file():
         held = torch.load(cache, weights_only=False)
-        listing = sorted(str(p) for p, _ in LabelledImages(folder, transform=None).samples)
-        if held["fingerprint"] == meta.fingerprint and sorted(map(str, held["features"].paths)) == listing:
+        if {k: held.get(k) for k in key} == key:
             return held["features"]
     features = extract_features(model, meta, folder, workers=workers, normalize=False)
-    atomic_torch_save({"fingerprint": meta.fingerprint, "features": features}, cache)
+    atomic_torch_save({**key, "features": features}, cache)
     return features
 
 
@@ -188,8 +176,9 @@ def step_lr(options: SgdOptions, epoch: int) -> float:
 
 def sgd_lincls(
     model: nn.Module, meta: ExportMeta, checkpoint: str, train_dir: str, val_dir: str, out: Path,
-    options: SgdOptions = SgdOptions(), workers: int = 2, progress: bool = True,
+    options: SgdOptions | None = None, workers: int = 2, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
+    options = options or SgdOptions()
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     model.eval()

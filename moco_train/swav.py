@@ -42,15 +42,12 @@ ASSIGNED_CROPS = (0, 1)  # crops_for_assign: the two crops at the input size
 
 
 def logsumexp_all(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """log Σ exp(x) over every process's x (along `dim`, or over everything), stabilised by the
-    largest term: max over the processes, then the sum of exp(x - max)."""
-    peak = distributed.all_reduce_max(x.amax() if dim is None else x.amax(dim=dim, keepdim=True))
-    return (
-        peak
-        + distributed.all_reduce_sum(
-            (x - peak).exp().sum() if dim is None else (x - peak).exp().sum(dim=dim, keepdim=True)
-        ).log()
-    )
+    """log Σ exp(x) over every process's x along `dim` (kept), or over everything (a 1 x 1 result),
+    stabilised by the largest term: max over the processes, then the sum of exp(x - max)."""
+    if dim is None:
+        return logsumexp_all(x.reshape(1, -1), dim=1)
+    peak = distributed.all_reduce_max(x.amax(dim=dim, keepdim=True))
+    return peak + distributed.all_reduce_sum((x - peak).exp().sum(dim=dim, keepdim=True)).log()
 
 
 @torch.no_grad()

@@ -227,6 +227,7 @@ class Trainer:
             query, *copies = self.model.encoders()
             predictor = getattr(self.model, "predictor", None)
             self.init_source = init_encoder(query, self.init_weights, cfg.init, cfg.arch, self.cifar_stem, predictor)
+            self.init_weights = None  # loaded: not held for the rest of the run
             for copy in copies:
                 copy.load_state_dict(query.state_dict())  # f_k.params = f_q.params
         if not self.spec.shuffle_bn or self.bn == "sync":
